@@ -1,0 +1,325 @@
+"""`PatchGrid`: where patches sit. Layout arithmetic only; it never touches array data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _checks
+from ._checks import PatchgridError
+
+__all__ = ["PatchGrid"]
+
+
+def _axis_starts(length: int, size: int, stride: int, edge: str, axis: int) -> tuple[tuple[int, ...], int]:
+    """Starts of the patches along one axis, and the padding the far end needs."""
+    if length < size:
+        if edge == "drop":
+            raise PatchgridError(
+                f"size {size} on axis {axis} is larger than the image there (length {length}); "
+                f"edge='drop' keeps only patches that fit, so there would be none. Use "
+                f"edge='pad', 'shift' or 'even' to pad that axis up to the patch size"
+            )
+        return (0,), size - length
+    if edge == "drop":
+        n = (length - size) // stride + 1
+        return tuple(range(0, n * stride, stride)), 0
+    n = -(-(length - size) // stride) + 1
+    if edge == "pad":
+        # With gaps (stride > size) a last patch starting past the image would hold only padding.
+        n = min(n, -(-length // stride))
+        starts = tuple(range(0, n * stride, stride))
+        return starts, max(0, starts[-1] + size - length)
+    if edge == "shift":
+        starts = [i * stride for i in range(n)]
+        starts[-1] = min(starts[-1], length - size)
+        return tuple(starts), 0
+    # "even": nnU-Net's steps, computed the way nnU-Net computes them so they match exactly.
+    if n == 1:
+        return (0,), 0
+    step = (length - size) / (n - 1)
+    return tuple(int(np.round(step * i)) for i in range(n)), 0
+
+
+class PatchGrid:
+    """The layout of patches over an image: sizes, strides, positions. No array data.
+
+    Parameters
+    ----------
+    shape : int or sequence of int
+        Shape of the whole image, every axis included (channels, batch, ...).
+    size : int or sequence of int
+        Patch size along each tiled axis. An int applies to every tiled axis.
+    stride : int or sequence of int, optional
+        Step between the starts (equally, the centres) of neighbouring patches. Defaults to
+        ``size``: tiles that touch without overlapping.
+    axes : int or sequence of int, optional
+        The tiled axes. By default the last ``len(size)`` axes when ``size`` is a sequence, else
+        the last ``len(stride)`` axes when ``stride`` is one, else every axis. Axes that are not
+        tiled are carried whole inside each patch. Entries of ``size``, ``stride`` and ``edge``
+        follow the order of ``axes``; the grid keeps its axes in increasing order.
+    edge : {"drop", "pad", "shift", "even"} or sequence of them
+        What to do where the stride does not reach the end of an axis exactly:
+
+        - ``"drop"``: keep only the patches that fit; trailing voxels are left out.
+        - ``"pad"``: pad the far end (with ``pad_mode``) so that the last patch fits.
+        - ``"shift"``: move the last patch back so that it ends at the border.
+        - ``"even"``: spread the patches evenly, first and last at the borders (nnU-Net).
+
+        ``"pad"``, ``"shift"`` and ``"even"`` pad an axis shorter than the patch up to the
+        patch size; ``"drop"`` refuses it.
+    pad_mode : str
+        A :func:`numpy.pad` mode for whatever padding the grid needs.
+    pad_value : scalar
+        The value of ``pad_mode="constant"``.
+
+    Attributes
+    ----------
+    shape, size, stride, axes, edge, pad_mode, pad_value
+        The normalised arguments: tuples with one entry per tiled axis for ``size``,
+        ``stride`` and ``edge``.
+
+    Notes
+    -----
+    A grid is a frozen, hashable value. Every grid, whatever its edge policy, is the Cartesian
+    product of one list of starts per tiled axis; patches are numbered in C order over that
+    product.
+
+    Examples
+    --------
+    >>> import patchgrid as pg
+    >>> grid = pg.PatchGrid((10, 20, 30), size=4, stride=2)
+    >>> grid.counts, len(grid)
+    ((4, 9, 14), 504)
+    >>> grid.starts()[:2]
+    array([[0, 0, 0],
+           [0, 0, 2]])
+    >>> grid.centers()[0]
+    array([2, 2, 2])
+    >>> grid.slices(1)
+    (slice(0, 4, None), slice(0, 4, None), slice(2, 6, None))
+
+    With channels first, only the last three axes are tiled:
+
+    >>> grid = pg.PatchGrid((3, 10, 20, 30), size=(4, 4, 4), stride=2)
+    >>> grid.axes, grid.patch_shape
+    ((1, 2, 3), (3, 4, 4, 4))
+    """
+
+    __slots__ = ("_counts", "_key", "_pad_after", "_starts", "axes", "edge", "pad_mode",
+                 "pad_value", "shape", "size", "stride")
+
+    shape: tuple[int, ...]
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    axes: tuple[int, ...]
+    edge: tuple[str, ...]
+    pad_mode: str
+    pad_value: Any
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        *,
+        axes: int | Sequence[int] | None = None,
+        edge: str | Sequence[str] = "drop",
+        pad_mode: str = "constant",
+        pad_value: Any = 0,
+    ) -> None:
+        shape_t = _checks.shape_tuple(shape)
+        ndim = len(shape_t)
+        if axes is not None:
+            axes_t = _checks.axes_tuple(axes, ndim)
+        else:
+            k = ndim
+            for value, name in ((size, "size"), (stride, "stride")):
+                if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str):
+                    k = len(value)
+                    if not 1 <= k <= ndim:
+                        raise PatchgridError(
+                            f"{name} has {k} entries but the image has {ndim} dimensions "
+                            f"(shape {shape_t}); give at most one entry per axis"
+                        )
+                    break
+            axes_t = tuple(range(ndim - k, ndim))
+        k = len(axes_t)
+        size_t = _checks.per_axis(size, k, "size")
+        stride_t = size_t if stride is None else _checks.per_axis(stride, k, "stride")
+        edge_t = _checks.edge_tuple(edge, k)
+        mode = _checks.pad_mode_str(pad_mode)
+        if not np.isscalar(pad_value):
+            raise TypeError(f"pad_value must be a scalar, got {pad_value!r}")
+        order = sorted(range(k), key=lambda j: axes_t[j])
+
+        def sort(t: tuple[Any, ...]) -> tuple[Any, ...]:
+            return tuple(t[j] for j in order)
+
+        axes_t, size_t, stride_t, edge_t = sort(axes_t), sort(size_t), sort(stride_t), sort(edge_t)
+        starts, pads = [], []
+        for a, p, s, e in zip(axes_t, size_t, stride_t, edge_t):
+            st, pad = _axis_starts(shape_t[a], p, s, e, a)
+            starts.append(st)
+            pads.append(pad)
+        set_ = object.__setattr__
+        set_(self, "shape", shape_t)
+        set_(self, "size", size_t)
+        set_(self, "stride", stride_t)
+        set_(self, "axes", axes_t)
+        set_(self, "edge", edge_t)
+        set_(self, "pad_mode", mode)
+        set_(self, "pad_value", pad_value)
+        set_(self, "_starts", tuple(starts))
+        set_(self, "_pad_after", tuple(pads))
+        set_(self, "_counts", tuple(len(st) for st in starts))
+        set_(self, "_key", (shape_t, size_t, stride_t, axes_t, edge_t, mode, pad_value))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"PatchGrid is immutable; cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"PatchGrid is immutable; cannot delete {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PatchGrid) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        def one(t: tuple[Any, ...]) -> Any:
+            return t[0] if len(set(t)) == 1 else t
+
+        extra = ""
+        if any(e != "drop" for e in self.edge):
+            extra += f", edge={one(self.edge)!r}"
+        if any(self._pad_after) and self.pad_mode != "constant":
+            extra += f", pad_mode={self.pad_mode!r}"
+        if any(self._pad_after) and self.pad_mode == "constant" and self.pad_value != 0:
+            extra += f", pad_value={self.pad_value!r}"
+        return (
+            f"PatchGrid(shape={self.shape}, size={one(self.size)}, stride={one(self.stride)}, "
+            f"axes={self.axes}{extra}) with counts {self.counts}, {len(self)} patches"
+        )
+
+    def __len__(self) -> int:
+        return math.prod(self._counts)
+
+    def __iter__(self) -> Iterator[tuple[slice, ...]]:
+        """The slices of every patch, in C order."""
+        for i in range(len(self)):
+            yield self.slices(i)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.shape, self.size, self.stride, self.axes, self.edge,
+                           self.pad_mode, self.pad_value))
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions of the image."""
+        return len(self.shape)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Number of patches along each tiled axis."""
+        return self._counts
+
+    @property
+    def patch_shape(self) -> tuple[int, ...]:
+        """Shape of one patch: the image's shape with each tiled axis cut to the patch size."""
+        shape = list(self.shape)
+        for a, p in zip(self.axes, self.size):
+            shape[a] = p
+        return tuple(shape)
+
+    @property
+    def pad_width(self) -> tuple[tuple[int, int], ...]:
+        """The padding the grid needs, as :func:`numpy.pad` takes it: ``(before, after)`` per axis."""
+        pads = [(0, 0)] * self.ndim
+        for a, pad in zip(self.axes, self._pad_after):
+            pads[a] = (0, pad)
+        return tuple(pads)
+
+    @property
+    def padded_shape(self) -> tuple[int, ...]:
+        """Shape of the image after padding (the image's own shape where no padding is needed)."""
+        return tuple(s + after for s, (_, after) in zip(self.shape, self.pad_width))
+
+    @property
+    def is_regular(self) -> bool:
+        """True when every tiled axis steps by exactly ``stride``, so patches form a strided view."""
+        return all(
+            st == tuple(range(0, len(st) * s, s)) for st, s in zip(self._starts, self.stride)
+        )
+
+    @property
+    def covers(self) -> bool:
+        """True when every voxel of the image lies in at least one patch."""
+        for a, st, p in zip(self.axes, self._starts, self.size):
+            end = 0
+            for s in st:
+                if s > end:
+                    return False
+                end = max(end, s + p)
+            if end < self.shape[a]:
+                return False
+        return True
+
+    def axis_starts(self, j: int) -> np.ndarray:
+        """Starts of the patches along the ``j``-th tiled axis (``j`` counts tiled axes only)."""
+        return np.array(self._starts[j], dtype=np.intp)
+
+    def starts(self) -> np.ndarray:
+        """Corner of every patch, shaped ``(len(grid), k)``, in C order over the grid.
+
+        Coordinates are along the tiled axes only, in the order of ``axes``.
+        """
+        mesh = np.meshgrid(*[self.axis_starts(j) for j in range(len(self.axes))], indexing="ij")
+        return np.stack([m.ravel() for m in mesh], axis=-1)
+
+    def centers(self) -> np.ndarray:
+        """Centre voxel of every patch, ``start + size // 2``, shaped ``(len(grid), k)``."""
+        return self.starts() + np.array(self.size, dtype=np.intp) // 2
+
+    def position(self, index: int) -> tuple[int, ...]:
+        """Grid position (one index per tiled axis) of patch number ``index``."""
+        n = len(self)
+        i = _checks.as_int(index, "index")
+        if not -n <= i < n:
+            raise IndexError(f"index {index} is out of range for a grid of {n} patches")
+        return tuple(int(v) for v in np.unravel_index(i % n, self._counts))
+
+    def index(self, position: Sequence[int]) -> int:
+        """Patch number of a grid position (the inverse of :meth:`position`)."""
+        pos = tuple(_checks.as_int(p, "position") for p in position)
+        if len(pos) != len(self._counts) or not all(0 <= p < c for p, c in zip(pos, self._counts)):
+            raise IndexError(f"position {tuple(position)} is outside the grid's counts {self._counts}")
+        return int(np.ravel_multi_index(pos, self._counts))
+
+    def slices(self, index: int | Sequence[int]) -> tuple[slice, ...]:
+        """The slices that cut patch ``index`` (a number or a grid position) out of the image.
+
+        For a patch that reaches into the padding, the slices run past the image's end: they
+        cut the patch out of the padded image.
+        """
+        pos = self.position(index) if np.ndim(index) == 0 else tuple(index)  # type: ignore[arg-type]
+        if len(pos) != len(self.axes):
+            raise IndexError(f"position {pos} needs {len(self.axes)} entries, one per tiled axis")
+        out = [slice(None)] * self.ndim
+        for j, (a, p) in enumerate(zip(self.axes, self.size)):
+            c = self._counts[j]
+            if not -c <= pos[j] < c:
+                raise IndexError(f"position {pos} is outside the grid's counts {self._counts}")
+            s = self._starts[j][pos[j]]
+            out[a] = slice(s, s + p)
+        return tuple(out)
+
+
+def _rebuild(*args: Any) -> PatchGrid:
+    shape, size, stride, axes, edge, pad_mode, pad_value = args
+    return PatchGrid(shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode,
+                     pad_value=pad_value)
