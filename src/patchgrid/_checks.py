@@ -119,7 +119,9 @@ def edge_tuple(edge: Any, k: int) -> tuple[str, ...]:
 
 def pad_mode_str(mode: Any) -> str:
     if mode not in PAD_MODES:
-        raise PatchgridError(f"pad_mode must be one of the numpy.pad modes {PAD_MODES}, got {mode!r}")
+        raise PatchgridError(
+            f"pad_mode must be one of the numpy.pad modes {PAD_MODES}, got {mode!r}"
+        )
     return str(mode)
 
 

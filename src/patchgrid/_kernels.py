@@ -46,8 +46,14 @@ def subgrids(grid: PatchGrid) -> Iterator[tuple[Run, ...]]:
     return itertools.product(*per_axis)
 
 
-def window_view(src: np.ndarray, axes: Sequence[int], first: Sequence[int],
-                step: Sequence[int], count: Sequence[int], extent: Sequence[int]) -> np.ndarray:
+def window_view(
+    src: np.ndarray,
+    axes: Sequence[int],
+    first: Sequence[int],
+    step: Sequence[int],
+    count: Sequence[int],
+    extent: Sequence[int],
+) -> np.ndarray:
     """Strided view ``(*count, *patch)`` of patches of ``extent`` starting at ``first + i * step``.
 
     Axes of ``src`` that are not in ``axes`` are carried whole. No copy; writeable as ``src``.
@@ -61,8 +67,9 @@ def window_view(src: np.ndarray, axes: Sequence[int], first: Sequence[int],
     strides = [src.strides[a] * s for a, s in zip(axes, step)]
     if not base.size:
         return np.empty((*count, *shape), dtype=src.dtype)
-    return as_strided(base, (*count, *shape), (*strides, *src.strides),
-                      writeable=src.flags.writeable)
+    return as_strided(
+        base, (*count, *shape), (*strides, *src.strides), writeable=src.flags.writeable
+    )
 
 
 class _Interface:
@@ -81,8 +88,12 @@ def _as_rows(arr: np.ndarray) -> np.ndarray | None:
         return None
     nbytes = arr.shape[-1] * arr.itemsize
     interface = dict(arr.__array_interface__)
-    interface.update(shape=arr.shape[:-1], strides=arr.strides[:-1], typestr=f"|V{nbytes}",
-                     descr=[("", f"|V{nbytes}")])
+    interface.update(
+        shape=arr.shape[:-1],
+        strides=arr.strides[:-1],
+        typestr=f"|V{nbytes}",
+        descr=[("", f"|V{nbytes}")],
+    )
     interface.pop("mask", None)
     return np.asarray(_Interface(interface, arr))
 
@@ -92,7 +103,7 @@ def _chunks(shape: Sequence[int], item_bytes: int, k: int) -> Iterator[tuple[sli
     inner = item_bytes * math.prod(shape[k:])
     loop: list[Sequence[slice]] = []
     for d in range(k):
-        rest = inner * math.prod(shape[d + 1:k])
+        rest = inner * math.prod(shape[d + 1 : k])
         if rest >= CHUNK_BYTES and d + 1 < k:
             loop.append([slice(i, i + 1) for i in range(shape[d])])
             continue
@@ -114,9 +125,15 @@ def copy(dst: np.ndarray, src: np.ndarray, k: int) -> None:
         np.copyto(dst[chunk], src[chunk], casting="same_kind")
 
 
-def accumulate(acc: np.ndarray, patches: np.ndarray, axes: Sequence[int],
-               first: Sequence[int], step: Sequence[int], op: Any,
-               weight: np.ndarray | None = None) -> None:
+def accumulate(
+    acc: np.ndarray,
+    patches: np.ndarray,
+    axes: Sequence[int],
+    first: Sequence[int],
+    step: Sequence[int],
+    op: Any,
+    weight: np.ndarray | None = None,
+) -> None:
     """``op`` every patch of a regular sub-grid into ``acc`` at ``first + i * step``, in place.
 
     ``patches`` is ``(*counts, *patch)``; ``op`` is a ufunc such as ``np.add`` or
@@ -144,12 +161,14 @@ def accumulate(acc: np.ndarray, patches: np.ndarray, axes: Sequence[int],
                 continue
             e0 = min(t0, size[0] - r0 * t0)
             for phase in itertools.product(*[range(mj) for mj in m[1:]]):
-                cnt = [i_hi - i_lo] + [len(range(q, n, mj)) for q, n, mj in
-                                       zip(phase, counts[1:], m[1:])]
+                cnt = [i_hi - i_lo] + [
+                    len(range(q, n, mj)) for q, n, mj in zip(phase, counts[1:], m[1:])
+                ]
                 if 0 in cnt:
                     continue
-                f = [first[0] + (i_lo + r0) * t0] + [fj + q * sj for fj, q, sj in
-                                                     zip(first[1:], phase, step[1:])]
+                f = [first[0] + (i_lo + r0) * t0] + [
+                    fj + q * sj for fj, q, sj in zip(first[1:], phase, step[1:])
+                ]
                 st = [t0] + [mj * sj for mj, sj in zip(m[1:], step[1:])]
                 ext = [e0, *size[1:]]
                 target = window_view(acc, axes, f, st, cnt, ext)
@@ -157,7 +176,7 @@ def accumulate(acc: np.ndarray, patches: np.ndarray, axes: Sequence[int],
                 pick += [slice(q, None, mj) for q, mj in zip(phase, m[1:])]
                 inner = [slice(None)] * len(patch)
                 inner[a0] = slice(r0 * t0, r0 * t0 + e0)
-                source = patches[(*pick, *inner)]
+                source = patches[tuple(pick + inner)]
                 if weight is not None:
                     source = source * weight[tuple(inner)]
                 op(target, source, out=target)

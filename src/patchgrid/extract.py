@@ -32,8 +32,9 @@ def as_grid(
                 f"the grid was made for shape {size.shape} but {name} has shape {tuple(shape)}"
             )
         return size
-    return PatchGrid(shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode,
-                     pad_value=pad_value)
+    return PatchGrid(
+        shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
+    )
 
 
 def padded(image: np.ndarray, grid: PatchGrid) -> np.ndarray:
@@ -42,18 +43,20 @@ def padded(image: np.ndarray, grid: PatchGrid) -> np.ndarray:
         return image
     if grid.pad_mode == "constant":
         return np.pad(image, grid.pad_width, mode="constant", constant_values=grid.pad_value)
-    return np.pad(image, grid.pad_width, mode=grid.pad_mode)  # type: ignore[call-overload]
+    out: np.ndarray = np.pad(image, grid.pad_width, mode=grid.pad_mode)  # type: ignore[call-overload]
+    return out
 
 
 def _as_ndarray(image: Any) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return image
-    if not hasattr(image, "__array__") and not hasattr(image, "shape"):
-        if not isinstance(image, (list, tuple)):
-            raise TypeError(
-                f"image must be an array (a NumPy array or anything np.asarray accepts), "
-                f"got {type(image).__name__}"
-            )
+    if not (
+        hasattr(image, "__array__") or hasattr(image, "shape") or isinstance(image, (list, tuple))
+    ):
+        raise TypeError(
+            f"image must be an array (a NumPy array or anything np.asarray accepts), "
+            f"got {type(image).__name__}"
+        )
     return np.asarray(image)
 
 
@@ -128,8 +131,9 @@ def extract(
            [6, 7, 8, 9]])
     """
     arr = _as_ndarray(image)
-    grid = as_grid(arr.shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode,
-                   pad_value=pad_value)
+    grid = as_grid(
+        arr.shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
+    )
     k = len(grid.axes)
     shape = (*grid.counts, *grid.patch_shape)
     flat_shape = (len(grid), *grid.patch_shape)
@@ -149,8 +153,7 @@ def extract(
             )
     src = padded(arr, grid)
     if out is None and not copy and grid.is_regular:
-        view = _kernels.window_view(src, grid.axes, [0] * k, grid.stride, grid.counts,
-                                    grid.size)
+        view = _kernels.window_view(src, grid.axes, [0] * k, grid.stride, grid.counts, grid.size)
         view.flags.writeable = False
         return view.reshape(flat_shape) if flatten else view
     target = np.empty(shape, dtype=arr.dtype) if out is None else out.reshape(shape)
@@ -158,9 +161,14 @@ def extract(
         raise PatchgridError("out must be reshapeable without a copy (C-contiguous is safest)")
     for sub in _kernels.subgrids(grid):
         pick = tuple(slice(i0, i0 + n) for i0, n, _, _ in sub)
-        view = _kernels.window_view(src, grid.axes, [f for _, _, f, _ in sub],
-                                    [t for _, _, _, t in sub], [n for _, n, _, _ in sub],
-                                    grid.size)
+        view = _kernels.window_view(
+            src,
+            grid.axes,
+            [f for _, _, f, _ in sub],
+            [t for _, _, _, t in sub],
+            [n for _, n, _, _ in sub],
+            grid.size,
+        )
         _kernels.copy(target[pick], view, k)
     if out is not None:
         return out

@@ -14,7 +14,9 @@ from ._checks import PatchgridError
 __all__ = ["PatchGrid"]
 
 
-def _axis_starts(length: int, size: int, stride: int, edge: str, axis: int) -> tuple[tuple[int, ...], int]:
+def _axis_starts(
+    length: int, size: int, stride: int, edge: str, axis: int
+) -> tuple[tuple[int, ...], int]:
     """Starts of the patches along one axis, and the padding the far end needs."""
     if length < size:
         if edge == "drop":
@@ -34,9 +36,9 @@ def _axis_starts(length: int, size: int, stride: int, edge: str, axis: int) -> t
         starts = tuple(range(0, n * stride, stride))
         return starts, max(0, starts[-1] + size - length)
     if edge == "shift":
-        starts = [i * stride for i in range(n)]
-        starts[-1] = min(starts[-1], length - size)
-        return tuple(starts), 0
+        shifted = [i * stride for i in range(n)]
+        shifted[-1] = min(shifted[-1], length - size)
+        return tuple(shifted), 0
     # "even": nnU-Net's steps, computed the way nnU-Net computes them so they match exactly.
     if n == 1:
         return (0,), 0
@@ -109,8 +111,19 @@ class PatchGrid:
     ((1, 2, 3), (3, 4, 4, 4))
     """
 
-    __slots__ = ("_counts", "_key", "_pad_after", "_starts", "axes", "edge", "pad_mode",
-                 "pad_value", "shape", "size", "stride")
+    __slots__ = (
+        "_counts",
+        "_key",
+        "_pad_after",
+        "_starts",
+        "axes",
+        "edge",
+        "pad_mode",
+        "pad_value",
+        "shape",
+        "size",
+        "stride",
+    )
 
     shape: tuple[int, ...]
     size: tuple[int, ...]
@@ -119,6 +132,10 @@ class PatchGrid:
     edge: tuple[str, ...]
     pad_mode: str
     pad_value: Any
+    _starts: tuple[tuple[int, ...], ...]
+    _pad_after: tuple[int, ...]
+    _counts: tuple[int, ...]
+    _key: tuple[Any, ...]
 
     def __init__(
         self,
@@ -138,7 +155,7 @@ class PatchGrid:
         else:
             k = ndim
             for value, name in ((size, "size"), (stride, "stride")):
-                if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str):
+                if isinstance(value, (Sequence, np.ndarray)):
                     k = len(value)
                     if not 1 <= k <= ndim:
                         raise PatchgridError(
@@ -215,8 +232,18 @@ class PatchGrid:
             yield self.slices(i)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self.shape, self.size, self.stride, self.axes, self.edge,
-                           self.pad_mode, self.pad_value))
+        return (
+            _rebuild,
+            (
+                self.shape,
+                self.size,
+                self.stride,
+                self.axes,
+                self.edge,
+                self.pad_mode,
+                self.pad_value,
+            ),
+        )
 
     @property
     def ndim(self) -> int:
@@ -238,7 +265,7 @@ class PatchGrid:
 
     @property
     def pad_width(self) -> tuple[tuple[int, int], ...]:
-        """The padding the grid needs, as :func:`numpy.pad` takes it: ``(before, after)`` per axis."""
+        """The padding the grid needs, as :func:`numpy.pad` takes it: (before, after) per axis."""
         pads = [(0, 0)] * self.ndim
         for a, pad in zip(self.axes, self._pad_after):
             pads[a] = (0, pad)
@@ -251,7 +278,7 @@ class PatchGrid:
 
     @property
     def is_regular(self) -> bool:
-        """True when every tiled axis steps by exactly ``stride``, so patches form a strided view."""
+        """True when every tiled axis steps by exactly ``stride``: the patches are a strided view."""
         return all(
             st == tuple(range(0, len(st) * s, s)) for st, s in zip(self._starts, self.stride)
         )
@@ -297,7 +324,9 @@ class PatchGrid:
         """Patch number of a grid position (the inverse of :meth:`position`)."""
         pos = tuple(_checks.as_int(p, "position") for p in position)
         if len(pos) != len(self._counts) or not all(0 <= p < c for p, c in zip(pos, self._counts)):
-            raise IndexError(f"position {tuple(position)} is outside the grid's counts {self._counts}")
+            raise IndexError(
+                f"position {tuple(position)} is outside the grid's counts {self._counts}"
+            )
         return int(np.ravel_multi_index(pos, self._counts))
 
     def slices(self, index: int | Sequence[int]) -> tuple[slice, ...]:
@@ -321,5 +350,6 @@ class PatchGrid:
 
 def _rebuild(*args: Any) -> PatchGrid:
     shape, size, stride, axes, edge, pad_mode, pad_value = args
-    return PatchGrid(shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode,
-                     pad_value=pad_value)
+    return PatchGrid(
+        shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
+    )

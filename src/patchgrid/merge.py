@@ -51,7 +51,7 @@ def _profile_sum(starts: np.ndarray, weights: np.ndarray, length: int) -> np.nda
     """Sum of a 1-D window placed at every start: one axis of the coverage."""
     out = np.zeros(length)
     for s in starts.tolist():
-        out[s:s + len(weights)] += weights
+        out[s : s + len(weights)] += weights
     return out
 
 
@@ -94,8 +94,15 @@ class Merger:
     True
     """
 
-    def __init__(self, grid: PatchGrid, *, reduce: str = "mean", window: Any = None,
-                 fill: Any = 0, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        grid: PatchGrid,
+        *,
+        reduce: str = "mean",
+        window: Any = None,
+        fill: Any = 0,
+        dtype: Any = None,
+    ) -> None:
         if not isinstance(grid, PatchGrid):
             raise TypeError(f"grid must be a PatchGrid, got {type(grid).__name__}")
         self.grid = grid
@@ -144,8 +151,9 @@ class Merger:
         if len(patch_shape) != grid.ndim or any(
             patch_shape[a] != p for a, p in zip(grid.axes, grid.size)
         ):
-            expected = tuple("*" if a not in grid.axes else p for a, p in
-                             enumerate(grid.patch_shape))
+            expected = tuple(
+                "*" if a not in grid.axes else p for a, p in enumerate(grid.patch_shape)
+            )
             raise PatchgridError(
                 f"patches must have shape {expected} (the patch size {grid.size} on the tiled "
                 f"axes {grid.axes}; * is free), got patches of shape {patch_shape}"
@@ -180,8 +188,12 @@ class Merger:
         arr = np.asarray(batch)
         idx = np.asarray(indices)
         grid = self.grid
-        if idx.ndim == 0 or (idx.ndim == 1 and len(grid.axes) > 1 and arr.ndim == grid.ndim
-                             and idx.shape == (len(grid.axes),)):
+        if idx.ndim == 0 or (
+            idx.ndim == 1
+            and len(grid.axes) > 1
+            and arr.ndim == grid.ndim
+            and idx.shape == (len(grid.axes),)
+        ):
             arr, idx = arr[None], idx.reshape(1, -1) if idx.ndim else idx.reshape(1)
         if idx.dtype.kind not in "iu":
             raise TypeError(f"indices must be integers, got dtype {idx.dtype}")
@@ -198,8 +210,9 @@ class Merger:
                 )
             idx = np.ravel_multi_index(tuple(idx.T), grid.counts)
         elif idx.ndim != 1:
-            raise PatchgridError(f"indices must be 1-D (patch numbers) or 2-D (positions), "
-                                 f"got shape {idx.shape}")
+            raise PatchgridError(
+                f"indices must be 1-D (patch numbers) or 2-D (positions), got shape {idx.shape}"
+            )
         if arr.ndim < 1 or arr.shape[0] != len(idx):
             raise PatchgridError(
                 f"batch has {arr.shape[0] if arr.ndim else 0} patches but indices has {len(idx)}"
@@ -248,17 +261,29 @@ class Merger:
         op, weight = self._op(), self._weight()
         for sub in _kernels.subgrids(grid):
             pick = tuple(slice(i0, i0 + n) for i0, n, _, _ in sub)
-            _kernels.accumulate(acc, arr[pick], grid.axes, [f for _, _, f, _ in sub],
-                                [t for _, _, _, t in sub], op, weight)
+            _kernels.accumulate(
+                acc,
+                arr[pick],
+                grid.axes,
+                [f for _, _, f, _ in sub],
+                [t for _, _, _, t in sub],
+                op,
+                weight,
+            )
         self._seen[:] = True
 
     def _profile_coverage(self, ones: bool) -> list[np.ndarray]:
         """Coverage along each tiled axis, for a complete grid and a separable window."""
         grid = self.grid
-        profs = self._profiles if not ones and self._profiles is not None else [
-            np.ones(p) for p in grid.size]
-        return [_profile_sum(grid.axis_starts(j), profs[j], grid.padded_shape[a])
-                for j, a in enumerate(grid.axes)]
+        profs = (
+            self._profiles
+            if not ones and self._profiles is not None
+            else [np.ones(p) for p in grid.size]
+        )
+        return [
+            _profile_sum(grid.axis_starts(j), profs[j], grid.padded_shape[a])
+            for j, a in enumerate(grid.axes)
+        ]
 
     def _volume_coverage(self, ones: bool) -> np.ndarray:
         """Coverage as an array over the padded tiled axes (size 1 on the others)."""
@@ -275,8 +300,14 @@ class Merger:
             lead = np.broadcast_to(w, (*grid.counts, *wshape))
             for sub in _kernels.subgrids(grid):
                 pick = tuple(slice(i0, i0 + n) for i0, n, _, _ in sub)
-                _kernels.accumulate(cov, lead[pick], grid.axes, [f for _, _, f, _ in sub],
-                                    [t for _, _, _, t in sub], np.add)
+                _kernels.accumulate(
+                    cov,
+                    lead[pick],
+                    grid.axes,
+                    [f for _, _, f, _ in sub],
+                    [t for _, _, _, t in sub],
+                    np.add,
+                )
         else:
             for i in seen.tolist():
                 cov[tuple(slice(0, 1) if s == slice(None) else s for s in grid.slices(i))] += w
@@ -297,8 +328,11 @@ class Merger:
                 shape = [1] * grid.ndim
                 shape[a] = len(prof)
                 out = out * prof.reshape(shape)
-            return out[tuple(slice(0, s) if a in grid.axes else slice(None)
-                             for a, s in enumerate(grid.shape))]
+            return out[
+                tuple(
+                    slice(0, s) if a in grid.axes else slice(None) for a, s in enumerate(grid.shape)
+                )
+            ]
         cov = self._volume_coverage(ones=self.reduce in ("max", "min"))
         return cov[tuple(c if a in grid.axes else slice(None) for a, c in enumerate(crop))]
 
@@ -333,16 +367,17 @@ class Merger:
                     np.divide(acc, np.where(prof > 0, prof, 1).reshape(shape), out=acc)
                 empty = prof == 0
                 if empty.any():
-                    where = [slice(None)] * grid.ndim
-                    where[a] = empty  # type: ignore[call-overload]
+                    where: list[Any] = [slice(None)] * grid.ndim
+                    where[a] = empty
                     acc[tuple(where)] = self.fill
         else:
             cov = self._volume_coverage(ones)
             if not ones:
                 np.divide(acc, np.where(cov > 0, cov, 1), out=acc)
             np.copyto(acc, self.fill, where=cov == 0, casting="unsafe")
-        crop = tuple(slice(0, s) if a in grid.axes else slice(None)
-                     for a, s in enumerate(grid.shape))
+        crop = tuple(
+            slice(0, s) if a in grid.axes else slice(None) for a, s in enumerate(grid.shape)
+        )
         out = acc[crop]
         if out.dtype != self._out or out.shape != acc.shape:
             out = out.astype(self._out)
@@ -453,11 +488,9 @@ def merge(
             axes = tuple(range(ndim - lead, ndim))
         if axes is None and isinstance(stride, (Sequence, np.ndarray)):
             axes = tuple(range(ndim - len(stride), ndim))
-        axes_t = (tuple(range(ndim)) if axes is None
-                  else _checks.axes_tuple(axes, ndim))
+        axes_t = tuple(range(ndim)) if axes is None else _checks.axes_tuple(axes, ndim)
         patch = arr.shape[lead:]
         grid = PatchGrid(shape, [patch[a] for a in axes_t], stride, axes=axes_t, edge=edge)
     merger = Merger(grid, reduce=reduce, window=window, fill=fill, dtype=dtype)
     merger.add_all(arr)
     return merger.result()
-

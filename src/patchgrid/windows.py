@@ -108,4 +108,3 @@ def window(name: str, size: int | Sequence[int]) -> np.ndarray:
     profs = profiles(_checks.choice(name, WINDOWS, "window"), sizes)
     assert profs is not None
     return window_nd(profs)
-
