@@ -139,44 +139,70 @@ def accumulate(
     ``patches`` is ``(*counts, *patch)``; ``op`` is a ufunc such as ``np.add`` or
     ``np.maximum``; ``weight``, broadcastable to one patch, multiplies each patch first.
 
-    Patches are cut along the first tiled axis into pieces of one step, so that a chunk of
-    output blocks along it gathers every piece that lands there while it sits in cache; along
-    the other axes, patches ``ceil(size / step)`` apart never overlap, so each phase of them
-    is one strided operation.
+    The output is walked in chunks of about ``CHUNK_BYTES``, cut along the first tiled axes
+    (the chunked axes) at multiples of the step. Along a chunked axis, patches are cut into
+    pieces one step long, so a chunk gathers every piece that lands in it while it sits in
+    cache. Along the other axes, patches ``ceil(size / step)`` apart never overlap, so each
+    phase of them is one strided operation.
     """
     k = len(axes)
     counts = patches.shape[:k]
     patch = patches.shape[k:]
     size = [patch[a] for a in axes]
     m = [1 if s >= p else -(-p // s) for s, p in zip(step, size)]
-    a0, t0, n0 = axes[0], step[0], counts[0]
-    plane = acc.itemsize * math.prod(acc.shape) // max(acc.shape[a0], 1)
-    per_block = max(1, min(t0, size[0]) * plane)
-    blocks = max(1, CHUNK_BYTES // per_block)
-    for b_lo in range(0, n0 + m[0] - 1, blocks):
-        b_hi = b_lo + blocks
-        for r0 in range(m[0]):
-            i_lo, i_hi = max(b_lo - r0, 0), min(b_hi - r0, n0)
-            if i_lo >= i_hi:
+    blocks = [c + mj - 1 for c, mj in zip(counts, m)]
+    # Choose the chunked axes: cut along axis 0 first, and along the next ones while one block
+    # of the previous axes is still larger than the chunk.
+    span = acc.itemsize * math.prod(acc.shape)
+    per_chunk: list[int] = []
+    for j, a in enumerate(axes):
+        span = span // max(acc.shape[a], 1) * max(min(step[j], size[j]), 1)
+        per_chunk.append(max(1, min(blocks[j], CHUNK_BYTES // max(span, 1))))
+        # Cutting more axes into pieces shortens NumPy's loops more than the cache repays.
+        break
+    d = len(per_chunk)
+    # Tiny patch rows make NumPy's inner loop short; then iterate with the grid axes innermost.
+    inner_grid = size[-1] * patches.itemsize < 64 and counts[-1] > size[-1] and k > d
+    order = "C" if inner_grid else "K"
+    scratch: np.ndarray | None = None
+    ranges = [range(0, blocks[j], per_chunk[j]) for j in range(d)]
+    for chunk in itertools.product(*ranges):
+        for pieces in itertools.product(*[range(m[j]) for j in range(d)]):
+            lo = [max(chunk[j] - r, 0) for j, r in enumerate(pieces)]
+            hi = [min(chunk[j] + per_chunk[j] - r, counts[j]) for j, r in enumerate(pieces)]
+            if any(h <= lo_ for lo_, h in zip(lo, hi)):
                 continue
-            e0 = min(t0, size[0] - r0 * t0)
-            for phase in itertools.product(*[range(mj) for mj in m[1:]]):
-                cnt = [i_hi - i_lo] + [
-                    len(range(q, n, mj)) for q, n, mj in zip(phase, counts[1:], m[1:])
-                ]
+            ext = [min(step[j], size[j] - r * step[j]) for j, r in enumerate(pieces)]
+            for phase in itertools.product(*[range(mj) for mj in m[d:]]):
+                cnt = [h - lo_ for lo_, h in zip(lo, hi)]
+                cnt += [len(range(q, n, mj)) for q, n, mj in zip(phase, counts[d:], m[d:])]
                 if 0 in cnt:
                     continue
-                f = [first[0] + (i_lo + r0) * t0] + [
-                    fj + q * sj for fj, q, sj in zip(first[1:], phase, step[1:])
-                ]
-                st = [t0] + [mj * sj for mj, sj in zip(m[1:], step[1:])]
-                ext = [e0, *size[1:]]
-                target = window_view(acc, axes, f, st, cnt, ext)
-                pick: list[slice] = [slice(i_lo, i_hi)]
-                pick += [slice(q, None, mj) for q, mj in zip(phase, m[1:])]
-                inner = [slice(None)] * len(patch)
-                inner[a0] = slice(r0 * t0, r0 * t0 + e0)
+                f = [first[j] + (lo[j] + r) * step[j] for j, r in enumerate(pieces)]
+                f += [fj + q * sj for fj, q, sj in zip(first[d:], phase, step[d:])]
+                st = list(step[:d]) + [mj * sj for mj, sj in zip(m[d:], step[d:])]
+                target = window_view(acc, axes, f, st, cnt, ext + size[d:])
+                pick = [slice(lo_, h) for lo_, h in zip(lo, hi)]
+                pick += [slice(q, None, mj) for q, mj in zip(phase, m[d:])]
+                inner: list[slice] = [slice(None)] * len(patch)
+                for j, r in enumerate(pieces):
+                    inner[axes[j]] = slice(r * step[j], r * step[j] + ext[j])
                 source = patches[tuple(pick + inner)]
-                if weight is not None:
-                    source = source * weight[tuple(inner)]
-                op(target, source, out=target)
+                w = None if weight is None else weight[tuple(inner)]
+                # Split calls whose patches would not fit in cache along one grid axis.
+                cut = 1 if k > 1 else 0
+                n_cut = source.shape[cut]
+                per = max(1, n_cut * CHUNK_BYTES // max(source.nbytes, 1))
+                for c0 in range(0, n_cut, per):
+                    part = (slice(None),) * cut + (slice(c0, c0 + per),)
+                    tgt, src = target[part], source[part]
+                    if w is not None:
+                        if scratch is None or scratch.size < src.size:
+                            scratch = np.empty(src.size, dtype=np.result_type(src, w))
+                        buf = scratch[: src.size].reshape(src.shape)
+                        np.multiply(src, w, out=buf)
+                        src = buf
+                    if inner_grid:
+                        perm = (*range(k, tgt.ndim), *range(k))
+                        tgt, src = tgt.transpose(perm), src.transpose(perm)
+                    op(tgt, src, out=tgt, order=order)

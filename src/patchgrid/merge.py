@@ -55,6 +55,32 @@ def _profile_sum(starts: np.ndarray, weights: np.ndarray, length: int) -> np.nda
     return out
 
 
+def _divide_by_profiles(acc: np.ndarray, axes: Sequence[int], profs: list[np.ndarray]) -> None:
+    """``acc /= outer(*profs)`` in one pass, chunk by chunk along the first tiled axis.
+
+    Zeros in the profiles (voxels no patch covers) divide by 1; the caller fills them.
+    """
+    ndim = acc.ndim
+    safe = [np.where(p > 0, p, 1) for p in profs]
+
+    def shaped(p: np.ndarray, a: int) -> np.ndarray:
+        shape = [1] * ndim
+        shape[a] = len(p)
+        return p.reshape(shape)
+
+    rest = np.ones([1] * ndim)
+    for a, p in zip(axes[1:], safe[1:]):
+        rest = rest * shaped(p, a)
+    a0 = axes[0]
+    plane = acc.nbytes // max(acc.shape[a0], 1)
+    step = max(1, _kernels.CHUNK_BYTES // max(plane, 1))
+    for lo in range(0, acc.shape[a0], step):
+        where: list[Any] = [slice(None)] * ndim
+        where[a0] = slice(lo, lo + step)
+        part = acc[tuple(where)]
+        np.divide(part, (shaped(safe[0][lo : lo + step], a0) * rest).astype(acc.dtype), out=part)
+
+
 class Merger:
     """Accumulates patches, in any order and in batches, into one image.
 
@@ -359,12 +385,10 @@ class Merger:
         acc = self._acc
         ones = self.reduce != "mean"
         if not len(missing) and (self._profiles is not None or ones):
-            for j, a in enumerate(grid.axes):
-                prof = self._profile_coverage(ones)[j]
-                shape = [1] * grid.ndim
-                shape[a] = len(prof)
-                if not ones:
-                    np.divide(acc, np.where(prof > 0, prof, 1).reshape(shape), out=acc)
+            profs = self._profile_coverage(ones)
+            if not ones:
+                _divide_by_profiles(acc, grid.axes, profs)
+            for a, prof in zip(grid.axes, profs):
                 empty = prof == 0
                 if empty.any():
                     where: list[Any] = [slice(None)] * grid.ndim
