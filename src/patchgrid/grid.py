@@ -278,7 +278,7 @@ class PatchGrid:
 
     @property
     def is_regular(self) -> bool:
-        """True when every tiled axis steps by exactly ``stride``: the patches are a strided view."""
+        """True when every tiled axis steps by exactly ``stride``, so patches are a view."""
         return all(
             st == tuple(range(0, len(st) * s, s)) for st, s in zip(self._starts, self.stride)
         )
