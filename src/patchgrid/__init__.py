@@ -1,10 +1,20 @@
 """patchgrid: cut N-dimensional images into patches, know where each sits, put them back."""
 
 from ._checks import PatchgridError
+from .apply import apply
 from .extract import extract
 from .grid import PatchGrid
 from .merge import Merger, coverage, merge
 from .windows import window
 
-__all__ = ["Merger", "PatchGrid", "PatchgridError", "coverage", "extract", "merge", "window"]
+__all__ = [
+    "Merger",
+    "PatchGrid",
+    "PatchgridError",
+    "apply",
+    "coverage",
+    "extract",
+    "merge",
+    "window",
+]
 __version__ = "0.1.0"

@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
+from .backends import NUMPY, Backend
 from .grid import PatchGrid
 
 # Bytes of output a single NumPy call should touch: about half of a core's L2 cache, so that
 # the several passes over one chunk find it in cache.
 CHUNK_BYTES = 1 << 19
+
+# Threads for the overlap-add, and the least work (bytes of patches) worth starting them for.
+THREADS = min(4, os.cpu_count() or 1)
+THREADED_BYTES = 1 << 24
 
 Run = tuple[int, int, int, int]  # first patch index, number of patches, first start, step
 
@@ -47,13 +53,14 @@ def subgrids(grid: PatchGrid) -> Iterator[tuple[Run, ...]]:
 
 
 def window_view(
-    src: np.ndarray,
+    src: Any,
     axes: Sequence[int],
     first: Sequence[int],
     step: Sequence[int],
     count: Sequence[int],
     extent: Sequence[int],
-) -> np.ndarray:
+    xp: Backend = NUMPY,
+) -> Any:
     """Strided view ``(*count, *patch)`` of patches of ``extent`` starting at ``first + i * step``.
 
     Axes of ``src`` that are not in ``axes`` are carried whole. No copy; writeable as ``src``.
@@ -64,12 +71,11 @@ def window_view(
         corner[a] = slice(f, f + e)
         shape[a] = e
     base = src[tuple(corner)]
-    strides = [src.strides[a] * s for a, s in zip(axes, step)]
-    if not base.size:
-        return np.empty((*count, *shape), dtype=src.dtype)
-    return as_strided(
-        base, (*count, *shape), (*strides, *src.strides), writeable=src.flags.writeable
-    )
+    src_strides = xp.strides(src)
+    strides = [src_strides[a] * s for a, s in zip(axes, step)]
+    if 0 in shape or 0 in count:
+        return xp.empty((*count, *shape), xp.dtype(src), src)
+    return xp.as_strided(base, (*count, *shape), (*strides, *src_strides), xp.writeable(src))
 
 
 class _Interface:
@@ -113,8 +119,11 @@ def _chunks(shape: Sequence[int], item_bytes: int, k: int) -> Iterator[tuple[sli
     yield from itertools.product(*loop)
 
 
-def copy(dst: np.ndarray, src: np.ndarray, k: int) -> None:
+def copy(dst: Any, src: Any, k: int, xp: Backend = NUMPY) -> None:
     """``dst[...] = src`` for arrays shaped ``(*counts, *patch)``, ``k`` grid axes in front."""
+    if xp is not NUMPY:
+        xp.assign(dst, src)
+        return
     if dst.dtype == src.dtype:
         d, s = _as_rows(dst), _as_rows(src)
         if d is not None and s is not None:
@@ -126,18 +135,19 @@ def copy(dst: np.ndarray, src: np.ndarray, k: int) -> None:
 
 
 def accumulate(
-    acc: np.ndarray,
-    patches: np.ndarray,
+    acc: Any,
+    patches: Any,
     axes: Sequence[int],
     first: Sequence[int],
     step: Sequence[int],
-    op: Any,
-    weight: np.ndarray | None = None,
+    op: str,
+    weight: Any = None,
+    xp: Backend = NUMPY,
 ) -> None:
     """``op`` every patch of a regular sub-grid into ``acc`` at ``first + i * step``, in place.
 
-    ``patches`` is ``(*counts, *patch)``; ``op`` is a ufunc such as ``np.add`` or
-    ``np.maximum``; ``weight``, broadcastable to one patch, multiplies each patch first.
+    ``patches`` is ``(*counts, *patch)``; ``op`` is ``"add"``, ``"max"`` or ``"min"``;
+    ``weight``, broadcastable to one patch, multiplies each patch first (``"add"`` only).
 
     The output is walked in chunks of about ``CHUNK_BYTES``, cut along the first tiled axes
     (the chunked axes) at multiples of the step. Along a chunked axis, patches are cut into
@@ -153,7 +163,7 @@ def accumulate(
     blocks = [c + mj - 1 for c, mj in zip(counts, m)]
     # Choose the chunked axes: cut along axis 0 first, and along the next ones while one block
     # of the previous axes is still larger than the chunk.
-    span = acc.itemsize * math.prod(acc.shape)
+    span = xp.itemsize(acc) * math.prod(acc.shape)
     per_chunk: list[int] = []
     for j, a in enumerate(axes):
         span = span // max(acc.shape[a], 1) * max(min(step[j], size[j]), 1)
@@ -162,11 +172,14 @@ def accumulate(
         break
     d = len(per_chunk)
     # Tiny patch rows make NumPy's inner loop short; then iterate with the grid axes innermost.
-    inner_grid = size[-1] * patches.itemsize < 64 and counts[-1] > size[-1] and k > d
+    inner_grid = (
+        xp is NUMPY and size[-1] * xp.itemsize(patches) < 64 and counts[-1] > size[-1] and k > d
+    )
     order = "C" if inner_grid else "K"
-    scratch: np.ndarray | None = None
     ranges = [range(0, blocks[j], per_chunk[j]) for j in range(d)]
-    for chunk in itertools.product(*ranges):
+
+    def run(chunk: tuple[int, ...]) -> None:
+        scratch: list[Any] = []
         for pieces in itertools.product(*[range(m[j]) for j in range(d)]):
             lo = [max(chunk[j] - r, 0) for j, r in enumerate(pieces)]
             hi = [min(chunk[j] + per_chunk[j] - r, counts[j]) for j, r in enumerate(pieces)]
@@ -181,7 +194,7 @@ def accumulate(
                 f = [first[j] + (lo[j] + r) * step[j] for j, r in enumerate(pieces)]
                 f += [fj + q * sj for fj, q, sj in zip(first[d:], phase, step[d:])]
                 st = list(step[:d]) + [mj * sj for mj, sj in zip(m[d:], step[d:])]
-                target = window_view(acc, axes, f, st, cnt, ext + size[d:])
+                target = window_view(acc, axes, f, st, cnt, ext + size[d:], xp)
                 pick = [slice(lo_, h) for lo_, h in zip(lo, hi)]
                 pick += [slice(q, None, mj) for q, mj in zip(phase, m[d:])]
                 inner: list[slice] = [slice(None)] * len(patch)
@@ -192,17 +205,24 @@ def accumulate(
                 # Split calls whose patches would not fit in cache along one grid axis.
                 cut = 1 if k > 1 else 0
                 n_cut = source.shape[cut]
-                per = max(1, n_cut * CHUNK_BYTES // max(source.nbytes, 1))
+                per = max(1, n_cut * CHUNK_BYTES // max(xp.nbytes(source), 1))
                 for c0 in range(0, n_cut, per):
                     part = (slice(None),) * cut + (slice(c0, c0 + per),)
                     tgt, src = target[part], source[part]
                     if w is not None:
-                        if scratch is None or scratch.size < src.size:
-                            scratch = np.empty(src.size, dtype=np.result_type(src, w))
-                        buf = scratch[: src.size].reshape(src.shape)
-                        np.multiply(src, w, out=buf)
-                        src = buf
+                        xp.add_product(tgt, src, w, scratch)
+                        continue
                     if inner_grid:
                         perm = (*range(k, tgt.ndim), *range(k))
                         tgt, src = tgt.transpose(perm), src.transpose(perm)
-                    op(tgt, src, out=tgt, order=order)
+                    xp.inplace(op, tgt, src, order)
+
+    chunks = list(itertools.product(*ranges))
+    if xp is NUMPY and THREADS > 1 and len(chunks) > 1 and patches.nbytes >= THREADED_BYTES:
+        # Chunks write to disjoint blocks of the output, and NumPy lets go of the GIL in its
+        # loops, so threads share the work safely.
+        with ThreadPoolExecutor(min(THREADS, len(chunks))) as pool:
+            list(pool.map(run, chunks))
+    else:
+        for chunk in chunks:
+            run(chunk)

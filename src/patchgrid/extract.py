@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _kernels
 from ._checks import PatchgridError
+from .backends import NUMPY, Backend, backend_of, is_tensor
 from .grid import PatchGrid
 
 __all__ = ["extract"]
@@ -37,18 +38,62 @@ def as_grid(
     )
 
 
-def padded(image: np.ndarray, grid: PatchGrid) -> np.ndarray:
-    """The image padded as the grid needs (the image itself when it needs nothing)."""
-    if not any(after for _, after in grid.pad_width):
-        return image
-    if grid.pad_mode == "constant":
-        return np.pad(image, grid.pad_width, mode="constant", constant_values=grid.pad_value)
-    out: np.ndarray = np.pad(image, grid.pad_width, mode=grid.pad_mode)  # type: ignore[call-overload]
+INDEX_MODES = ("constant", "edge", "reflect", "symmetric", "wrap")
+
+
+def index_map(length: int, before: int, after: int, mode: str) -> np.ndarray:
+    """Source index of every position of an axis padded by ``(before, after)``; -1 for constants.
+
+    For the modes that copy voxels (``edge``, ``reflect``, ``symmetric``, ``wrap``), padding
+    is a gather, which any backend and any lazy array can do region by region.
+    """
+    base = np.arange(length)
+    if mode == "constant":
+        return np.pad(base, (before, after), mode="constant", constant_values=-1)
+    return np.pad(base, (before, after), mode=mode)  # type: ignore[call-overload, no-any-return]
+
+
+def pad_array(x: Any, pad_width: Any, mode: str, value: Any, xp: Backend) -> Any:
+    """``numpy.pad`` for any backend (torch takes the modes that copy voxels)."""
+    if not any(b or a for b, a in pad_width):
+        return x
+    if xp is NUMPY:
+        if mode == "constant":
+            return np.pad(x, pad_width, mode="constant", constant_values=value)
+        return np.pad(x, pad_width, mode=mode)  # type: ignore[call-overload]
+    if mode not in INDEX_MODES:
+        raise PatchgridError(
+            f"pad_mode={mode!r} is not available for {xp.name} arrays; use one of {INDEX_MODES}"
+        )
+    for axis, (before, after) in enumerate(pad_width):
+        if before or after:
+            x = gather(x, axis, index_map(x.shape[axis], before, after, mode), value, xp)
+    return x
+
+
+def gather(x: Any, axis: int, index: np.ndarray, value: Any, xp: Backend) -> Any:
+    """``x`` taken at ``index`` along ``axis``, with ``value`` where the index is -1."""
+    out = xp.take(x, np.maximum(index, 0), axis) if x.shape[axis] else None
+    if out is None or (index < 0).any():
+        shape = list(x.shape)
+        shape[axis] = len(index)
+        if out is None:
+            return xp.full(shape, value, xp.dtype(x), x)
+        where: list[Any] = [slice(None)] * x.ndim
+        where[axis] = np.flatnonzero(index < 0)
+        if xp.name == "torch":
+            where[axis] = xp.constant(where[axis], np.int64, x)
+        out[tuple(where)] = value
     return out
 
 
-def _as_ndarray(image: Any) -> np.ndarray:
-    if isinstance(image, np.ndarray):
+def padded(image: Any, grid: PatchGrid, xp: Backend = NUMPY) -> Any:
+    """The image padded as the grid needs (the image itself when it needs nothing)."""
+    return pad_array(image, grid.pad_width, grid.pad_mode, grid.pad_value, xp)
+
+
+def _as_ndarray(image: Any) -> Any:
+    if isinstance(image, np.ndarray) or is_tensor(image):
         return image
     if not (
         hasattr(image, "__array__") or hasattr(image, "shape") or isinstance(image, (list, tuple))
@@ -71,8 +116,8 @@ def extract(
     pad_value: Any = 0,
     flatten: bool = False,
     copy: bool = False,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
+    out: Any = None,
+) -> Any:
     """Cut ``image`` into patches of ``size`` every ``stride`` voxels.
 
     Parameters
@@ -131,34 +176,44 @@ def extract(
            [6, 7, 8, 9]])
     """
     arr = _as_ndarray(image)
+    xp = backend_of(arr)
     grid = as_grid(
-        arr.shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
+        tuple(arr.shape), size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
     )
     k = len(grid.axes)
     shape = (*grid.counts, *grid.patch_shape)
     flat_shape = (len(grid), *grid.patch_shape)
     if out is not None:
-        if not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-        if out.shape not in (shape, flat_shape):
-            raise PatchgridError(
-                f"out must have shape {shape} (or {flat_shape} flattened), got {out.shape}"
+        known = isinstance(out, np.ndarray) or is_tensor(out)
+        if backend_of(out) is not xp or not known:
+            raise TypeError(
+                f"out must be an array of the image's kind ({type(arr).__name__}), got "
+                f"{type(out).__name__}"
             )
-        if not out.flags.writeable:
+        if tuple(out.shape) not in (shape, flat_shape):
+            raise PatchgridError(
+                f"out must have shape {shape} (or {flat_shape} flattened), got {tuple(out.shape)}"
+            )
+        if not xp.writeable(out):
             raise PatchgridError("out must be writeable")
-        if not np.can_cast(arr.dtype, out.dtype, casting="same_kind"):
+        if xp is NUMPY and not np.can_cast(arr.dtype, out.dtype, casting="same_kind"):
             raise TypeError(
                 f"out has dtype {out.dtype}, which the image's {arr.dtype} cannot be cast to "
                 f"under the 'same_kind' rule"
             )
-    src = padded(arr, grid)
+    src = padded(arr, grid, xp)
     if out is None and not copy and grid.is_regular:
-        view = _kernels.window_view(src, grid.axes, [0] * k, grid.stride, grid.counts, grid.size)
-        view.flags.writeable = False
+        view = _kernels.window_view(
+            src, grid.axes, [0] * k, grid.stride, grid.counts, grid.size, xp
+        )
+        view = xp.readonly(view)
         return view.reshape(flat_shape) if flatten else view
-    target = np.empty(shape, dtype=arr.dtype) if out is None else out.reshape(shape)
-    if out is not None and not np.shares_memory(target, out):
-        raise PatchgridError("out must be reshapeable without a copy (C-contiguous is safest)")
+    if out is None:
+        target = xp.empty(shape, xp.dtype(arr), arr)
+    else:
+        target = out.view(shape) if xp.name == "torch" else out.reshape(shape)
+        if xp is NUMPY and not np.shares_memory(target, out):
+            raise PatchgridError("out must be reshapeable without a copy (C-contiguous is safest)")
     for sub in _kernels.subgrids(grid):
         pick = tuple(slice(i0, i0 + n) for i0, n, _, _ in sub)
         view = _kernels.window_view(
@@ -168,8 +223,9 @@ def extract(
             [t for _, _, _, t in sub],
             [n for _, n, _, _ in sub],
             grid.size,
+            xp,
         )
-        _kernels.copy(target[pick], view, k)
+        _kernels.copy(target[pick], view, k, xp)
     if out is not None:
         return out
     return target.reshape(flat_shape) if flatten else target

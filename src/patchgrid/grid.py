@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -182,18 +183,95 @@ class PatchGrid:
             st, pad = _axis_starts(shape_t[a], p, s, e, a)
             starts.append(st)
             pads.append(pad)
+        self._set(shape_t, size_t, stride_t, axes_t, edge_t, mode, pad_value, starts, pads)
+
+    def _set(
+        self,
+        shape: tuple[int, ...],
+        size: tuple[int, ...],
+        stride: tuple[int, ...],
+        axes: tuple[int, ...],
+        edge: tuple[str, ...],
+        pad_mode: str,
+        pad_value: Any,
+        starts: Sequence[tuple[int, ...]],
+        pads: Sequence[int],
+    ) -> None:
         set_ = object.__setattr__
-        set_(self, "shape", shape_t)
-        set_(self, "size", size_t)
-        set_(self, "stride", stride_t)
-        set_(self, "axes", axes_t)
-        set_(self, "edge", edge_t)
-        set_(self, "pad_mode", mode)
+        set_(self, "shape", tuple(shape))
+        set_(self, "size", tuple(size))
+        set_(self, "stride", tuple(stride))
+        set_(self, "axes", tuple(axes))
+        set_(self, "edge", tuple(edge))
+        set_(self, "pad_mode", pad_mode)
         set_(self, "pad_value", pad_value)
-        set_(self, "_starts", tuple(starts))
+        set_(self, "_starts", tuple(tuple(st) for st in starts))
         set_(self, "_pad_after", tuple(pads))
         set_(self, "_counts", tuple(len(st) for st in starts))
-        set_(self, "_key", (shape_t, size_t, stride_t, axes_t, edge_t, mode, pad_value))
+        set_(self, "_key", (*self._fields(), self._starts))
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.shape, self.size, self.stride, self.axes, self.edge, self.pad_mode,
+                self.pad_value)  # fmt: skip
+
+    def scaled(self, factor: Any) -> PatchGrid:
+        """The same layout on an image ``factor`` times larger along each tiled axis.
+
+        For a model whose output patch is its input patch times ``factor`` (2 for
+        super-resolution, 1/4 for an encoder): shape, size, stride, starts and padding are all
+        multiplied. ``factor`` is a number or one per tiled axis (ints, floats or
+        :class:`fractions.Fraction`); every product must be a whole number of voxels.
+
+        Examples
+        --------
+        >>> import patchgrid as pg
+        >>> grid = pg.PatchGrid((10, 20), size=4, stride=2).scaled(2)
+        >>> grid.shape, grid.size, grid.stride, grid.starts()[1].tolist()
+        ((20, 40), (8, 8), (4, 4), [0, 4])
+        """
+        k = len(self.axes)
+        values = factor if isinstance(factor, (Sequence, np.ndarray)) else [factor] * k
+        if len(values) != k:
+            raise PatchgridError(
+                f"scale has {len(values)} entries but {k} axes are tiled; give one per tiled "
+                f"axis or a single number"
+            )
+        fractions = []
+        for v in values:
+            if isinstance(v, (bool, np.bool_)) or not isinstance(
+                v, (int, float, Fraction, np.integer, np.floating)
+            ):
+                raise TypeError(f"scale must be a positive number, got {v!r}")
+            if isinstance(v, (float, np.floating)):
+                f = Fraction(float(v)).limit_denominator(1 << 16)
+            else:
+                f = Fraction(v) if isinstance(v, Fraction) else Fraction(int(v))
+            if f <= 0:
+                raise PatchgridError(f"scale must be positive, got {factor!r}")
+            fractions.append(f)
+
+        def whole(value: int, j: int, what: str) -> int:
+            r = value * fractions[j]
+            if r.denominator != 1:
+                raise PatchgridError(
+                    f"scale {factor!r} turns the {what} {value} on axis {self.axes[j]} into "
+                    f"{float(r):g}, not a whole number of voxels"
+                )
+            return int(r)
+
+        shape = list(self.shape)
+        for j, a in enumerate(self.axes):
+            shape[a] = whole(self.shape[a], j, "image length")
+        size = [whole(p, j, "patch size") for j, p in enumerate(self.size)]
+        stride = [whole(s, j, "stride") for j, s in enumerate(self.stride)]
+        starts = [
+            tuple(whole(s, j, "patch start") for s in st) for j, st in enumerate(self._starts)
+        ]
+        pads = [whole(p, j, "padding") for j, p in enumerate(self._pad_after)]
+        grid = object.__new__(PatchGrid)
+        grid._set(tuple(shape), tuple(size), tuple(stride), self.axes, self.edge, self.pad_mode,
+                  self.pad_value, starts, pads)  # fmt: skip
+        return grid
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"PatchGrid is immutable; cannot set {name!r}")
@@ -232,18 +310,7 @@ class PatchGrid:
             yield self.slices(i)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            _rebuild,
-            (
-                self.shape,
-                self.size,
-                self.stride,
-                self.axes,
-                self.edge,
-                self.pad_mode,
-                self.pad_value,
-            ),
-        )
+        return (_restore, (*self._fields(), self._starts, self._pad_after))
 
     @property
     def ndim(self) -> int:
@@ -348,8 +415,7 @@ class PatchGrid:
         return tuple(out)
 
 
-def _rebuild(*args: Any) -> PatchGrid:
-    shape, size, stride, axes, edge, pad_mode, pad_value = args
-    return PatchGrid(
-        shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
-    )
+def _restore(*args: Any) -> PatchGrid:
+    grid = object.__new__(PatchGrid)
+    grid._set(*args)
+    return grid

@@ -9,42 +9,12 @@ import numpy as np
 
 from . import _checks, _kernels, windows
 from ._checks import PatchgridError
+from .backends import NUMPY, Backend, backend_of
 from .grid import PatchGrid
 
 __all__ = ["Merger", "coverage", "merge"]
 
-REDUCES = ("mean", "sum", "max", "min")
-
-
-def _acc_dtype(dtype: np.dtype, reduce: str) -> np.dtype:
-    if reduce in ("max", "min"):
-        return dtype
-    if dtype.kind == "f":
-        return np.result_type(dtype, np.float32)
-    if dtype.kind == "c":
-        return np.result_type(dtype, np.complex64)
-    return np.dtype(np.float64)
-
-
-def _out_dtype(dtype: np.dtype, reduce: str) -> np.dtype:
-    if reduce in ("max", "min") or dtype.kind in "fc":
-        return dtype
-    return np.dtype(np.float64)
-
-
-def _identity(dtype: np.dtype, reduce: str) -> Any:
-    """The starting value of an accumulator: what any patch value replaces."""
-    if reduce in ("mean", "sum"):
-        return 0
-    big = reduce == "min"
-    if dtype.kind == "b":
-        return big
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return info.max if big else info.min
-    if dtype.kind == "f":
-        return np.inf if big else -np.inf
-    raise TypeError(f"reduce={reduce!r} needs real patches, got dtype {dtype}")
+REDUCES = ("mean", "sum", "max", "min", "argmax")
 
 
 def _profile_sum(starts: np.ndarray, weights: np.ndarray, length: int) -> np.ndarray:
@@ -55,30 +25,33 @@ def _profile_sum(starts: np.ndarray, weights: np.ndarray, length: int) -> np.nda
     return out
 
 
-def _divide_by_profiles(acc: np.ndarray, axes: Sequence[int], profs: list[np.ndarray]) -> None:
+def _shaped(p: Any, a: int, ndim: int) -> Any:
+    shape = [1] * ndim
+    shape[a] = len(p)
+    return p.reshape(shape)
+
+
+def _divide_by_profiles(
+    acc: Any, axes: Sequence[int], profs: list[np.ndarray], xp: Backend = NUMPY
+) -> None:
     """``acc /= outer(*profs)`` in one pass, chunk by chunk along the first tiled axis.
 
     Zeros in the profiles (voxels no patch covers) divide by 1; the caller fills them.
     """
     ndim = acc.ndim
     safe = [np.where(p > 0, p, 1) for p in profs]
-
-    def shaped(p: np.ndarray, a: int) -> np.ndarray:
-        shape = [1] * ndim
-        shape[a] = len(p)
-        return p.reshape(shape)
-
     rest = np.ones([1] * ndim)
     for a, p in zip(axes[1:], safe[1:]):
-        rest = rest * shaped(p, a)
+        rest = rest * _shaped(p, a, ndim)
     a0 = axes[0]
-    plane = acc.nbytes // max(acc.shape[a0], 1)
+    plane = xp.nbytes(acc) // max(acc.shape[a0], 1)
     step = max(1, _kernels.CHUNK_BYTES // max(plane, 1))
     for lo in range(0, acc.shape[a0], step):
         where: list[Any] = [slice(None)] * ndim
         where[a0] = slice(lo, lo + step)
         part = acc[tuple(where)]
-        np.divide(part, (shaped(safe[0][lo : lo + step], a0) * rest).astype(acc.dtype), out=part)
+        divisor = _shaped(safe[0][lo : lo + step], a0, ndim) * rest
+        xp.divide(part, xp.constant(divisor, xp.dtype(acc), acc))
 
 
 class Merger:
@@ -88,9 +61,12 @@ class Merger:
     ----------
     grid : PatchGrid
         Where the patches sit.
-    reduce : {"mean", "sum", "max", "min"}
+    reduce : {"mean", "sum", "max", "min", "argmax"}
         How overlapping voxels combine. ``"mean"`` is the weighted average, ``"sum"`` the
-        weighted sum; ``"max"`` and ``"min"`` take no window.
+        weighted sum; ``"max"`` and ``"min"`` take no window. ``"argmax"`` blends class scores
+        like ``"mean"`` and keeps, per voxel, the index of the largest along the class axis
+        (the last axis that is not tiled), which the output drops: labels of the smallest
+        unsigned dtype that holds them, without ever holding the classes x volume scores.
     window : None, {"uniform", "gaussian", "hann", "triangular"} or array
         Weight of each voxel of a patch (see :func:`window`); an array must have the patch's
         shape along the tiled axes.
@@ -99,12 +75,19 @@ class Merger:
     dtype : dtype, optional
         Output dtype. By default the patches' dtype when it is floating (or complex) or when
         ``reduce`` is ``"max"``/``"min"``, else float64.
+    out : array-like, optional
+        Where to write the result: a NumPy array, a ``np.memmap``, a zarr array, an h5py
+        dataset, a tensor; anything with ``shape``, ``dtype`` and slice assignment. Its dtype
+        is the output dtype unless ``dtype`` says otherwise.
 
     Notes
     -----
-    The accumulator is as large as the output (float32 at least for ``"mean"`` and ``"sum"``)
-    and is created on the first :meth:`add`; patches may change the sizes of the axes that
-    are not tiled (one channel in, five classes out). :meth:`result` normalises it in place.
+    Output rows along the first tiled axis are finished as soon as every patch that touches
+    them has been added: they are normalised, reduced, cast and written to the output, and the
+    accumulator lets go of them. Patches added in grid order (as :func:`apply` adds them) so
+    keep the accumulator to about one patch thick along that axis, whatever the image's size;
+    patches added in any other order keep more of it until their rows complete. The
+    accumulator is float32 or wider for ``"mean"``, ``"sum"`` and ``"argmax"``.
 
     Examples
     --------
@@ -128,6 +111,7 @@ class Merger:
         window: Any = None,
         fill: Any = 0,
         dtype: Any = None,
+        out: Any = None,
     ) -> None:
         if not isinstance(grid, PatchGrid):
             raise TypeError(f"grid must be a PatchGrid, got {type(grid).__name__}")
@@ -138,39 +122,55 @@ class Merger:
         self._uniform = window is None or (isinstance(window, str) and window == "uniform")
         if self.reduce in ("max", "min") and not self._uniform:
             raise PatchgridError(
-                f"window applies to reduce='mean' and 'sum' only, got window={window!r} with "
-                f"reduce={reduce!r}"
+                f"window applies to reduce='mean', 'sum' and 'argmax' only, got "
+                f"window={window!r} with reduce={reduce!r}"
             )
         if not np.isscalar(fill):
             raise TypeError(f"fill must be a scalar, got {fill!r}")
+        if out is not None and not all(hasattr(out, n) for n in ("shape", "dtype", "__setitem__")):
+            raise TypeError(
+                f"out must be an array with shape, dtype and slice assignment (an ndarray, "
+                f"memmap, zarr array, h5py dataset or tensor), got {type(out).__name__}"
+            )
         self.fill = fill
-        self._dtype = None if dtype is None else np.dtype(dtype)
-        self._seen = np.zeros(len(grid), dtype=bool)
-        self._acc: np.ndarray | None = None
+        self._dtype = dtype
+        self._sink = out
+        self._seen = np.zeros(grid.counts, dtype=bool)
+        self._acc: Any = None
+        self._wacc: Any = None
+        self._lo = 0
+        self._xp: Backend = NUMPY
         self._patch_shape: tuple[int, ...] | None = None
-        self._result: np.ndarray | None = None
+        self._result: Any = None
+        self._starts0 = grid.axis_starts(0)
 
     @property
     def missing(self) -> np.ndarray:
         """Indices of the patches not added yet."""
-        return np.flatnonzero(~self._seen)
+        return np.flatnonzero(~self._seen.ravel())
 
     @property
     def complete(self) -> bool:
         """True once every patch of the grid has been added."""
         return bool(self._seen.all())
 
-    def _weight(self) -> np.ndarray | None:
+    def _weight(self) -> Any:
         """The window shaped to broadcast against one patch, or None for a uniform one."""
         if self._uniform or self.reduce in ("max", "min"):
             return None
+        return self._xp.constant(self._window.reshape(self._wshape()), self._acc_dtype, self._like)
+
+    def _wshape(self) -> list[int]:
         shape = [1] * self.grid.ndim
         for a, p in zip(self.grid.axes, self.grid.size):
             shape[a] = p
-        return self._window.reshape(shape)
+        return shape
 
-    def _start(self, patch_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """Check one patch's shape against the grid; create the accumulator on first use."""
+    def _op(self) -> str:
+        return {"max": "max", "min": "min"}.get(self.reduce, "add")
+
+    def _start(self, patches: Any, patch_shape: tuple[int, ...]) -> None:
+        """Check one patch's shape against the grid; settle dtypes and the output on first use."""
         grid = self.grid
         if self._result is not None:
             raise PatchgridError("result() was already called; make a new Merger to merge again")
@@ -184,25 +184,96 @@ class Merger:
                 f"patches must have shape {expected} (the patch size {grid.size} on the tiled "
                 f"axes {grid.axes}; * is free), got patches of shape {patch_shape}"
             )
-        if self._acc is None:
-            shape = list(grid.padded_shape)
-            for a in range(grid.ndim):
-                if a not in grid.axes:
-                    shape[a] = patch_shape[a]
-            acc_dtype = _acc_dtype(dtype, self.reduce)
-            self._out = np.dtype(self._dtype or _out_dtype(dtype, self.reduce))
-            self._check_fill()
-            self._acc = np.full(shape, _identity(acc_dtype, self.reduce), dtype=acc_dtype)
-            self._patch_shape = patch_shape
-        elif patch_shape != self._patch_shape:
+        if self._patch_shape is not None:
+            if patch_shape != self._patch_shape:
+                raise PatchgridError(
+                    f"patches must all have one shape; the first had {self._patch_shape}, "
+                    f"these have {patch_shape}"
+                )
+            return
+        xp = self._xp = backend_of(patches)
+        self._like = patches
+        dtype = xp.dtype(patches)
+        self._patch_shape = patch_shape
+        out_shape = list(grid.shape)
+        for a in range(grid.ndim):
+            if a not in grid.axes:
+                out_shape[a] = patch_shape[a]
+        self._class_axis = None
+        if self.reduce == "argmax":
+            free = [a for a in range(grid.ndim) if a not in grid.axes]
+            if not free:
+                raise PatchgridError(
+                    "reduce='argmax' needs a class axis that is not tiled (patches shaped "
+                    "(classes, *spatial)); every axis of these patches is tiled"
+                )
+            self._class_axis = free[-1]
+            n_classes = out_shape.pop(self._class_axis)
+            self._acc_dtype = xp.acc_dtype(dtype, "mean")
+            default = xp.label_dtype(n_classes)
+        else:
+            self._acc_dtype = xp.acc_dtype(dtype, self.reduce)
+            default = xp.out_dtype(dtype, self.reduce)
+        self._out_shape = tuple(out_shape)
+        if self._dtype is not None:
+            default = self._dtype
+        elif self._sink is not None:
+            default = self._sink.dtype
+        self._out_dtype = xp.as_dtype(default) if xp.name == "torch" else np.dtype(default)
+        if self._sink is not None and tuple(self._sink.shape) != self._out_shape:
             raise PatchgridError(
-                f"patches must all have one shape; the first had {self._patch_shape}, "
-                f"these have {patch_shape}"
+                f"out must have shape {self._out_shape} for these patches, got "
+                f"{tuple(self._sink.shape)}"
             )
-        return self._acc
+        self._check_fill()
+        self._identity = (
+            0 if self.reduce not in ("max", "min")
+            else xp.extreme(self._acc_dtype, self.reduce == "min")
+        )  # fmt: skip
+        self._array_window = self._profiles is None and self.reduce in ("mean", "argmax")
 
-    def _op(self) -> Any:
-        return {"max": np.maximum, "min": np.minimum}.get(self.reduce, np.add)
+    def _check_fill(self) -> None:
+        dtype = np.dtype(str(self._out_dtype).replace("torch.", ""))
+        with np.errstate(invalid="ignore", over="ignore"):
+            cast = np.array(self.fill).astype(dtype)
+        same = bool(cast == self.fill) or bool(np.isnan(cast) and np.isnan(self.fill))
+        if not same:
+            raise PatchgridError(
+                f"fill={self.fill!r} cannot be stored in the output dtype {self._out_dtype}; "
+                f"give a fill that fits or a dtype= that holds it"
+            )
+
+    def _ensure(self, hi: int) -> None:
+        """Make the accumulator reach padded row ``hi`` along the first tiled axis."""
+        grid, xp, a0 = self.grid, self._xp, self.grid.axes[0]
+        rows = hi - self._lo
+        have = 0 if self._acc is None else self._acc.shape[a0]
+        if rows <= have:
+            return
+        shape = list(grid.padded_shape)
+        for a in range(grid.ndim):
+            if a not in grid.axes:
+                shape[a] = self._patch_shape[a]  # type: ignore[index]
+        shape[a0] = rows
+        acc = xp.full(shape, self._identity, self._acc_dtype, self._like)
+        wacc = None
+        if self._array_window:
+            wshape = [1 if a not in grid.axes else n for a, n in enumerate(shape)]
+            wacc = xp.full(wshape, 0, self._acc_dtype, self._like)
+        if have:
+            head: list[Any] = [slice(None)] * grid.ndim
+            head[a0] = slice(0, have)
+            xp.assign(acc[tuple(head)], self._acc)
+            if wacc is not None:
+                xp.assign(wacc[tuple(head)], self._wacc)
+        self._acc, self._wacc = acc, wacc
+
+    def _local(self, index: int) -> tuple[slice, ...]:
+        """Slices of patch ``index`` in the accumulator, whose first row is ``self._lo``."""
+        sl = list(self.grid.slices(index))
+        a0 = self.grid.axes[0]
+        sl[a0] = slice(sl[a0].start - self._lo, sl[a0].stop - self._lo)
+        return tuple(sl)
 
     def add(self, batch: Any, indices: Any) -> None:
         """Add a batch of patches ``(B, *patch_shape)`` at grid indices ``indices``.
@@ -211,22 +282,19 @@ class Merger:
         with a single index works too. Adding a patch twice, an index out of range or a patch
         of the wrong shape raises :class:`ValueError`.
         """
-        arr = np.asarray(batch)
+        xp = backend_of(batch)
+        arr = xp.asarray(batch)
         idx = np.asarray(indices)
         grid = self.grid
-        if idx.ndim == 0 or (
-            idx.ndim == 1
-            and len(grid.axes) > 1
-            and arr.ndim == grid.ndim
-            and idx.shape == (len(grid.axes),)
-        ):
+        k = len(grid.axes)
+        if idx.ndim == 0 or (idx.shape == (k,) and k > 1 and arr.ndim == grid.ndim):
             arr, idx = arr[None], idx.reshape(1, -1) if idx.ndim else idx.reshape(1)
         if idx.dtype.kind not in "iu":
             raise TypeError(f"indices must be integers, got dtype {idx.dtype}")
         if idx.ndim == 2:
-            if idx.shape[1] != len(grid.counts):
+            if idx.shape[1] != k:
                 raise PatchgridError(
-                    f"indices as positions must be shaped (B, {len(grid.counts)}), got {idx.shape}"
+                    f"indices as positions must be shaped (B, {k}), got {idx.shape}"
                 )
             bad = (idx < 0) | (idx >= np.array(grid.counts))
             if bad.any():
@@ -253,16 +321,30 @@ class Merger:
         uniq, counts = np.unique(idx, return_counts=True)
         if (counts > 1).any():
             raise PatchgridError(f"indices repeats patch {int(uniq[counts > 1][0])} in one batch")
-        again = self._seen[idx]
+        seen = self._seen.ravel()
+        again = seen[idx]
         if again.any():
             i = int(idx[again][0])
             raise PatchgridError(f"patch {i} (position {grid.position(i)}) was already added")
-        acc = self._start(arr.shape[1:], arr.dtype)
-        op, weight = self._op(), self._weight()
+        if not len(idx):
+            return
+        self._start(arr, tuple(arr.shape[1:]))
+        rows = np.unravel_index(idx, grid.counts)[0]
+        self._ensure(int(self._starts0[rows].max()) + grid.size[0])
+        xp, op, weight = self._xp, self._op(), self._weight()
+        scratch: list[Any] = []
         for i, patch in zip(idx.tolist(), arr):
-            target = acc[grid.slices(i)]
-            op(target, patch if weight is None else patch * weight, out=target)
-        self._seen[idx] = True
+            sl = self._local(i)
+            target = self._acc[sl]
+            if weight is None:
+                xp.inplace(op, target, patch)
+            else:
+                xp.add_product(target, patch, weight, scratch)
+            if self._wacc is not None:
+                wsl = tuple(s if a in grid.axes else slice(None) for a, s in enumerate(sl))
+                xp.inplace("add", self._wacc[wsl], weight)
+        seen[idx] = True
+        self._flush()
 
     def add_all(self, patches: Any) -> None:
         """Add every patch of the grid at once, shaped ``(*counts, *patch)`` or ``(N, *patch)``.
@@ -270,33 +352,176 @@ class Merger:
         This is the fast path :func:`merge` takes: a few vectorised strided operations
         instead of one per patch.
         """
-        arr = np.asarray(patches)
+        xp = backend_of(patches)
+        arr = xp.asarray(patches)
         grid = self.grid
         k = len(grid.axes)
         n_lead = arr.ndim - grid.ndim
         if n_lead == 1 and arr.shape[0] == len(grid):
             arr = arr.reshape(*grid.counts, *arr.shape[1:])
-        elif n_lead != k or arr.shape[:k] != grid.counts:
+        elif n_lead != k or tuple(arr.shape[:k]) != grid.counts:
             raise PatchgridError(
                 f"patches must be shaped (*counts, *patch) = ({', '.join(map(str, grid.counts))},"
-                f" ...) or (N, *patch) with N = {len(grid)} for this grid, got shape {arr.shape}"
+                f" ...) or (N, *patch) with N = {len(grid)} for this grid, got shape "
+                f"{tuple(arr.shape)}"
             )
         if self._seen.any():
             raise PatchgridError("add_all needs a Merger that has no patches yet")
-        acc = self._start(arr.shape[k:], arr.dtype)
+        self._start(arr, tuple(arr.shape[k:]))
+        xp = self._xp
+        self._ensure(grid.padded_shape[grid.axes[0]])
         op, weight = self._op(), self._weight()
         for sub in _kernels.subgrids(grid):
             pick = tuple(slice(i0, i0 + n) for i0, n, _, _ in sub)
-            _kernels.accumulate(
-                acc,
-                arr[pick],
-                grid.axes,
-                [f for _, _, f, _ in sub],
-                [t for _, _, _, t in sub],
-                op,
-                weight,
-            )
-        self._seen[:] = True
+            first = [f for _, _, f, _ in sub]
+            step = [t for _, _, _, t in sub]
+            _kernels.accumulate(self._acc, arr[pick], grid.axes, first, step, op, weight, xp)
+            if self._wacc is not None:
+                counts = [n for _, n, _, _ in sub]
+                lead = weight.reshape((1,) * k + tuple(weight.shape))
+                lead = lead.expand(*counts, *weight.shape) if xp.name == "torch" else (
+                    np.broadcast_to(lead, (*counts, *weight.shape)))  # fmt: skip
+                _kernels.accumulate(self._wacc, lead, grid.axes, first, step, "add", None, xp)
+        self._seen[...] = True
+        self._flush()
+
+    def _flush(self) -> None:
+        """Finish the rows that no patch still to come can touch."""
+        rows_done = np.asarray(self._seen.reshape(self._seen.shape[0], -1).all(axis=1))
+        n_rows = rows_done.shape[0]
+        r = int(np.argmin(rows_done)) if not rows_done.all() else n_rows
+        a0 = self.grid.axes[0]
+        upto = int(self._starts0[r]) if r < n_rows else self.grid.padded_shape[a0]
+        if upto > self._lo:
+            self._ensure(upto)
+            self._finish(upto, complete=True)
+
+    def _coverage_block(self, upto: int, complete: bool, ones: bool) -> tuple[str, Any]:
+        """Weights over accumulator rows ``[lo, upto)``: per-axis profiles, or a volume."""
+        grid, a0 = self.grid, self.grid.axes[0]
+        if complete and (ones or self._profiles is not None):
+            profs = self._profile_coverage(ones)
+            profs[0] = profs[0][self._lo : upto]
+            return "profiles", profs
+        if complete and not ones and self._wacc is not None:
+            head: list[Any] = [slice(None)] * grid.ndim
+            head[a0] = slice(0, upto - self._lo)
+            return "volume", self._xp.to_numpy(self._wacc[tuple(head)]).astype(np.float64)
+        # Some patches are missing: add up the weights of those present, one by one.
+        shape = [1] * grid.ndim
+        for a in grid.axes:
+            shape[a] = grid.padded_shape[a]
+        shape[a0] = upto - self._lo
+        cov = np.zeros(shape)
+        w = np.ones(self._wshape()) if ones else self._window.reshape(self._wshape())
+        for i in np.flatnonzero(self._seen.ravel()).tolist():
+            sl = self._local(i)
+            if sl[a0].stop <= 0 or sl[a0].start >= shape[a0]:
+                continue
+            lo, hi = max(sl[a0].start, 0), min(sl[a0].stop, shape[a0])
+            target = [s if a in grid.axes else slice(None) for a, s in enumerate(sl)]
+            target[a0] = slice(lo, hi)
+            wsl: list[Any] = [slice(None)] * grid.ndim
+            wsl[a0] = slice(lo - sl[a0].start, hi - sl[a0].start)
+            cov[tuple(target)] += w[tuple(wsl)]
+        return "volume", cov
+
+    def _finish(self, upto: int, complete: bool) -> None:
+        """Normalise, reduce, cast and write accumulator rows ``[lo, upto)``; let them go."""
+        grid, xp, a0 = self.grid, self._xp, self.grid.axes[0]
+        n = upto - self._lo
+        head: list[Any] = [slice(None)] * grid.ndim
+        head[a0] = slice(0, n)
+        block = self._acc[tuple(head)]
+        ones = self.reduce != "mean"
+        kind, cov = self._coverage_block(upto, complete, ones)
+        if kind == "profiles":
+            if not ones:
+                _divide_by_profiles(block, grid.axes, cov, xp)
+            empty = [(a, p == 0) for a, p in zip(grid.axes, cov) if (p == 0).any()]
+        else:
+            if not ones:
+                xp.divide(block, xp.constant(np.where(cov > 0, cov, 1), xp.dtype(block), block))
+            empty = [(-1, cov == 0)] if (cov == 0).any() else []
+        # Crop to the image (padding and rows past its end), and reduce.
+        stop = min(upto, grid.shape[a0]) - self._lo
+        crop = [slice(0, s) if a in grid.axes else slice(None) for a, s in enumerate(grid.shape)]
+        crop[a0] = slice(0, max(stop, 0))
+        result = block[tuple(crop)]
+        masks = []
+        for a, mask in empty:
+            if a == -1:
+                masks.append((a, mask[tuple(crop)]))
+            else:
+                masks.append((a, mask[crop[a]] if a != a0 else mask[: max(stop, 0)]))
+        if self._class_axis is not None:
+            result = xp.argmax(result, self._class_axis)
+        in_place = (
+            self._sink is None and self._lo == 0 and upto == grid.padded_shape[a0]
+            and self._class_axis is None and xp.dtype(result) == self._out_dtype
+        )  # fmt: skip
+        result = xp.astype(result, self._out_dtype)
+        if in_place and (result.shape != block.shape):
+            result = xp.copy(result)
+        self._fill(result, masks)
+        if in_place:
+            self._result = result
+            self._acc = self._wacc = None
+            return
+        if stop > 0:
+            self._write(result, self._lo, self._lo + stop)
+        self._drop(n)
+
+    def _fill(self, result: Any, masks: list[tuple[int, Any]]) -> None:
+        """Set ``fill`` where no patch covers."""
+        nd = result.ndim
+        ca = self._class_axis
+        for a, mask in masks:
+            if a == -1:
+                m = mask
+                if ca is not None:
+                    m = m.reshape(m.shape[:ca] + m.shape[ca + 1 :])
+                self._xp.fill_where(result, self._xp.constant(m, bool, result), self.fill)
+                continue
+            axis = a if ca is None or a < ca else a - 1
+            where: list[Any] = [slice(None)] * nd
+            where[axis] = np.flatnonzero(mask)
+            if self._xp.name == "torch":
+                where[axis] = self._xp.constant(where[axis], np.int64, result)
+            result[tuple(where)] = self.fill
+
+    def _write(self, block: Any, lo: int, hi: int) -> None:
+        """Put finished rows ``[lo, hi)`` of the image into the output."""
+        if self._sink is None:
+            self._sink = self._xp.empty(self._out_shape, self._out_dtype, self._acc)
+        a0 = self.grid.axes[0]
+        ca = self._class_axis
+        axis = a0 if ca is None or a0 < ca else a0 - 1
+        where: list[Any] = [slice(None)] * len(self._out_shape)
+        where[axis] = slice(lo, hi)
+        if backend_of(self._sink).name == "torch":
+            self._sink[tuple(where)] = block
+        else:
+            self._sink[tuple(where)] = self._xp.to_numpy(block)
+
+    def _drop(self, n: int) -> None:
+        """Let go of the first ``n`` accumulator rows: shift the rest to the front."""
+        grid, xp, a0 = self.grid, self._xp, self.grid.axes[0]
+        rows = self._acc.shape[a0]
+        keep = rows - n
+        for name in ("_acc", "_wacc"):
+            acc = getattr(self, name)
+            if acc is None:
+                continue
+            if keep > 0:
+                dst: list[Any] = [slice(None)] * grid.ndim
+                src: list[Any] = [slice(None)] * grid.ndim
+                dst[a0], src[a0] = slice(0, keep), slice(n, rows)
+                xp.assign(acc[tuple(dst)], xp.copy(acc[tuple(src)]))
+            tail: list[Any] = [slice(None)] * grid.ndim
+            tail[a0] = slice(max(keep, 0), rows)
+            xp.assign(acc[tuple(tail)], self._identity if name == "_acc" else 0)
+        self._lo += n
 
     def _profile_coverage(self, ones: bool) -> list[np.ndarray]:
         """Coverage along each tiled axis, for a complete grid and a separable window."""
@@ -311,34 +536,6 @@ class Merger:
             for j, a in enumerate(grid.axes)
         ]
 
-    def _volume_coverage(self, ones: bool) -> np.ndarray:
-        """Coverage as an array over the padded tiled axes (size 1 on the others)."""
-        grid = self.grid
-        shape = [1] * grid.ndim
-        wshape = [1] * grid.ndim
-        for a, p in zip(grid.axes, grid.size):
-            shape[a] = grid.padded_shape[a]
-            wshape[a] = p
-        cov = np.zeros(shape)
-        w = np.ones(wshape) if ones else self._window.reshape(wshape)
-        seen = np.flatnonzero(self._seen)
-        if len(seen) == len(grid):
-            lead = np.broadcast_to(w, (*grid.counts, *wshape))
-            for sub in _kernels.subgrids(grid):
-                pick = tuple(slice(i0, i0 + n) for i0, n, _, _ in sub)
-                _kernels.accumulate(
-                    cov,
-                    lead[pick],
-                    grid.axes,
-                    [f for _, _, f, _ in sub],
-                    [t for _, _, _, t in sub],
-                    np.add,
-                )
-        else:
-            for i in seen.tolist():
-                cov[tuple(slice(0, 1) if s == slice(None) else s for s in grid.slices(i))] += w
-        return cov
-
     def coverage(self) -> np.ndarray:
         """Sum of the weights of the patches added so far, per voxel of the image.
 
@@ -346,32 +543,33 @@ class Merger:
         the result. Zero where no patch covers (there the result holds ``fill``).
         """
         grid = self.grid
-        crop = tuple(slice(0, s) for s in grid.shape)
-        if self.complete and self._profiles is not None:
-            profs = self._profile_coverage(ones=self.reduce in ("max", "min"))
+        ones = self.reduce in ("max", "min")
+        saved = self._lo
+        self._lo = 0
+        try:
+            kind, cov = self._coverage_block(grid.padded_shape[grid.axes[0]], self.complete, ones)
+        finally:
+            self._lo = saved
+        if kind == "profiles":
             out = np.ones([1] * grid.ndim)
-            for a, prof in zip(grid.axes, profs):
-                shape = [1] * grid.ndim
-                shape[a] = len(prof)
-                out = out * prof.reshape(shape)
-            return out[
-                tuple(
-                    slice(0, s) if a in grid.axes else slice(None) for a, s in enumerate(grid.shape)
-                )
-            ]
-        cov = self._volume_coverage(ones=self.reduce in ("max", "min"))
-        return cov[tuple(c if a in grid.axes else slice(None) for a, c in enumerate(crop))]
+            for a, prof in zip(grid.axes, cov):
+                out = out * _shaped(prof, a, grid.ndim)
+            cov = out
+        crop = tuple(
+            slice(0, s) if a in grid.axes else slice(None) for a, s in enumerate(grid.shape)
+        )
+        return np.asarray(cov[crop])
 
-    def result(self, *, allow_missing: bool = False) -> np.ndarray:
+    def result(self, *, allow_missing: bool = False) -> Any:
         """The merged image. Raises if a patch was never added, unless ``allow_missing``.
 
-        Voxels that no added patch covers get ``fill``. The accumulator is normalised in place,
-        so nothing can be added afterwards; calling ``result()`` again returns the same array.
+        Voxels that no added patch covers get ``fill``. Nothing can be added afterwards;
+        calling ``result()`` again returns the same array (``out`` when one was given).
         """
         if self._result is not None:
             return self._result
         grid = self.grid
-        if self._acc is None:
+        if self._patch_shape is None:
             raise PatchgridError("no patches were added; nothing to merge")
         missing = self.missing
         if len(missing) and not allow_missing:
@@ -382,42 +580,14 @@ class Merger:
                 f"{more}); add them, or pass allow_missing=True to fill their voxels with "
                 f"fill={self.fill!r}"
             )
-        acc = self._acc
-        ones = self.reduce != "mean"
-        if not len(missing) and (self._profiles is not None or ones):
-            profs = self._profile_coverage(ones)
-            if not ones:
-                _divide_by_profiles(acc, grid.axes, profs)
-            for a, prof in zip(grid.axes, profs):
-                empty = prof == 0
-                if empty.any():
-                    where: list[Any] = [slice(None)] * grid.ndim
-                    where[a] = empty
-                    acc[tuple(where)] = self.fill
-        else:
-            cov = self._volume_coverage(ones)
-            if not ones:
-                np.divide(acc, np.where(cov > 0, cov, 1), out=acc)
-            np.copyto(acc, self.fill, where=cov == 0, casting="unsafe")
-        crop = tuple(
-            slice(0, s) if a in grid.axes else slice(None) for a, s in enumerate(grid.shape)
-        )
-        out = acc[crop]
-        if out.dtype != self._out or out.shape != acc.shape:
-            out = out.astype(self._out)
-        self._acc = None
-        self._result = out
-        return out
-
-    def _check_fill(self) -> None:
-        with np.errstate(invalid="ignore", over="ignore"):
-            cast = np.array(self.fill).astype(self._out)
-        same = bool(cast == self.fill) or bool(np.isnan(cast) and np.isnan(self.fill))
-        if not same:
-            raise PatchgridError(
-                f"fill={self.fill!r} cannot be stored in the output dtype {self._out}; give a "
-                f"fill that fits or a dtype= that holds it"
-            )
+        end = grid.padded_shape[grid.axes[0]]
+        if end > self._lo:
+            self._ensure(end)
+            self._finish(end, complete=not len(missing))
+        if self._result is None:
+            self._result = self._sink
+        self._acc = self._wacc = None
+        return self._result
 
 
 def coverage(grid: PatchGrid, window: Any = None) -> np.ndarray:
@@ -435,7 +605,7 @@ def coverage(grid: PatchGrid, window: Any = None) -> np.ndarray:
     array([1., 1., 0., 1., 1., 0., 0.])
     """
     merger = Merger(grid, window=window)
-    merger._seen[:] = True
+    merger._seen[...] = True
     return merger.coverage()
 
 
@@ -450,7 +620,7 @@ def merge(
     window: Any = None,
     fill: Any = 0,
     dtype: Any = None,
-) -> np.ndarray:
+) -> Any:
     """Put patches back together into one image.
 
     Parameters
@@ -496,7 +666,7 @@ def merge(
     >>> bool(np.allclose(blended, volume))
     True
     """
-    arr = np.asarray(patches)
+    arr = backend_of(patches).asarray(patches)
     if isinstance(grid_or_shape, PatchGrid):
         grid = grid_or_shape
     else:

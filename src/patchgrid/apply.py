@@ -1,0 +1,307 @@
+"""Sliding-window apply: run a function over every patch and blend the outputs back."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _checks
+from ._checks import PatchgridError
+from .backends import NUMPY, Backend, backend_of, is_tensor
+from .extract import INDEX_MODES, gather, index_map, pad_array
+from .grid import PatchGrid
+from .merge import Merger
+
+__all__ = ["apply"]
+
+Progress = Callable[[int, int], Any]
+
+
+class _Reader:
+    """Reads the input patch of every core: the core plus ``margin`` on each side, padded.
+
+    Only the region a patch needs is read, so a lazy array (memmap, zarr, HDF5) is never read
+    whole. Padding that copies voxels (``edge``, ``reflect``, ``symmetric``, ``wrap``) or a
+    constant is a gather over per-axis index maps; the other ``numpy.pad`` modes depend on the
+    whole image, so for them an in-memory NumPy image is padded once.
+    """
+
+    def __init__(self, image: Any, grid: PatchGrid, margin: Sequence[int], xp: Backend) -> None:
+        self.image, self.grid, self.xp = image, grid, xp
+        self.margin = tuple(margin)
+        self.size = tuple(p + 2 * m for p, m in zip(grid.size, margin))
+        pads = [(m, m + after) for m, (_, after) in
+                zip(margin, (grid.pad_width[a] for a in grid.axes))]  # fmt: skip
+        self.offset = [0] * len(grid.axes)
+        self.maps: list[np.ndarray | None] = []
+        if any(b or a for b, a in pads) and grid.pad_mode not in INDEX_MODES:
+            if xp is not NUMPY or not isinstance(image, np.ndarray):
+                raise PatchgridError(
+                    f"pad_mode={grid.pad_mode!r} needs the whole image in memory as a NumPy "
+                    f"array; use one of {INDEX_MODES} for {type(image).__name__}"
+                )
+            width = [(0, 0)] * grid.ndim
+            for a, pad in zip(grid.axes, pads):
+                width[a] = pad
+            self.image = pad_array(image, width, grid.pad_mode, grid.pad_value, xp)
+            pads = [(0, 0)] * len(pads)
+            self.offset = [m for m in margin]
+        for a, (before, after) in zip(grid.axes, pads):
+            length = image.shape[a]
+            plain = not (before or after)
+            self.maps.append(None if plain else index_map(length, before, after, grid.pad_mode))
+
+    def patch_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
+        shape = list(image_shape)
+        for a, p in zip(self.grid.axes, self.size):
+            shape[a] = p
+        return tuple(shape)
+
+    def read(self, index: int) -> Any:
+        grid, xp = self.grid, self.xp
+        pos = grid.position(index)
+        region: list[Any] = [slice(None)] * grid.ndim
+        gathers = []
+        for j, a in enumerate(grid.axes):
+            start = int(grid.axis_starts(j)[pos[j]])
+            lo = start + self.offset[j]
+            amap = self.maps[j]
+            if amap is None:
+                region[a] = slice(lo, lo + self.size[j])
+                continue
+            ids = amap[start : start + self.size[j]]
+            valid = ids[ids >= 0]
+            if len(valid) and np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
+                region[a] = slice(int(ids[0]), int(ids[0]) + len(ids))
+                continue
+            first = int(valid.min()) if len(valid) else 0
+            last = int(valid.max()) + 1 if len(valid) else 0
+            region[a] = slice(first, last)
+            gathers.append((a, np.where(ids >= 0, ids - first, -1)))
+        block = self.image[tuple(region)]
+        if xp is NUMPY:
+            block = np.asarray(block)
+        for a, ids in gathers:
+            block = gather(block, a, ids, grid.pad_value, xp)
+        return block
+
+
+def _progress(progress: Any, total: int) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """A step function and a close function for the progress option."""
+    if callable(progress):
+        done = [0]
+
+        def step(n: int) -> None:
+            done[0] += n
+            progress(done[0], total)
+
+        return step, lambda: None
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    if not show:
+        return (lambda n: None), (lambda: None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="patch", desc="patchgrid.apply", leave=False)
+    return bar.update, bar.close
+
+
+def _batches(n: int, size: int) -> Iterator[np.ndarray]:
+    for first in range(0, n, size):
+        yield np.arange(first, min(first + size, n))
+
+
+def apply(
+    fn: Callable[[Any], Any],
+    image: Any,
+    size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    edge: str | Sequence[str] = "shift",
+    pad_mode: str = "constant",
+    pad_value: Any = 0,
+    window: Any = "gaussian",
+    reduce: str = "mean",
+    batch_size: int = 4,
+    pad_batch: bool = False,
+    margin: int | Sequence[int] = 0,
+    scale: Any = 1,
+    dtype: Any = None,
+    fill: Any = 0,
+    out: Any = None,
+    progress: bool | Progress | None = None,
+) -> Any:
+    """Run ``fn`` over every patch of ``image`` and blend its outputs into one image.
+
+    Parameters
+    ----------
+    fn : callable
+        Takes a batch ``(B, *patch_shape)`` and returns ``(B, *out_patch_shape)`` of the same
+        kind (a NumPy array for a NumPy image, a tensor for a tensor). It may change the sizes
+        of the axes that are not tiled (one channel in, five classes out), and, with
+        ``margin`` and ``scale``, the tiled ones.
+    image : array_like or torch.Tensor
+        NumPy array, memmap, zarr array, h5py dataset or tensor (CPU or CUDA; batches stay on
+        its device). Only the regions the patches need are read.
+    size : int or sequence of int
+        Input patch size per tiled axis (the size ``fn`` sees).
+    stride : int or sequence of int, optional
+        Step between patches; defaults to the core size, ``size - 2 * margin``.
+    axes, edge, pad_mode, pad_value
+        As for :class:`PatchGrid`; ``edge`` defaults to ``"shift"`` (no padding, full
+        coverage).
+    window, reduce, dtype, fill
+        As for :class:`Merger`; the window defaults to ``"gaussian"``. ``reduce="argmax"``
+        stores labels and never holds the classes x volume scores.
+    batch_size : int
+        Patches per call of ``fn``.
+    pad_batch : bool
+        Pad the last batch up to ``batch_size`` (repeating its last patch), for models
+        compiled for one batch shape; the extra outputs are dropped.
+    margin : int or sequence of int
+        For a model that returns only the core of each patch (valid convolutions): the core
+        is the patch less ``margin`` voxels on each side, and only cores are merged, so there
+        are no seams. The image is padded by ``margin`` (with ``pad_mode``) so that the cores
+        tile all of it. ``fn`` may return the core alone or the whole patch (then its core is
+        kept).
+    scale : number or sequence of numbers
+        Output voxels per input voxel along each tiled axis: 2 for super-resolution x2, 1/4
+        for an encoder that downsamples by 4. The output and every position are scaled.
+    out : array-like, optional
+        Where to write the result (ndarray, ``np.memmap``, zarr array, h5py dataset, tensor).
+    progress : bool, callable or None
+        A tqdm bar over patches: shown by default when stderr is a terminal, never with
+        ``False``, always with ``True``. A callable gets ``(done, total)`` instead.
+
+    Returns
+    -------
+    array
+        ``out`` if given, else an array of the image's kind: shaped like the image times
+        ``scale`` on the tiled axes, with ``fn``'s sizes on the others (the class axis dropped
+        for ``"argmax"``).
+
+    Notes
+    -----
+    Patches are read, batched and blended in grid order, so the accumulator holds only the
+    rows of the output that patches are still being added to, about one patch thick along
+    the first tiled axis; finished rows are normalised, reduced, cast and written to the
+    output at once. Memory: the output (none with ``out=`` on disk), one batch, and that
+    accumulator. With a tensor image, ``fn`` runs under ``torch.no_grad()``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import patchgrid as pg
+    >>> image = np.random.default_rng(0).random((1, 40, 50), dtype=np.float32)
+    >>> double = pg.apply(lambda b: 2 * b, image, size=16, stride=8, axes=(1, 2))
+    >>> bool(np.allclose(double, 2 * image))
+    True
+    >>> classes = pg.apply(lambda b: np.concatenate([b, 1 - b], axis=1), image, size=16,
+    ...                    axes=(1, 2), reduce="argmax")
+    >>> classes.shape, classes.dtype
+    ((40, 50), dtype('uint8'))
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if not hasattr(image, "shape") or not hasattr(image, "__getitem__"):
+        image = np.asarray(image)
+    xp = backend_of(image)
+    shape = tuple(int(s) for s in image.shape)
+    batch_size = _checks.as_int(batch_size, "batch_size")
+    if batch_size < 1:
+        raise PatchgridError(f"batch_size must be a positive integer, got {batch_size}")
+    probe = PatchGrid(shape, size, axes=axes, edge="pad")
+    k = len(probe.axes)
+    margins = _checks.per_axis(margin, k, "margin", positive=False)
+    core = []
+    for a, p, m in zip(probe.axes, probe.size, margins):
+        if m < 0:
+            raise PatchgridError(f"margin must be non-negative integers, got {margins}")
+        if p - 2 * m < 1:
+            raise PatchgridError(
+                f"margin {m} leaves no core in a patch of size {p} on axis {a}; the core is "
+                f"size - 2 * margin and must be at least 1"
+            )
+        core.append(p - 2 * m)
+    grid = PatchGrid(shape, core, stride, axes=probe.axes, edge=edge, pad_mode=pad_mode,
+                     pad_value=pad_value)  # fmt: skip
+    out_grid = grid.scaled(scale) if not (np.isscalar(scale) and scale == 1) else grid
+    reader = _Reader(image, grid, margins, xp)
+    merger = Merger(out_grid, reduce=reduce, window=window, fill=fill, dtype=dtype, out=out)
+    in_shape = reader.patch_shape(shape)
+    full = [p * f for p, f in zip(reader.size, _factors(out_grid, grid))]
+    step, close = _progress(progress, len(grid))
+    grad: Any = contextlib.nullcontext()
+    if xp.name == "torch":
+        import torch
+
+        grad = torch.no_grad()
+    try:
+        with grad:
+            for ids in _batches(len(grid), batch_size):
+                n = len(ids)
+                rows = ids if not pad_batch else np.concatenate(
+                    [ids, np.full(batch_size - n, ids[-1])])  # fmt: skip
+                dtype_in = xp.dtype(image) if xp.name == "torch" else image.dtype
+                batch = xp.empty((len(rows), *in_shape), dtype_in, image)
+                xp.stack([reader.read(int(i)) for i in rows], batch)
+                result = fn(batch)
+                result = _check_output(result, batch, xp, out_grid, full, fn)
+                merger.add(_core(result[:n], out_grid, full), ids)
+                step(n)
+    finally:
+        close()
+    return merger.result()
+
+
+def _factors(out_grid: PatchGrid, grid: PatchGrid) -> list[float]:
+    return [po / pi for po, pi in zip(out_grid.size, grid.size)]
+
+
+def _core(result: Any, out_grid: PatchGrid, full: Sequence[float]) -> Any:
+    """The core of whole patches (a model that returns the margin too)."""
+    crop: list[Any] = [slice(None)] * result.ndim
+    cut = False
+    for a, p, f in zip(out_grid.axes, out_grid.size, full):
+        if result.shape[a + 1] != p:
+            m = (int(f) - p) // 2
+            crop[a + 1] = slice(m, m + p)
+            cut = True
+    return result[tuple(crop)] if cut else result
+
+
+def _check_output(
+    result: Any, batch: Any, xp: Backend, out_grid: PatchGrid, full: Sequence[float], fn: Any
+) -> Any:
+    """fn's output as an array of the right kind and shape, or a ValueError that shows both."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+    if xp.name == "torch":
+        if not is_tensor(result):
+            raise PatchgridError(
+                f"fn ({name}) must return a tensor for a tensor image, got {type(result).__name__}"
+            )
+    else:
+        if not (isinstance(result, np.ndarray) or hasattr(result, "__array__")):
+            raise PatchgridError(f"fn ({name}) must return an array, got {type(result).__name__}")
+        result = np.asarray(result)
+    shape = tuple(result.shape)
+    core = list(out_grid.size)
+    ok = len(shape) == batch.ndim and shape[0] == batch.shape[0]
+    if ok:
+        for a, p, f in zip(out_grid.axes, core, full):
+            ok = ok and shape[a + 1] in (p, int(f)) and float(f).is_integer()
+    if not ok:
+        spatial = {a: p for a, p in zip(out_grid.axes, core)}
+        expected = (batch.shape[0], *[spatial.get(a, "*") for a in range(batch.ndim - 1)])
+        whole = ""
+        if any(int(f) != p for p, f in zip(core, full)):
+            whole = f", or the whole patch {tuple(int(f) for f in full)} on the tiled axes"
+        raise PatchgridError(
+            f"fn ({name}) returned shape {shape} for a batch of shape {tuple(batch.shape)}; "
+            f"expected {expected} (* is free){whole}"
+        )
+    return result

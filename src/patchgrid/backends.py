@@ -1,0 +1,314 @@
+"""The few places where NumPy and torch differ, looked up by the type of the array.
+
+Nothing here imports torch: a tensor can only reach us if the caller imported torch already,
+so the lookup checks ``sys.modules`` (einops' habit).
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from ._checks import PatchgridError
+
+__all__ = ["Backend", "backend_of"]
+
+
+class Backend:
+    """NumPy arrays. Strides are in the backend's own units (bytes for NumPy)."""
+
+    name = "numpy"
+
+    def asarray(self, x: Any) -> Any:
+        return np.asarray(x)
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+    def strides(self, x: Any) -> tuple[int, ...]:
+        return tuple(x.strides)
+
+    def as_strided(self, base: Any, shape: Any, strides: Any, writeable: bool) -> Any:
+        from numpy.lib.stride_tricks import as_strided
+
+        return as_strided(base, tuple(shape), tuple(strides), writeable=writeable)
+
+    def writeable(self, x: Any) -> bool:
+        return bool(x.flags.writeable)
+
+    def readonly(self, x: Any) -> Any:
+        x.flags.writeable = False
+        return x
+
+    def empty(self, shape: Any, dtype: Any, like: Any) -> Any:
+        return np.empty(tuple(shape), dtype=dtype)
+
+    def full(self, shape: Any, value: Any, dtype: Any, like: Any) -> Any:
+        return np.full(tuple(shape), value, dtype=dtype)
+
+    def constant(self, array: np.ndarray, dtype: Any, like: Any) -> Any:
+        """A small NumPy array (a window, a profile) moved to the backend."""
+        return np.asarray(array, dtype=dtype)
+
+    def dtype(self, x: Any) -> Any:
+        return x.dtype
+
+    def itemsize(self, x: Any) -> int:
+        return int(x.itemsize)
+
+    def nbytes(self, x: Any) -> int:
+        return int(x.nbytes)
+
+    def kind(self, dtype: Any) -> str:
+        """'b', 'i', 'u', 'f' or 'c', as NumPy's ``dtype.kind``."""
+        return str(np.dtype(dtype).kind)
+
+    def acc_dtype(self, dtype: Any, reduce: str) -> Any:
+        dtype = np.dtype(dtype)
+        if reduce in ("max", "min"):
+            return dtype
+        if dtype.kind == "f":
+            return np.result_type(dtype, np.float32)
+        if dtype.kind == "c":
+            return np.result_type(dtype, np.complex64)
+        return np.dtype(np.float64)
+
+    def out_dtype(self, dtype: Any, reduce: str) -> Any:
+        dtype = np.dtype(dtype)
+        if reduce in ("max", "min") or dtype.kind in "fc":
+            return dtype
+        return np.dtype(np.float64)
+
+    def as_dtype(self, dtype: Any) -> Any:
+        return np.dtype(dtype)
+
+    def label_dtype(self, n_classes: int) -> Any:
+        for t in (np.uint8, np.uint16, np.uint32):
+            if n_classes - 1 <= np.iinfo(t).max:
+                return np.dtype(t)
+        return np.dtype(np.int64)
+
+    def extreme(self, dtype: Any, big: bool) -> Any:
+        dtype = np.dtype(dtype)
+        if dtype.kind == "b":
+            return big
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            return info.max if big else info.min
+        if dtype.kind == "f":
+            return np.inf if big else -np.inf
+        raise PatchgridError(f"reduce='max' and 'min' need real patches, got dtype {dtype}")
+
+    def inplace(self, op: str, target: Any, source: Any, order: str = "K") -> None:
+        ufunc = {"add": np.add, "max": np.maximum, "min": np.minimum}[op]
+        ufunc(target, source, out=target, order=order)
+
+    def add_product(self, target: Any, source: Any, weight: Any, scratch: list[Any]) -> None:
+        """``target += source * weight``, with a reusable scratch buffer."""
+        n = source.size
+        dtype = np.result_type(source, weight)
+        if not scratch or scratch[0].size < n or scratch[0].dtype != dtype:
+            scratch[:] = [np.empty(n, dtype=dtype)]
+        buf = scratch[0][:n].reshape(source.shape)
+        np.multiply(source, weight, out=buf)
+        np.add(target, buf, out=target)
+
+    def divide(self, target: Any, divisor: Any) -> None:
+        np.divide(target, divisor, out=target)
+
+    def assign(self, target: Any, source: Any) -> None:
+        target[...] = source
+
+    def fill_where(self, target: Any, mask: Any, value: Any) -> None:
+        np.copyto(target, value, where=mask, casting="unsafe")
+
+    def argmax(self, x: Any, axis: int) -> Any:
+        return np.argmax(x, axis=axis)
+
+    def astype(self, x: Any, dtype: Any) -> Any:
+        return x.astype(dtype, copy=False)
+
+    def copy(self, x: Any) -> Any:
+        return np.array(x, copy=True)
+
+    def stack(self, items: list[Any], out: Any) -> Any:
+        for i, item in enumerate(items):
+            out[i] = item
+        return out
+
+    def take(self, x: Any, index: np.ndarray, axis: int) -> Any:
+        return np.take(x, index, axis=axis)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+
+class TorchBackend(Backend):
+    """torch tensors, on any device; strides in elements, as torch counts them."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        t = torch
+        self._np_of = {
+            t.bool: np.bool_, t.uint8: np.uint8, t.int8: np.int8, t.int16: np.int16,
+            t.int32: np.int32, t.int64: np.int64, t.float16: np.float16,
+            t.float32: np.float32, t.float64: np.float64, t.complex64: np.complex64,
+            t.complex128: np.complex128,
+        }  # fmt: skip
+        self._torch_of = {np.dtype(v): k for k, v in self._np_of.items()}
+
+    def asarray(self, x: Any) -> Any:
+        return x
+
+    def strides(self, x: Any) -> tuple[int, ...]:
+        return tuple(x.stride())
+
+    def as_strided(self, base: Any, shape: Any, strides: Any, writeable: bool) -> Any:
+        return base.as_strided(tuple(shape), tuple(strides))
+
+    def writeable(self, x: Any) -> bool:
+        return True
+
+    def readonly(self, x: Any) -> Any:
+        return x  # torch has no read-only tensors
+
+    def as_dtype(self, dtype: Any) -> Any:
+        if isinstance(dtype, self.torch.dtype):
+            return dtype
+        try:
+            return self._torch_of[np.dtype(dtype)]
+        except (KeyError, TypeError):
+            raise TypeError(f"dtype {dtype!r} has no torch equivalent") from None
+
+    def empty(self, shape: Any, dtype: Any, like: Any) -> Any:
+        return self.torch.empty(tuple(shape), dtype=self.as_dtype(dtype), device=like.device)
+
+    def full(self, shape: Any, value: Any, dtype: Any, like: Any) -> Any:
+        return self.torch.full(tuple(shape), value, dtype=self.as_dtype(dtype), device=like.device)
+
+    def constant(self, array: np.ndarray, dtype: Any, like: Any) -> Any:
+        return self.torch.as_tensor(np.asarray(array), device=like.device).to(self.as_dtype(dtype))
+
+    def itemsize(self, x: Any) -> int:
+        return int(x.element_size())
+
+    def nbytes(self, x: Any) -> int:
+        return int(x.element_size() * x.numel())
+
+    def kind(self, dtype: Any) -> str:
+        t = self.torch
+        if dtype == t.bool:
+            return "b"
+        if dtype.is_complex:
+            return "c"
+        if dtype.is_floating_point:
+            return "f"
+        return "u" if dtype == t.uint8 else "i"
+
+    def acc_dtype(self, dtype: Any, reduce: str) -> Any:
+        t = self.torch
+        if reduce in ("max", "min"):
+            return dtype
+        kind = self.kind(dtype)
+        if kind == "f":
+            return t.promote_types(dtype, t.float32)
+        if kind == "c":
+            return t.promote_types(dtype, t.complex64)
+        return t.float64
+
+    def out_dtype(self, dtype: Any, reduce: str) -> Any:
+        if reduce in ("max", "min") or self.kind(dtype) in "fc":
+            return dtype
+        return self.torch.float64
+
+    def label_dtype(self, n_classes: int) -> Any:
+        t = self.torch
+        if n_classes <= 256:
+            return t.uint8
+        return t.int16 if n_classes <= 2**15 else t.int32 if n_classes <= 2**31 else t.int64
+
+    def extreme(self, dtype: Any, big: bool) -> Any:
+        t = self.torch
+        kind = self.kind(dtype)
+        if kind == "b":
+            return big
+        if kind in "iu":
+            info = t.iinfo(dtype)
+            return info.max if big else info.min
+        if kind == "f":
+            return float("inf") if big else float("-inf")
+        raise PatchgridError(f"reduce='max' and 'min' need real patches, got dtype {dtype}")
+
+    def inplace(self, op: str, target: Any, source: Any, order: str = "K") -> None:
+        if op == "add":
+            target.add_(source)
+        elif op == "max":
+            self.torch.maximum(target, source, out=target)
+        else:
+            self.torch.minimum(target, source, out=target)
+
+    def add_product(self, target: Any, source: Any, weight: Any, scratch: list[Any]) -> None:
+        if target.dtype == source.dtype:
+            target.addcmul_(source, weight)
+        else:
+            target.add_(source * weight)
+
+    def divide(self, target: Any, divisor: Any) -> None:
+        target.div_(divisor)
+
+    def assign(self, target: Any, source: Any) -> None:
+        if isinstance(source, self.torch.Tensor):
+            target.copy_(source)
+        else:
+            target.fill_(source)
+
+    def fill_where(self, target: Any, mask: Any, value: Any) -> None:
+        target.masked_fill_(mask.expand_as(target) if mask.shape != target.shape else mask,
+                            value)  # fmt: skip
+
+    def argmax(self, x: Any, axis: int) -> Any:
+        return self.torch.argmax(x, dim=axis)
+
+    def astype(self, x: Any, dtype: Any) -> Any:
+        return x.to(self.as_dtype(dtype))
+
+    def copy(self, x: Any) -> Any:
+        return x.clone()
+
+    def stack(self, items: list[Any], out: Any) -> Any:
+        return self.torch.stack(items, out=out)
+
+    def take(self, x: Any, index: np.ndarray, axis: int) -> Any:
+        return x.index_select(axis, self.torch.as_tensor(index, device=x.device))
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x.detach().cpu())
+
+
+NUMPY = Backend()
+
+
+@lru_cache(maxsize=1)
+def _torch_backend() -> TorchBackend:
+    return TorchBackend()
+
+
+def is_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def backend_of(x: Any) -> Backend:
+    """The backend for ``x``: torch for a tensor, NumPy for everything else."""
+    if isinstance(x, np.ndarray):
+        return NUMPY
+    if is_tensor(x):
+        return _torch_backend()
+    return NUMPY
