@@ -105,7 +105,15 @@ def per_axis(value: Any, k: int, name: str, *, positive: bool = True) -> tuple[i
 
 def edge_tuple(edge: Any, k: int) -> tuple[str, ...]:
     """Broadcast an edge policy to ``k`` tiled axes and check each one."""
-    edges = (edge,) * k if isinstance(edge, str) else tuple(edge)
+    if isinstance(edge, str):
+        edges: tuple[Any, ...] = (edge,) * k
+    elif isinstance(edge, (Sequence, np.ndarray)):
+        edges = tuple(edge)
+    else:
+        raise TypeError(
+            f"edge must be one of {EDGES} or a sequence of them, got {edge!r} of type "
+            f"{type(edge).__name__}"
+        )
     if len(edges) != k:
         raise PatchgridError(
             f"edge has {len(edges)} entries but {k} axes are tiled; give one policy per "

@@ -172,10 +172,19 @@ def accumulate(
         break
     d = len(per_chunk)
     # Tiny patch rows make NumPy's inner loop short; then iterate with the grid axes innermost.
-    inner_grid = (
-        xp is NUMPY and size[-1] * xp.itemsize(patches) < 64 and counts[-1] > size[-1] and k > d
-    )
+    small = xp is NUMPY and size[-1] * xp.itemsize(patches) < 256 and counts[-1] > 1 and k > d
+    # Short patch rows make NumPy's inner loop short. When patches of one phase touch end to
+    # end along the last tiled axis, copy them (rows as opaque items, which is fast) into a
+    # buffer laid out like the output, so the addition runs along whole output rows.
+    last = axes[-1]
+    through_buffer = small and m[-1] * step[-1] == size[-1] and last == len(patch) - 1
+    inner_grid = small and not through_buffer and size[-1] * xp.itemsize(patches) < 64
     order = "C" if inner_grid else "K"
+    interleave: list[int] = []
+    for a in range(len(patch)):
+        if a in axes:
+            interleave.append(list(axes).index(a))
+        interleave.append(k + a)
     ranges = [range(0, blocks[j], per_chunk[j]) for j in range(d)]
 
     def run(chunk: tuple[int, ...]) -> None:
@@ -209,6 +218,18 @@ def accumulate(
                 for c0 in range(0, n_cut, per):
                     part = (slice(None),) * cut + (slice(c0, c0 + per),)
                     tgt, src = target[part], source[part]
+                    if through_buffer:
+                        tgt, src = tgt.transpose(interleave), src.transpose(interleave)
+                        n = src.size
+                        if not scratch or scratch[0].size < n:
+                            scratch[:] = [np.empty(n, dtype=np.result_type(src, acc))]
+                        buf = scratch[0][:n].reshape(src.shape)
+                        copy(buf, src, 0)
+                        if w is not None:
+                            ww = w.reshape((1,) * k + tuple(w.shape)).transpose(interleave)
+                            np.multiply(buf, ww, out=buf)
+                        xp.inplace(op, tgt, buf)
+                        continue
                     if w is not None:
                         xp.add_product(tgt, src, w, scratch)
                         continue

@@ -12,7 +12,7 @@ import numpy as np
 from . import _checks
 from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, is_tensor
-from .extract import INDEX_MODES, gather, index_map, pad_array
+from .extract import INDEX_MODES, index_map, pad_array
 from .grid import PatchGrid
 from .merge import Merger
 
@@ -36,7 +36,6 @@ class _Reader:
         self.size = tuple(p + 2 * m for p, m in zip(grid.size, margin))
         pads = [(m, m + after) for m, (_, after) in
                 zip(margin, (grid.pad_width[a] for a in grid.axes))]  # fmt: skip
-        self.offset = [0] * len(grid.axes)
         self.maps: list[np.ndarray | None] = []
         if any(b or a for b, a in pads) and grid.pad_mode not in INDEX_MODES:
             if xp is not NUMPY or not isinstance(image, np.ndarray):
@@ -49,7 +48,6 @@ class _Reader:
                 width[a] = pad
             self.image = pad_array(image, width, grid.pad_mode, grid.pad_value, xp)
             pads = [(0, 0)] * len(pads)
-            self.offset = [m for m in margin]
         for a, (before, after) in zip(grid.axes, pads):
             length = image.shape[a]
             plain = not (before or after)
@@ -62,32 +60,70 @@ class _Reader:
         return tuple(shape)
 
     def read(self, index: int) -> Any:
-        grid, xp = self.grid, self.xp
+        """The input patch of core ``index``, read region by region."""
+        grid = self.grid
         pos = grid.position(index)
         region: list[Any] = [slice(None)] * grid.ndim
-        gathers = []
+        gathers: list[tuple[int, np.ndarray]] = []
         for j, a in enumerate(grid.axes):
             start = int(grid.axis_starts(j)[pos[j]])
-            lo = start + self.offset[j]
             amap = self.maps[j]
             if amap is None:
-                region[a] = slice(lo, lo + self.size[j])
+                region[a] = slice(start, start + self.size[j])
                 continue
             ids = amap[start : start + self.size[j]]
-            valid = ids[ids >= 0]
-            if len(valid) and np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
+            if ids[0] >= 0 and np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
                 region[a] = slice(int(ids[0]), int(ids[0]) + len(ids))
-                continue
-            first = int(valid.min()) if len(valid) else 0
-            last = int(valid.max()) + 1 if len(valid) else 0
-            region[a] = slice(first, last)
-            gathers.append((a, np.where(ids >= 0, ids - first, -1)))
-        block = self.image[tuple(region)]
-        if xp is NUMPY:
-            block = np.asarray(block)
-        for a, ids in gathers:
-            block = gather(block, a, ids, grid.pad_value, xp)
-        return block
+            else:
+                gathers.append((a, ids))
+        return self._gather(region, gathers)
+
+    def _gather(self, region: list[Any], gathers: list[tuple[int, np.ndarray]]) -> Any:
+        """Read ``region``, gathering along each axis of ``gathers`` at its source indices.
+
+        Source indices far apart (a wrapped border) are read as separate pieces, so no read
+        spans the whole axis; -1 marks a constant.
+        """
+        xp, value = self.xp, self.grid.pad_value
+        if not gathers:
+            block = self.image[tuple(region)]
+            return np.asarray(block) if xp is NUMPY else block
+        (a, ids), rest = gathers[0], gathers[1:]
+        valid = np.flatnonzero(ids >= 0)
+        pieces: list[np.ndarray] = []
+        if len(valid):
+            order = valid[np.argsort(ids[valid], kind="stable")]
+            cuts = np.flatnonzero(np.diff(ids[order]) > len(ids)) + 1
+            pieces = np.split(order, cuts)
+        parts = []
+        for where in pieces:
+            lo, hi = int(ids[where].min()), int(ids[where].max()) + 1
+            sub = list(region)
+            sub[a] = slice(lo, hi)
+            parts.append((where, lo, self._gather(sub, rest)))
+        if len(parts) == 1 and len(parts[0][0]) == len(ids):
+            where, lo, block = parts[0]
+            return xp.take(block, ids - lo, a)
+        shape = list(parts[0][2].shape) if parts else self._shape(region, rest)
+        shape[a] = len(ids)
+        dtype = xp.dtype(parts[0][2]) if parts else self._dtype()
+        out = xp.full(shape, value, dtype, self.image)
+        for where, lo, block in parts:
+            index: list[Any] = [slice(None)] * len(shape)
+            index[a] = where if xp is NUMPY else xp.constant(where, np.int64, block)
+            out[tuple(index)] = xp.take(block, ids[where] - lo, a)
+        return out
+
+    def _shape(self, region: list[Any], rest: list[tuple[int, np.ndarray]]) -> list[int]:
+        shape = []
+        for n, r in zip(self.image.shape, region):
+            shape.append(len(range(*r.indices(n))))
+        for a, ids in rest:
+            shape[a] = len(ids)
+        return shape
+
+    def _dtype(self) -> Any:
+        return self.image.dtype
 
 
 def _progress(progress: Any, total: int) -> tuple[Callable[[int], None], Callable[[], None]]:

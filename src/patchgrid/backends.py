@@ -102,6 +102,19 @@ class Backend:
             return np.inf if big else -np.inf
         raise PatchgridError(f"reduce='max' and 'min' need real patches, got dtype {dtype}")
 
+    def fits(self, value: Any, dtype: Any) -> bool:
+        """Whether ``value`` can be stored in ``dtype``: exactly for integers, without
+        overflowing for floats (rounding is fine; inf and NaN stay themselves)."""
+        dtype = np.dtype(dtype)
+        ref = np.array(value)
+        with np.errstate(invalid="ignore", over="ignore"):
+            cast = ref.astype(dtype)
+            if dtype.kind in "fc":
+                return bool(np.isfinite(cast).all() or not np.isfinite(ref).all())
+            if ref.dtype.kind in "fc" and not np.isfinite(ref).all():
+                return False
+            return bool(cast == ref)
+
     def inplace(self, op: str, target: Any, source: Any, order: str = "K") -> None:
         ufunc = {"add": np.add, "max": np.maximum, "min": np.minimum}[op]
         ufunc(target, source, out=target, order=order)
@@ -245,6 +258,15 @@ class TorchBackend(Backend):
         if kind == "f":
             return float("inf") if big else float("-inf")
         raise PatchgridError(f"reduce='max' and 'min' need real patches, got dtype {dtype}")
+
+    def fits(self, value: Any, dtype: Any) -> bool:
+        t = self.torch
+        dtype = self.as_dtype(dtype)
+        if self.kind(dtype) in "fc":
+            ref = np.array(value)
+            big = np.finfo(np.float16).max if dtype == t.float16 else t.finfo(dtype).max
+            return bool(not np.isfinite(ref).all() or np.abs(ref) <= big)
+        return Backend().fits(value, np.dtype(self._np_of[dtype]))
 
     def inplace(self, op: str, target: Any, source: Any, order: str = "K") -> None:
         if op == "add":

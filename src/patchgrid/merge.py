@@ -233,11 +233,7 @@ class Merger:
         self._array_window = self._profiles is None and self.reduce in ("mean", "argmax")
 
     def _check_fill(self) -> None:
-        dtype = np.dtype(str(self._out_dtype).replace("torch.", ""))
-        with np.errstate(invalid="ignore", over="ignore"):
-            cast = np.array(self.fill).astype(dtype)
-        same = bool(cast == self.fill) or bool(np.isnan(cast) and np.isnan(self.fill))
-        if not same:
+        if not self._xp.fits(self.fill, self._out_dtype):
             raise PatchgridError(
                 f"fill={self.fill!r} cannot be stored in the output dtype {self._out_dtype}; "
                 f"give a fill that fits or a dtype= that holds it"
@@ -396,14 +392,16 @@ class Merger:
             self._ensure(upto)
             self._finish(upto, complete=True)
 
-    def _coverage_block(self, upto: int, complete: bool, ones: bool) -> tuple[str, Any]:
+    def _coverage_block(
+        self, upto: int, complete: bool, ones: bool, running: bool = True
+    ) -> tuple[str, Any]:
         """Weights over accumulator rows ``[lo, upto)``: per-axis profiles, or a volume."""
         grid, a0 = self.grid, self.grid.axes[0]
         if complete and (ones or self._profiles is not None):
             profs = self._profile_coverage(ones)
             profs[0] = profs[0][self._lo : upto]
             return "profiles", profs
-        if complete and not ones and self._wacc is not None:
+        if complete and not ones and running and self._wacc is not None:
             head: list[Any] = [slice(None)] * grid.ndim
             head[a0] = slice(0, upto - self._lo)
             return "volume", self._xp.to_numpy(self._wacc[tuple(head)]).astype(np.float64)
@@ -547,7 +545,8 @@ class Merger:
         saved = self._lo
         self._lo = 0
         try:
-            kind, cov = self._coverage_block(grid.padded_shape[grid.axes[0]], self.complete, ones)
+            end = grid.padded_shape[grid.axes[0]]
+            kind, cov = self._coverage_block(end, self.complete, ones, running=False)
         finally:
             self._lo = saved
         if kind == "profiles":

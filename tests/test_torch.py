@@ -1,0 +1,591 @@
+"""extract, merge, Merger and apply on torch tensors, CPU and (where there is one) CUDA.
+
+Tensors in give tensors out, on the same device and of the same dtype, with the values the
+plain-loop references in ``reference.py`` (or a whole-image torch computation) give.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import patchgrid as pg  # noqa: E402
+from reference import Layout, window_nd  # noqa: E402
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+]
+
+SHAPE = (2, 9, 11)
+AXES = (1, 2)
+SIZE, STRIDE = 4, 3
+
+TORCH_OF = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+}
+
+
+def _array(shape=SHAPE, seed=0):
+    return np.random.default_rng(seed).random(shape)
+
+
+def _tensor(array, device, dtype=torch.float64):
+    return torch.from_numpy(np.array(array)).to(device=device, dtype=dtype)
+
+
+def _numpy(tensor):
+    return tensor.detach().cpu().to(torch.float64).numpy()
+
+
+def _layout(edge, shape=SHAPE, axes=AXES, size=SIZE, stride=STRIDE):
+    k = len(axes)
+    return Layout(shape, axes, (size,) * k, (stride,) * k, (edge,) * k)
+
+
+def _same_storage(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# extract
+
+EXTRACT_CASES = [
+    ("drop", "constant"),
+    ("pad", "constant"),
+    ("pad", "reflect"),
+    ("pad", "edge"),
+    ("pad", "wrap"),
+    ("pad", "symmetric"),
+    ("shift", "constant"),
+    ("even", "constant"),
+]
+EXTRACT_IDS = [e if e != "pad" else f"pad-{m}" for e, m in EXTRACT_CASES]
+
+
+@pytest.mark.parametrize(("edge", "pad_mode"), EXTRACT_CASES, ids=EXTRACT_IDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_gives_a_tensor_on_the_device(device, edge, pad_mode):
+    image = _tensor(_array(), device, torch.float32)
+    patches = pg.extract(image, SIZE, STRIDE, axes=AXES, edge=edge, pad_mode=pad_mode)
+    assert isinstance(patches, torch.Tensor)
+    assert patches.device == image.device
+    assert patches.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("edge", "pad_mode"), EXTRACT_CASES, ids=EXTRACT_IDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_equals_the_reference(device, edge, pad_mode):
+    array = _array()
+    patches = pg.extract(_tensor(array, device), SIZE, STRIDE, axes=AXES, edge=edge,
+                         pad_mode=pad_mode)  # fmt: skip
+    np.testing.assert_array_equal(_numpy(patches), _layout(edge).extract(array, pad_mode))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64", "int32", "uint8"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_keeps_the_dtype(device, dtype):
+    array = np.random.default_rng(0).integers(0, 100, SHAPE)
+    patches = pg.extract(_tensor(array, device, TORCH_OF[dtype]), SIZE, STRIDE, axes=AXES,
+                         edge="shift")  # fmt: skip
+    assert patches.dtype == TORCH_OF[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int32", "uint8"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_of_other_dtypes_equals_the_reference(device, dtype):
+    array = np.random.default_rng(0).integers(0, 100, SHAPE)
+    patches = pg.extract(_tensor(array, device, TORCH_OF[dtype]), SIZE, STRIDE, axes=AXES,
+                         edge="even")  # fmt: skip
+    np.testing.assert_array_equal(_numpy(patches), _layout("even").extract(array))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_of_a_regular_grid_is_a_view_of_the_tensor(device):
+    image = _tensor(_array(), device)
+    patches = pg.extract(image, SIZE, STRIDE, axes=AXES, edge="drop")
+    assert _same_storage(patches, image)
+
+
+@pytest.mark.parametrize("edge", ["drop", "shift"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_copy_gives_a_contiguous_copy(device, edge):
+    image = _tensor(_array(), device)
+    patches = pg.extract(image, SIZE, STRIDE, axes=AXES, edge=edge, copy=True)
+    assert patches.is_contiguous()
+    assert not _same_storage(patches, image)
+
+
+@pytest.mark.parametrize("edge", ["drop", "pad", "shift"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_copy_equals_the_reference(device, edge):
+    array = _array()
+    patches = pg.extract(_tensor(array, device), SIZE, STRIDE, axes=AXES, edge=edge, copy=True)
+    np.testing.assert_array_equal(_numpy(patches), _layout(edge).extract(array))
+
+
+@pytest.mark.parametrize("edge", ["drop", "pad", "shift", "even"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_flatten_gives_patches_in_grid_order(device, edge):
+    array = _array()
+    patches = pg.extract(_tensor(array, device), SIZE, STRIDE, axes=AXES, edge=edge,
+                         flatten=True)  # fmt: skip
+    expected = _layout(edge).extract(array).reshape(-1, 2, SIZE, SIZE)
+    np.testing.assert_array_equal(_numpy(patches), expected)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["counts", "flat"])
+@pytest.mark.parametrize("edge", ["drop", "shift"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_into_a_tensor_buffer_returns_it(device, edge, flat):
+    array = _array()
+    expected = _layout(edge).extract(array)
+    shape = (-1, 2, SIZE, SIZE) if flat else expected.shape
+    buffer = torch.empty(expected.reshape(shape).shape, dtype=torch.float64, device=device)
+    result = pg.extract(_tensor(array, device), SIZE, STRIDE, axes=AXES, edge=edge, out=buffer)
+    assert result is buffer
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["counts", "flat"])
+@pytest.mark.parametrize("edge", ["drop", "shift"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_into_a_tensor_buffer_fills_it(device, edge, flat):
+    array = _array()
+    expected = _layout(edge).extract(array)
+    shape = (-1, 2, SIZE, SIZE) if flat else expected.shape
+    buffer = torch.full(expected.reshape(shape).shape, -1.0, dtype=torch.float64, device=device)
+    pg.extract(_tensor(array, device), SIZE, STRIDE, axes=AXES, edge=edge, out=buffer)
+    np.testing.assert_array_equal(_numpy(buffer), expected.reshape(shape))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_into_an_ndarray_from_a_tensor_raises(device):
+    out = np.empty((3, 3, 2, SIZE, SIZE))
+    with pytest.raises(TypeError, match="out must be an array of the image's kind"):
+        pg.extract(_tensor(_array(), device), SIZE, STRIDE, axes=AXES, out=out)
+
+
+@pytest.mark.parametrize("pad_mode", ["mean", "median", "linear_ramp"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_with_a_numpy_only_pad_mode_raises(device, pad_mode):
+    with pytest.raises(ValueError, match="pad_mode"):
+        pg.extract(_tensor(_array(), device), SIZE, STRIDE, axes=AXES, edge="pad",
+                   pad_mode=pad_mode)  # fmt: skip
+
+
+# merge and Merger
+
+MERGE_CASES = [
+    ("mean", "uniform"),
+    ("mean", "gaussian"),
+    ("mean", "hann"),
+    ("mean", "triangular"),
+    ("sum", "uniform"),
+    ("sum", "gaussian"),
+    ("sum", "triangular"),
+    ("max", "uniform"),
+    ("min", "uniform"),
+]
+MERGE_IDS = [f"{r}-{w}" for r, w in MERGE_CASES]
+
+
+def _merge_setup(edge="shift", shape=SHAPE, seed=1):
+    """A grid, random flat patches (every overlap different) and the reference layout."""
+    grid = pg.PatchGrid(shape, SIZE, STRIDE, axes=AXES, edge=edge)
+    patches = np.random.default_rng(seed).standard_normal((len(grid), *grid.patch_shape))
+    return grid, patches, _layout(edge, shape)
+
+
+def _weight(window):
+    return None if window == "uniform" else window_nd(window, (SIZE, SIZE))
+
+
+@pytest.mark.parametrize(("reduce", "window"), MERGE_CASES, ids=MERGE_IDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_gives_a_tensor_on_the_device(device, reduce, window):
+    grid, patches, _ = _merge_setup()
+    result = pg.merge(_tensor(patches, device, torch.float32), grid, reduce=reduce,
+                      window=window)  # fmt: skip
+    assert isinstance(result, torch.Tensor)
+    assert result.device.type == torch.device(device).type
+    assert result.dtype == torch.float32
+
+
+@pytest.mark.parametrize("edge", ["drop", "pad", "shift", "even"])
+@pytest.mark.parametrize(("reduce", "window"), MERGE_CASES, ids=MERGE_IDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_equals_the_loop(device, reduce, window, edge):
+    grid, patches, layout = _merge_setup(edge)
+    result = pg.merge(_tensor(patches, device), grid, reduce=reduce, window=window)
+    expected, _ = layout.merge(patches, reduce, _weight(window))
+    np.testing.assert_allclose(_numpy(result), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_of_patches_with_counts_axes_and_a_shape(device):
+    array = _array()
+    patches = pg.extract(_tensor(array, device), SIZE, STRIDE, axes=AXES, edge="drop")
+    result = pg.merge(patches, (2, 9, 11), STRIDE, axes=AXES)
+    expected, _ = _layout("drop").merge(_layout("drop").extract(array).reshape(-1, 2, 4, 4))
+    np.testing.assert_allclose(_numpy(result), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("reduce", "window"), MERGE_CASES, ids=MERGE_IDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_merger_in_random_batches_equals_the_loop(device, reduce, window):
+    grid, patches, layout = _merge_setup("even")
+    merger = pg.Merger(grid, reduce=reduce, window=window)
+    order = np.random.default_rng(2).permutation(len(grid))
+    tensor = _tensor(patches, device)
+    for ids in np.array_split(order, 4):
+        merger.add(tensor[torch.from_numpy(ids).to(device)], ids)
+    expected, _ = layout.merge(patches, reduce, _weight(window))
+    np.testing.assert_allclose(_numpy(merger.result()), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merger_gives_a_tensor_on_the_device(device):
+    grid, patches, _ = _merge_setup()
+    merger = pg.Merger(grid, window="hann")
+    merger.add(_tensor(patches, device, torch.float32), np.arange(len(grid)))
+    result = merger.result()
+    assert isinstance(result, torch.Tensor)
+    assert result.device.type == torch.device(device).type
+    assert result.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merger_into_a_tensor_out_returns_it(device):
+    grid, patches, _ = _merge_setup()
+    out = torch.full(SHAPE, float("nan"), dtype=torch.float64, device=device)
+    merger = pg.Merger(grid, window="gaussian", out=out)
+    merger.add(_tensor(patches, device), np.arange(len(grid)))
+    assert merger.result() is out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merger_into_a_tensor_out_fills_it(device):
+    grid, patches, layout = _merge_setup()
+    out = torch.full(SHAPE, float("nan"), dtype=torch.float64, device=device)
+    merger = pg.Merger(grid, window="gaussian", out=out)
+    for ids in np.array_split(np.arange(len(grid)), 3):
+        merger.add(_tensor(patches[ids], device), ids)
+    merger.result()
+    expected, _ = layout.merge(patches, "mean", _weight("gaussian"))
+    np.testing.assert_allclose(_numpy(out), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("reduce", ["mean", "sum", "max", "min"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_of_float_patches_keeps_their_dtype(device, reduce, dtype):
+    grid, patches, _ = _merge_setup()
+    result = pg.merge(_tensor(patches, device, TORCH_OF[dtype]), grid, reduce=reduce)
+    assert result.dtype == TORCH_OF[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_merger_of_low_precision_patches_keeps_their_dtype(device, dtype):
+    grid, patches, _ = _merge_setup()
+    merger = pg.Merger(grid, window="gaussian")
+    merger.add(_tensor(patches, device, TORCH_OF[dtype]), np.arange(len(grid)))
+    assert merger.result().dtype == TORCH_OF[dtype]
+
+
+# Dense overlaps (64 patches over most voxels): accumulating in the patches' own 16-bit dtype
+# is off by several units in the last place; accumulating in float32 and rounding once is
+# within one.
+LOW_CASES = [("sum", "uniform"), ("sum", "hann"), ("mean", "gaussian"), ("mean", "triangular")]
+
+
+@pytest.mark.parametrize(("reduce", "window"), LOW_CASES, ids=[f"{r}-{w}" for r, w in LOW_CASES])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision_patches_are_accumulated_in_float32(device, dtype, reduce, window):
+    shape, size = (16, 16), 8
+    layout = Layout(shape, (0, 1), (size, size), (1, 1), ("drop", "drop"))
+    array = np.random.default_rng(3).random(shape) + 0.5
+    patches = _tensor(layout.extract(array).reshape(-1, size, size), device, TORCH_OF[dtype])
+    grid = pg.PatchGrid(shape, size, 1)
+    result = pg.merge(patches, grid, reduce=reduce, window=window)
+    weight = None if window == "uniform" else window_nd(window, (size, size))
+    expected, _ = layout.merge(_numpy(patches), reduce, weight)
+    eps = torch.finfo(TORCH_OF[dtype]).eps
+    np.testing.assert_allclose(_numpy(result), expected, rtol=eps, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint8"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_of_integer_patches_under_mean_gives_float64(device, dtype):
+    grid, _, _ = _merge_setup()
+    patches = np.random.default_rng(0).integers(0, 100, (len(grid), *grid.patch_shape))
+    result = pg.merge(_tensor(patches, device, TORCH_OF[dtype]), grid)
+    assert result.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", ["int32", "uint8"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_merger_of_integer_patches_under_mean_equals_the_loop(device, dtype):
+    grid, _, layout = _merge_setup()
+    patches = np.random.default_rng(0).integers(0, 100, (len(grid), *grid.patch_shape))
+    merger = pg.Merger(grid, window="hann")
+    merger.add(_tensor(patches, device, TORCH_OF[dtype]), np.arange(len(grid)))
+    result = merger.result()
+    expected, _ = layout.merge(patches.astype(np.float64), "mean", _weight("hann"))
+    assert result.dtype == torch.float64
+    np.testing.assert_allclose(_numpy(result), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("reduce", ["max", "min"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_of_integer_patches_under_max_and_min_keeps_the_dtype(device, reduce):
+    grid, _, layout = _merge_setup()
+    patches = np.random.default_rng(0).integers(0, 100, (len(grid), *grid.patch_shape))
+    result = pg.merge(_tensor(patches, device, torch.int32), grid, reduce=reduce)
+    expected, _ = layout.merge(patches, reduce)
+    assert result.dtype == torch.int32
+    np.testing.assert_array_equal(_numpy(result), expected)
+
+
+# apply
+
+
+def _np_pad(array, widths, mode):
+    """numpy.pad of the last len(widths) axes by (w, w)."""
+    full = [(0, 0)] * (array.ndim - len(widths)) + [(w, w) for w in widths]
+    return np.pad(array, full, mode=mode)
+
+
+@pytest.mark.parametrize("window", ["uniform", "gaussian"])
+@pytest.mark.parametrize("edge", ["shift", "even", "pad"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_identity_gives_the_image(device, edge, window):
+    image = _tensor(_array(), device, torch.float32)
+    result = pg.apply(lambda b: b, image, SIZE, STRIDE, axes=AXES, edge=edge, window=window,
+                      progress=False)  # fmt: skip
+    torch.testing.assert_close(result, image)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_gives_a_tensor_on_the_device(device):
+    image = _tensor(_array(), device, torch.float32)
+    result = pg.apply(lambda b: b, image, SIZE, STRIDE, axes=AXES, progress=False)
+    assert isinstance(result, torch.Tensor)
+    assert result.device == image.device
+    assert result.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_gives_fn_tensors_on_the_device(device):
+    image = _tensor(_array(), device, torch.float32)
+    seen = []
+
+    def fn(batch):
+        seen.append((type(batch), batch.device, batch.dtype))
+        return batch
+
+    pg.apply(fn, image, SIZE, STRIDE, axes=AXES, progress=False)
+    assert set(seen) == {(torch.Tensor, image.device, torch.float32)}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_keeps_a_float_dtype(device, dtype):
+    image = _tensor(_array(), device, TORCH_OF[dtype])
+    result = pg.apply(lambda b: b, image, SIZE, STRIDE, axes=AXES, progress=False)
+    assert result.dtype == TORCH_OF[dtype]
+
+
+@pytest.mark.parametrize("pad_mode", ["reflect", "edge", "constant", "wrap", "symmetric"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_valid_conv2d_with_margin_equals_conv_of_the_padded_image(device, pad_mode):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, 3, padding="valid", dtype=torch.float64).to(device)
+    array = _array((2, 13, 11))
+    result = pg.apply(conv, _tensor(array, device), 6, axes=AXES, margin=1, pad_mode=pad_mode,
+                      window="gaussian", progress=False)  # fmt: skip
+    with torch.no_grad():
+        expected = conv(_tensor(_np_pad(array, (1, 1), pad_mode), device)[None])[0]
+    torch.testing.assert_close(result, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_valid_conv2d_with_margin_and_overlap(device):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, 3, padding="valid", dtype=torch.float64).to(device)
+    array = _array((2, 13, 11))
+    result = pg.apply(conv, _tensor(array, device), 7, 3, axes=AXES, margin=1, pad_mode="edge",
+                      window="hann", batch_size=3, progress=False)  # fmt: skip
+    with torch.no_grad():
+        expected = conv(_tensor(_np_pad(array, (1, 1), "edge"), device)[None])[0]
+    torch.testing.assert_close(result, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_valid_conv3d_with_margin_equals_conv_of_the_padded_volume(device):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 2, 3, padding="valid", dtype=torch.float64).to(device)
+    array = _array((1, 9, 8, 7))
+    result = pg.apply(conv, _tensor(array, device), 5, axes=(1, 2, 3), margin=1,
+                      pad_mode="reflect", progress=False)  # fmt: skip
+    with torch.no_grad():
+        expected = conv(_tensor(_np_pad(array, (1, 1, 1), "reflect"), device)[None])[0]
+    torch.testing.assert_close(result, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", ["uniform", "gaussian", "hann"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_same_conv2d_equals_a_blended_loop_over_patches(device, window):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, 3, padding="same", dtype=torch.float64).to(device)
+    array = _array((2, 13, 11))
+    size, stride = 6, 4
+    result = pg.apply(conv, _tensor(array, device), size, stride, axes=AXES, edge="shift",
+                      window=window, progress=False)  # fmt: skip
+    layout = Layout(array.shape, AXES, (size, size), (stride, stride), ("shift", "shift"))
+    w = np.ones((size, size)) if window == "uniform" else window_nd(window, (size, size))
+    total, weight = np.zeros((3, 13, 11)), np.zeros((13, 11))
+    with torch.no_grad():
+        for corner in layout.corners:
+            sl = layout.slices(corner)
+            total[(slice(None), *sl[1:])] += w * _numpy(conv(_tensor(array[sl], device)[None])[0])
+            weight[sl[1:]] += w
+    np.testing.assert_allclose(_numpy(result), total / weight, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_of_a_module_with_parameters_does_not_require_grad(device):
+    conv = torch.nn.Conv2d(2, 3, 3, padding="same").to(device)
+    result = pg.apply(conv, _tensor(_array(), device, torch.float32), SIZE, STRIDE, axes=AXES,
+                      progress=False)  # fmt: skip
+    assert not result.requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_runs_fn_without_grad(device):
+    modes = []
+
+    def fn(batch):
+        modes.append(torch.is_grad_enabled())
+        return batch
+
+    pg.apply(fn, _tensor(_array(), device), SIZE, STRIDE, axes=AXES, progress=False)
+    assert modes
+    assert not any(modes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_on_an_input_that_requires_grad_gives_the_result(device):
+    array = _array()
+    image = _tensor(array, device).requires_grad_(True)
+    result = pg.apply(lambda b: 2 * b, image, SIZE, STRIDE, axes=AXES, progress=False)
+    np.testing.assert_allclose(_numpy(result), 2 * array, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_on_an_input_that_requires_grad_stays_on_the_device(device):
+    image = _tensor(_array(), device).requires_grad_(True)
+    result = pg.apply(lambda b: 2 * b, image, SIZE, STRIDE, axes=AXES, progress=False)
+    assert isinstance(result, torch.Tensor)
+    assert result.device == image.device
+    assert not result.requires_grad
+
+
+CENTRES = (0.2, 0.5, 0.8)
+
+
+def _scores(t, dim):
+    return torch.cat([-((t - c) ** 2) for c in CENTRES], dim=dim)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_argmax_gives_uint8_labels_on_the_device(device):
+    image = _tensor(_array((1, 9, 11)), device, torch.float32)
+    labels = pg.apply(lambda b: _scores(b, 1), image, SIZE, STRIDE, axes=AXES, reduce="argmax",
+                      progress=False)  # fmt: skip
+    assert labels.dtype == torch.uint8
+    assert labels.device == image.device
+    assert labels.shape == (9, 11)
+
+
+@pytest.mark.parametrize("window", ["uniform", "gaussian"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_argmax_equals_argmax_of_the_full_scores(device, window):
+    image = _tensor(_array((1, 9, 11)), device)
+    labels = pg.apply(lambda b: _scores(b, 1), image, SIZE, STRIDE, axes=AXES, reduce="argmax",
+                      window=window, progress=False)  # fmt: skip
+    expected = torch.argmax(_scores(image, 0), dim=0)
+    assert set(expected.unique().tolist()) == {0, 1, 2}
+    assert torch.equal(labels.long(), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_nearest_upsampling_equals_repeat(device):
+    array = _array()
+    result = pg.apply(
+        lambda b: b.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1),
+        _tensor(array, device), SIZE, STRIDE, axes=AXES, scale=2, window="gaussian",
+        progress=False,
+    )  # fmt: skip
+    expected = np.repeat(np.repeat(array, 2, axis=-2), 2, axis=-1)
+    np.testing.assert_allclose(_numpy(result), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_into_a_tensor_out(device):
+    array = _array()
+    out = torch.full(SHAPE, float("nan"), dtype=torch.float64, device=device)
+    result = pg.apply(lambda b: 2 * b, _tensor(array, device), SIZE, STRIDE, axes=AXES, out=out,
+                      progress=False)  # fmt: skip
+    assert result is out
+    np.testing.assert_allclose(_numpy(out), 2 * array, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_fn_returning_an_ndarray_raises(device):
+    calls = []
+
+    def fn(batch):
+        calls.append(1)
+        return batch.cpu().numpy()
+
+    with pytest.raises(ValueError, match="must return a tensor"):
+        pg.apply(fn, _tensor(_array(), device), SIZE, STRIDE, axes=AXES, progress=False)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_fn_returning_the_wrong_shape_raises(device):
+    with pytest.raises(ValueError, match="returned shape"):
+        pg.apply(lambda b: b[:, :, 1:], _tensor(_array(), device), SIZE, STRIDE, axes=AXES,
+                 progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_pad_batch_gives_full_batches_and_the_image(device):
+    array = _array()
+    sizes = []
+
+    def fn(batch):
+        sizes.append(len(batch))
+        return 3 * batch
+
+    result = pg.apply(fn, _tensor(array, device), SIZE, STRIDE, axes=AXES, batch_size=4,
+                      pad_batch=True, progress=False)  # fmt: skip
+    assert set(sizes) == {4}
+    np.testing.assert_allclose(_numpy(result), 3 * array, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_with_a_numpy_only_pad_mode_raises(device):
+    with pytest.raises(ValueError, match="pad_mode"):
+        pg.apply(lambda b: b, _tensor(_array(), device), SIZE, STRIDE, axes=AXES, edge="pad",
+                 pad_mode="mean", progress=False)  # fmt: skip
