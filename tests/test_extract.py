@@ -502,3 +502,15 @@ def test_non_array_input_raises(image):
 def test_extract_raises_the_grid_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         pg.extract(_volume((6, 7)), **kwargs)
+
+
+def test_pad_value_that_does_not_fit_the_dtype_raises():
+    image = np.arange(30, dtype=np.uint8).reshape(5, 6)
+    with pytest.raises(ValueError, match=r"pad_value=-1 cannot be stored"):
+        pg.extract(image, 4, 3, edge="pad", pad_value=-1)
+
+
+def test_pad_value_is_not_checked_when_nothing_is_padded():
+    image = np.arange(32, dtype=np.uint8).reshape(4, 8)
+    patches = pg.extract(image, 4, 4, edge="pad", pad_value=-1)
+    assert patches.shape == (1, 2, 4, 4)

@@ -915,3 +915,19 @@ def test_merger_coverage_after_result_equals_the_loop(window):
     merger.add(np.zeros((len(grid), 4, 5)), np.arange(len(grid)))
     merger.result()
     np.testing.assert_allclose(merger.coverage(), coverage(layout, weight), rtol=1e-12)
+
+
+def test_integer_output_dtype_rounds_the_mean_to_nearest():
+    # Two patches overlap on the middle voxel: (1 + 2) / 2 = 1.5 -> 2 (round half to even), and
+    # 2 + 3 -> 2.5 -> 2; the ends keep their own value.
+    grid = pg.PatchGrid(3, size=2, stride=1)
+    patches = np.array([[1.0, 1.0], [2.0, 2.0]])
+    got = pg.merge(patches, grid, dtype=np.int32)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, [1, 2, 2])
+
+
+def test_integer_output_dtype_rounds_instead_of_truncating():
+    grid = pg.PatchGrid(3, size=2, stride=1)
+    patches = np.array([[0.9, 0.9], [0.9, 0.9]])
+    np.testing.assert_array_equal(pg.merge(patches, grid, dtype=np.int64), [1, 1, 1])

@@ -117,3 +117,8 @@ def test_name_of_the_wrong_type_raises():
 def test_bad_size_raises(size, error, match):
     with pytest.raises(error, match=match):
         pg.window("hann", size)
+
+
+def test_window_of_no_axes_raises():
+    with pytest.raises(ValueError, match="at least one entry"):
+        pg.window("hann", ())

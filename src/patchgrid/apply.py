@@ -12,7 +12,7 @@ import numpy as np
 from . import _checks
 from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, is_tensor
-from .extract import INDEX_MODES, index_map, pad_array
+from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
 from .grid import PatchGrid
 from .merge import Merger
 
@@ -48,6 +48,8 @@ class _Reader:
                 width[a] = pad
             self.image = pad_array(image, width, grid.pad_mode, grid.pad_value, xp)
             pads = [(0, 0)] * len(pads)
+        if any(b or a for b, a in pads):
+            check_pad_value(grid.pad_value, grid.pad_mode, image.dtype, xp)
         for a, (before, after) in zip(grid.axes, pads):
             length = image.shape[a]
             plain = not (before or after)

@@ -141,6 +141,9 @@ class Backend:
     def argmax(self, x: Any, axis: int) -> Any:
         return np.argmax(x, axis=axis)
 
+    def round(self, x: Any) -> Any:
+        return np.rint(x)
+
     def astype(self, x: Any, dtype: Any) -> Any:
         return x.astype(dtype, copy=False)
 
@@ -297,6 +300,9 @@ class TorchBackend(Backend):
 
     def argmax(self, x: Any, axis: int) -> Any:
         return self.torch.argmax(x, dim=axis)
+
+    def round(self, x: Any) -> Any:
+        return self.torch.round(x)
 
     def astype(self, x: Any, dtype: Any) -> Any:
         return x.to(self.as_dtype(dtype))

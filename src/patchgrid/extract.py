@@ -57,6 +57,7 @@ def pad_array(x: Any, pad_width: Any, mode: str, value: Any, xp: Backend) -> Any
     """``numpy.pad`` for any backend (torch takes the modes that copy voxels)."""
     if not any(b or a for b, a in pad_width):
         return x
+    check_pad_value(value, mode, xp.dtype(x), xp)
     if xp is NUMPY:
         if mode == "constant":
             return np.pad(x, pad_width, mode="constant", constant_values=value)
@@ -69,6 +70,15 @@ def pad_array(x: Any, pad_width: Any, mode: str, value: Any, xp: Backend) -> Any
         if before or after:
             x = gather(x, axis, index_map(x.shape[axis], before, after, mode), value, xp)
     return x
+
+
+def check_pad_value(value: Any, mode: str, dtype: Any, xp: Backend) -> None:
+    """A constant pad must be storable in the image's dtype (-1 would wrap to 255 in uint8)."""
+    if mode == "constant" and not xp.fits(value, dtype):
+        raise PatchgridError(
+            f"pad_value={value!r} cannot be stored in the image's dtype {dtype}; give a "
+            f"pad_value that fits"
+        )
 
 
 def gather(x: Any, axis: int, index: np.ndarray, value: Any, xp: Backend) -> Any:
@@ -211,9 +221,8 @@ def extract(
     if out is None:
         target = xp.empty(shape, xp.dtype(arr), arr)
     else:
+        # Splitting the leading axis of a flat out into the counts is always a view.
         target = out.view(shape) if xp.name == "torch" else out.reshape(shape)
-        if xp is NUMPY and not np.shares_memory(target, out):
-            raise PatchgridError("out must be reshapeable without a copy (C-contiguous is safest)")
     for sub in _kernels.subgrids(grid):
         pick = tuple(slice(i0, i0 + n) for i0, n, _, _ in sub)
         view = _kernels.window_view(

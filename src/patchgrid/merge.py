@@ -458,6 +458,12 @@ class Merger:
             self._sink is None and self._lo == 0 and upto == grid.padded_shape[a0]
             and self._class_axis is None and xp.dtype(result) == self._out_dtype
         )  # fmt: skip
+        if (
+            self._class_axis is None
+            and self.reduce in ("mean", "sum")
+            and (xp.kind(self._out_dtype) in "iub" and xp.kind(xp.dtype(result)) in "fc")
+        ):
+            result = xp.round(result)  # an integer output takes the nearest value, not a floor
         result = xp.astype(result, self._out_dtype)
         if in_place and (result.shape != block.shape):
             result = xp.copy(result)

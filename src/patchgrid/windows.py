@@ -105,6 +105,8 @@ def window(name: str, size: int | Sequence[int]) -> np.ndarray:
            [0.5625, 0.5625]])
     """
     sizes = _checks.per_axis(size, 1 if np.ndim(size) == 0 else len(size), "size")  # type: ignore[arg-type]
+    if not sizes:
+        raise PatchgridError("size must have at least one entry, got ()")
     profs = profiles(_checks.choice(name, WINDOWS, "window"), sizes)
     assert profs is not None
     return window_nd(profs)
