@@ -84,7 +84,7 @@ def child(case: str, side: int, repeats: int) -> dict[str, Any]:
     kw = dict(axes=(1, 2, 3), edge="shift", window="gaussian", batch_size=4, progress=False)
     tmp = tempfile.mkdtemp()
 
-    def monai(predictor: Any) -> Any:
+    def run_monai(predictor: Any) -> Any:
         from monai.inferers import sliding_window_inference
 
         with torch.no_grad():
@@ -103,17 +103,17 @@ def child(case: str, side: int, repeats: int) -> dict[str, Any]:
     calls = {
         "pg numpy identity": lambda: pg.apply(lambda b: b, volume, 64, 32, **kw),
         "pg torch identity": lambda: pg.apply(lambda b: b, tensor, 64, 32, **kw),
-        "monai identity": lambda: monai(lambda b: b),
+        "monai identity": lambda: run_monai(lambda b: b),
         "pg numpy argmax": lambda: pg.apply(three_classes, volume, 64, 32, reduce="argmax", **kw),
         "pg torch argmax": lambda: pg.apply(three_classes, tensor, 64, 32, reduce="argmax", **kw),
-        "monai argmax": lambda: torch.argmax(monai(three_classes), dim=0).to(torch.uint8),
+        "monai argmax": lambda: torch.argmax(run_monai(three_classes), dim=0).to(torch.uint8),
         "pg numpy out=zarr": lambda: pg.apply(lambda b: b, volume, 64, 32, out=zarr_out(), **kw),
     }
     calls["pg numpy out=zarr big"] = calls["pg numpy out=zarr"]
     fn = calls[case]
     # Import what the case needs before measuring: modules are not the call's memory.
     if case.startswith("monai"):
-        import monai.inferers
+        import monai.inferers  # noqa: F401
     if "zarr" in case:
         import zarr  # noqa: F401
     # Memory on the first call: later calls reuse what the allocators kept from it.

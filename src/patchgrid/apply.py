@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import queue
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _kernels
 from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, is_tensor
 from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
@@ -147,6 +149,54 @@ def _progress(progress: Any, total: int) -> tuple[Callable[[int], None], Callabl
     return bar.update, bar.close
 
 
+def _copy_patch(dst: Any, src: Any, xp: Backend) -> None:
+    """One patch into its place in a batch (NumPy: rows moved as opaque items, which is fast)."""
+    if xp is NUMPY and src.ndim:
+        _kernels.copy(dst[None], src[None], 1)
+    else:
+        xp.assign(dst, src)
+
+
+def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Produce ``items`` in a background thread, ``depth`` ahead of the consumer.
+
+    Reading the next batch overlaps with ``fn`` and the merge of the current one (NumPy and
+    torch let go of the GIL while they copy). An error in the reader reaches the consumer.
+    """
+    done = object()
+    box: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                box.put((True, item))
+        except BaseException as exc:  # handed to the consumer, raised there
+            box.put((False, exc))
+            return
+        box.put((True, done))
+
+    worker = threading.Thread(target=produce, name="patchgrid-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, item = box.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                box.get_nowait()
+            except queue.Empty:
+                worker.join(0.01)
+
+
 def _batches(n: int, size: int) -> Iterator[np.ndarray]:
     for first in range(0, n, size):
         yield np.arange(first, min(first + size, n))
@@ -278,19 +328,26 @@ def apply(
         import torch
 
         grad = torch.no_grad()
+    dtype_in = xp.dtype(image) if xp.name == "torch" else image.dtype
+
+    def load(ids: np.ndarray) -> tuple[np.ndarray, Any]:
+        rows = (
+            ids if not pad_batch else np.concatenate([ids, np.full(batch_size - len(ids), ids[-1])])
+        )
+        batch = xp.empty((len(rows), *in_shape), dtype_in, image)
+        for i, row in enumerate(rows.tolist()):
+            _copy_patch(batch[i], reader.read(row), xp)
+        return ids, batch
+
     try:
         with grad:
-            for ids in _batches(len(grid), batch_size):
-                n = len(ids)
-                rows = ids if not pad_batch else np.concatenate(
-                    [ids, np.full(batch_size - n, ids[-1])])  # fmt: skip
-                dtype_in = xp.dtype(image) if xp.name == "torch" else image.dtype
-                batch = xp.empty((len(rows), *in_shape), dtype_in, image)
-                xp.stack([reader.read(int(i)) for i in rows], batch)
+            batches = map(load, _batches(len(grid), batch_size))
+            # torch already spreads its copies over the cores; NumPy gains from a reader thread.
+            for ids, batch in _prefetch(batches) if xp is NUMPY else batches:
                 result = fn(batch)
                 result = _check_output(result, batch, xp, out_grid, full, fn)
-                merger.add(_core(result[:n], out_grid, full), ids)
-                step(n)
+                merger.add(_core(result[: len(ids)], out_grid, full), ids)
+                step(len(ids))
     finally:
         close()
     return merger.result()

@@ -138,7 +138,10 @@ class Merger:
         self._seen = np.zeros(grid.counts, dtype=bool)
         self._acc: Any = None
         self._wacc: Any = None
-        self._lo = 0
+        self._lo = 0  # the padded row where the accumulator begins
+        self._done = 0  # rows before this one are finished
+        self._direct = False  # the accumulator is the output itself
+        self._weight_cache: Any = None
         self._xp: Backend = NUMPY
         self._patch_shape: tuple[int, ...] | None = None
         self._result: Any = None
@@ -158,7 +161,10 @@ class Merger:
         """The window shaped to broadcast against one patch, or None for a uniform one."""
         if self._uniform or self.reduce in ("max", "min"):
             return None
-        return self._xp.constant(self._window.reshape(self._wshape()), self._acc_dtype, self._like)
+        if self._weight_cache is None:
+            window = self._window.reshape(self._wshape())
+            self._weight_cache = self._xp.constant(window, self._acc_dtype, self._like)
+        return self._weight_cache
 
     def _wshape(self) -> list[int]:
         shape = [1] * self.grid.ndim
@@ -231,6 +237,16 @@ class Merger:
             else xp.extreme(self._acc_dtype, self.reduce == "min")
         )  # fmt: skip
         self._array_window = self._profiles is None and self.reduce in ("mean", "argmax")
+        # Accumulate straight into the output when nothing needs reducing, casting or cropping.
+        sink = self._sink
+        self._direct = (
+            self._class_axis is None
+            and grid.padded_shape == grid.shape
+            and self._out_dtype == self._acc_dtype
+            and (sink is None or (
+                backend_of(sink) is xp and (isinstance(sink, np.ndarray) or xp.name == "torch")
+                and xp.dtype(sink) == self._acc_dtype and xp.writeable(sink)))
+        )  # fmt: skip
 
     def _check_fill(self) -> None:
         if not self._xp.fits(self.fill, self._out_dtype):
@@ -242,6 +258,17 @@ class Merger:
     def _ensure(self, hi: int) -> None:
         """Make the accumulator reach padded row ``hi`` along the first tiled axis."""
         grid, xp, a0 = self.grid, self._xp, self.grid.axes[0]
+        if self._direct:
+            if self._acc is None:
+                if self._sink is None:
+                    self._sink = xp.full(
+                        self._out_shape, self._identity, self._acc_dtype, self._like
+                    )
+                else:
+                    xp.assign(self._sink, self._identity)
+                self._acc = self._sink
+                self._ensure_weights()
+            return
         rows = hi - self._lo
         have = 0 if self._acc is None else self._acc.shape[a0]
         if rows <= have:
@@ -263,6 +290,13 @@ class Merger:
             if wacc is not None:
                 xp.assign(wacc[tuple(head)], self._wacc)
         self._acc, self._wacc = acc, wacc
+
+    def _ensure_weights(self) -> None:
+        """A full-size weight accumulator, for an array window in direct mode."""
+        if self._array_window and self._wacc is None:
+            grid = self.grid
+            wshape = [n if a in grid.axes else 1 for a, n in enumerate(grid.shape)]
+            self._wacc = self._xp.full(wshape, 0, self._acc_dtype, self._like)
 
     def _local(self, index: int) -> tuple[slice, ...]:
         """Slices of patch ``index`` in the accumulator, whose first row is ``self._lo``."""
@@ -388,51 +422,52 @@ class Merger:
         r = int(np.argmin(rows_done)) if not rows_done.all() else n_rows
         a0 = self.grid.axes[0]
         upto = int(self._starts0[r]) if r < n_rows else self.grid.padded_shape[a0]
-        if upto > self._lo:
+        if upto > self._done:
             self._ensure(upto)
             self._finish(upto, complete=True)
 
     def _coverage_block(
-        self, upto: int, complete: bool, ones: bool, running: bool = True
+        self, start: int, upto: int, complete: bool, ones: bool, running: bool = True
     ) -> tuple[str, Any]:
-        """Weights over accumulator rows ``[lo, upto)``: per-axis profiles, or a volume."""
+        """Weights over padded rows ``[start, upto)``: per-axis profiles, or a volume."""
         grid, a0 = self.grid, self.grid.axes[0]
         if complete and (ones or self._profiles is not None):
             profs = self._profile_coverage(ones)
-            profs[0] = profs[0][self._lo : upto]
+            profs[0] = profs[0][start:upto]
             return "profiles", profs
         if complete and not ones and running and self._wacc is not None:
             head: list[Any] = [slice(None)] * grid.ndim
-            head[a0] = slice(0, upto - self._lo)
+            head[a0] = slice(start - self._lo, upto - self._lo)
             return "volume", self._xp.to_numpy(self._wacc[tuple(head)]).astype(np.float64)
         # Some patches are missing: add up the weights of those present, one by one.
         shape = [1] * grid.ndim
         for a in grid.axes:
             shape[a] = grid.padded_shape[a]
-        shape[a0] = upto - self._lo
+        shape[a0] = upto - start
         cov = np.zeros(shape)
         w = np.ones(self._wshape()) if ones else self._window.reshape(self._wshape())
         for i in np.flatnonzero(self._seen.ravel()).tolist():
-            sl = self._local(i)
-            if sl[a0].stop <= 0 or sl[a0].start >= shape[a0]:
+            sl = list(grid.slices(i))
+            first, last = sl[a0].start - start, sl[a0].stop - start
+            if last <= 0 or first >= shape[a0]:
                 continue
-            lo, hi = max(sl[a0].start, 0), min(sl[a0].stop, shape[a0])
+            lo, hi = max(first, 0), min(last, shape[a0])
             target = [s if a in grid.axes else slice(None) for a, s in enumerate(sl)]
             target[a0] = slice(lo, hi)
             wsl: list[Any] = [slice(None)] * grid.ndim
-            wsl[a0] = slice(lo - sl[a0].start, hi - sl[a0].start)
+            wsl[a0] = slice(lo - first, hi - first)
             cov[tuple(target)] += w[tuple(wsl)]
         return "volume", cov
 
     def _finish(self, upto: int, complete: bool) -> None:
-        """Normalise, reduce, cast and write accumulator rows ``[lo, upto)``; let them go."""
+        """Normalise, reduce, cast and write padded rows ``[done, upto)``; let them go."""
         grid, xp, a0 = self.grid, self._xp, self.grid.axes[0]
-        n = upto - self._lo
+        start = self._done
         head: list[Any] = [slice(None)] * grid.ndim
-        head[a0] = slice(0, n)
+        head[a0] = slice(start - self._lo, upto - self._lo)
         block = self._acc[tuple(head)]
         ones = self.reduce != "mean"
-        kind, cov = self._coverage_block(upto, complete, ones)
+        kind, cov = self._coverage_block(start, upto, complete, ones)
         if kind == "profiles":
             if not ones:
                 _divide_by_profiles(block, grid.axes, cov, xp)
@@ -442,39 +477,31 @@ class Merger:
                 xp.divide(block, xp.constant(np.where(cov > 0, cov, 1), xp.dtype(block), block))
             empty = [(-1, cov == 0)] if (cov == 0).any() else []
         # Crop to the image (padding and rows past its end), and reduce.
-        stop = min(upto, grid.shape[a0]) - self._lo
+        stop = max(min(upto, grid.shape[a0]) - start, 0)
         crop = [slice(0, s) if a in grid.axes else slice(None) for a, s in enumerate(grid.shape)]
-        crop[a0] = slice(0, max(stop, 0))
+        crop[a0] = slice(0, stop)
         result = block[tuple(crop)]
         masks = []
         for a, mask in empty:
             if a == -1:
                 masks.append((a, mask[tuple(crop)]))
             else:
-                masks.append((a, mask[crop[a]] if a != a0 else mask[: max(stop, 0)]))
+                masks.append((a, mask[crop[a]] if a != a0 else mask[:stop]))
+        self._done = upto
+        if self._direct:
+            self._fill(result, masks)
+            return
         if self._class_axis is not None:
             result = xp.argmax(result, self._class_axis)
-        in_place = (
-            self._sink is None and self._lo == 0 and upto == grid.padded_shape[a0]
-            and self._class_axis is None and xp.dtype(result) == self._out_dtype
-        )  # fmt: skip
-        if (
-            self._class_axis is None
-            and self.reduce in ("mean", "sum")
-            and (xp.kind(self._out_dtype) in "iub" and xp.kind(xp.dtype(result)) in "fc")
+        elif self.reduce in ("mean", "sum") and (
+            xp.kind(self._out_dtype) in "iub" and xp.kind(xp.dtype(result)) in "fc"
         ):
             result = xp.round(result)  # an integer output takes the nearest value, not a floor
         result = xp.astype(result, self._out_dtype)
-        if in_place and (result.shape != block.shape):
-            result = xp.copy(result)
         self._fill(result, masks)
-        if in_place:
-            self._result = result
-            self._acc = self._wacc = None
-            return
         if stop > 0:
-            self._write(result, self._lo, self._lo + stop)
-        self._drop(n)
+            self._write(result, start, start + stop)
+        self._drop(upto - self._lo)
 
     def _fill(self, result: Any, masks: list[tuple[int, Any]]) -> None:
         """Set ``fill`` where no patch covers."""
@@ -517,11 +544,14 @@ class Merger:
             acc = getattr(self, name)
             if acc is None:
                 continue
-            if keep > 0:
+            # Forward, in pieces no longer than the shift, so no piece overlaps its source and
+            # no temporary copy is needed.
+            for lo in range(0, max(keep, 0), max(n, 1)):
+                hi = min(lo + n, keep)
                 dst: list[Any] = [slice(None)] * grid.ndim
                 src: list[Any] = [slice(None)] * grid.ndim
-                dst[a0], src[a0] = slice(0, keep), slice(n, rows)
-                xp.assign(acc[tuple(dst)], xp.copy(acc[tuple(src)]))
+                dst[a0], src[a0] = slice(lo, hi), slice(lo + n, hi + n)
+                xp.assign(acc[tuple(dst)], acc[tuple(src)])
             tail: list[Any] = [slice(None)] * grid.ndim
             tail[a0] = slice(max(keep, 0), rows)
             xp.assign(acc[tuple(tail)], self._identity if name == "_acc" else 0)
@@ -548,13 +578,8 @@ class Merger:
         """
         grid = self.grid
         ones = self.reduce in ("max", "min")
-        saved = self._lo
-        self._lo = 0
-        try:
-            end = grid.padded_shape[grid.axes[0]]
-            kind, cov = self._coverage_block(end, self.complete, ones, running=False)
-        finally:
-            self._lo = saved
+        end = grid.padded_shape[grid.axes[0]]
+        kind, cov = self._coverage_block(0, end, self.complete, ones, running=False)
         if kind == "profiles":
             out = np.ones([1] * grid.ndim)
             for a, prof in zip(grid.axes, cov):
@@ -586,11 +611,10 @@ class Merger:
                 f"fill={self.fill!r}"
             )
         end = grid.padded_shape[grid.axes[0]]
-        if end > self._lo:
+        if end > self._done:
             self._ensure(end)
             self._finish(end, complete=not len(missing))
-        if self._result is None:
-            self._result = self._sink
+        self._result = self._sink
         self._acc = self._wacc = None
         return self._result
 
