@@ -4,10 +4,12 @@ from ._checks import PatchgridError
 from .apply import apply
 from .extract import extract
 from .grid import PatchGrid
+from .io import Image, open, save
 from .merge import Merger, coverage, merge
 from .windows import window
 
 __all__ = [
+    "Image",
     "Merger",
     "PatchGrid",
     "PatchgridError",
@@ -15,6 +17,8 @@ __all__ = [
     "coverage",
     "extract",
     "merge",
+    "open",
+    "save",
     "window",
 ]
 __version__ = "0.1.0"
