@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _checks, _kernels
 from ._checks import PatchgridError
-from .backends import NUMPY, Backend, backend_of, is_tensor
+from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor
 from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
 from .grid import PatchGrid
 from .merge import Merger
@@ -318,6 +318,11 @@ def apply(
     grid = PatchGrid(shape, core, stride, axes=probe.axes, edge=edge, pad_mode=pad_mode,
                      pad_value=pad_value)  # fmt: skip
     out_grid = grid.scaled(scale) if not (np.isscalar(scale) and scale == 1) else grid
+    if is_dask(image):
+        return _apply_dask(fn, image, grid, out_grid, margins, size, stride, probe.axes,
+                           dict(edge=edge, pad_mode=pad_mode, pad_value=pad_value, window=window,
+                                reduce=reduce, batch_size=batch_size, margin=margin, scale=scale,
+                                dtype=dtype, fill=fill), out)  # fmt: skip
     reader = _Reader(image, grid, margins, xp)
     merger = Merger(out_grid, reduce=reduce, window=window, fill=fill, dtype=dtype, out=out)
     in_shape = reader.patch_shape(shape)
@@ -351,6 +356,37 @@ def apply(
     finally:
         close()
     return merger.result()
+
+
+def _apply_dask(
+    fn: Callable[[Any], Any], image: Any, grid: PatchGrid, out_grid: PatchGrid,
+    margins: Sequence[int], size: Any, stride: Any, axes: Sequence[int], kw: dict[str, Any],
+    out: Any,
+) -> Any:  # fmt: skip
+    """apply on a Dask array: a lazy Dask array, one task per output chunk."""
+    from .dask import apply_dask
+
+    if out is not None:
+        raise PatchgridError(
+            "out= is not taken with a Dask image; store the result with .to_zarr()"
+        )
+    padded = any(m for m in margins) or any(after for _, after in grid.pad_width)
+    if padded and grid.pad_mode not in INDEX_MODES:
+        raise PatchgridError(
+            f"pad_mode={grid.pad_mode!r} needs the whole image; with a Dask image use one of "
+            f"{INDEX_MODES}"
+        )
+    # fn's output over one corner patch tells the result's dtype and the sizes of free axes.
+    corner = [slice(None)] * grid.ndim
+    for a, p in zip(grid.axes, PatchGrid(grid.shape, size, axes=axes, edge="pad").size):
+        corner[a] = slice(0, min(p, grid.shape[a]))
+    sample = np.asarray(image[tuple(corner)])
+    edge = "pad" if sample.shape != grid.shape else kw["edge"]
+    probe = apply(fn, sample, size, stride, axes=axes, progress=False, pad_batch=True,
+                  **{**kw, "edge": edge})  # fmt: skip
+    return apply_dask(fn, image, grid, out_grid, margins, window=kw["window"],
+                      reduce=kw["reduce"], batch_size=kw["batch_size"], dtype=probe.dtype,
+                      fill=kw["fill"], probe=probe)  # fmt: skip
 
 
 def _factors(out_grid: PatchGrid, grid: PatchGrid) -> list[float]:

@@ -333,6 +333,12 @@ def is_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+def is_dask(x: Any) -> bool:
+    """True for a Dask array (checked without importing dask)."""
+    module = sys.modules.get("dask.array")
+    return module is not None and isinstance(x, module.Array)
+
+
 def backend_of(x: Any) -> Backend:
     """The backend for ``x``: torch for a tensor, NumPy for everything else."""
     if isinstance(x, np.ndarray):

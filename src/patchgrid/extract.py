@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _kernels
 from ._checks import PatchgridError
-from .backends import NUMPY, Backend, backend_of, is_tensor
+from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor
 from .grid import PatchGrid
 
 __all__ = ["extract"]
@@ -185,6 +185,16 @@ def extract(
            [3, 4, 5, 6],
            [6, 7, 8, 9]])
     """
+    if is_dask(image):
+        from .dask import extract_dask
+
+        grid = as_grid(tuple(image.shape), size, stride, axes=axes, edge=edge, pad_mode=pad_mode,
+                       pad_value=pad_value)  # fmt: skip
+        if out is not None:
+            raise PatchgridError(
+                "out= is not taken with a Dask image; store the patches with .to_zarr()"
+            )
+        return extract_dask(image, grid, flatten)
     arr = _as_ndarray(image)
     xp = backend_of(arr)
     grid = as_grid(
