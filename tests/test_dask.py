@@ -1,5 +1,6 @@
 """The Dask path: lazy results equal to the in-memory ones, on a real distributed cluster too."""
 
+import itertools
 import sys
 
 import numpy as np
@@ -81,7 +82,8 @@ def test_apply_options_carry_over_to_dask(kw):
     stride = kw.pop("stride", 6)
     lazy = pg.apply(fn, da.from_array(x, chunks=(1, 9, 11, 23)), 10, stride, **kw)
     want = pg.apply(fn, x, 10, stride, **kw)
-    assert lazy.shape == want.shape and lazy.dtype == want.dtype
+    assert lazy.shape == want.shape
+    assert lazy.dtype == want.dtype
     np.testing.assert_allclose(lazy.compute(), want, rtol=1e-6)
 
 
@@ -116,8 +118,8 @@ def test_redundancy_counts_the_patches_each_chunk_runs():
     counted = 0
     edges0, edges1 = np.cumsum([0, 10, 10, 10, 10]), np.cumsum([0, 15, 15])
     starts = grid.starts()
-    for lo0, hi0 in zip(edges0[:-1], edges0[1:]):
-        for lo1, hi1 in zip(edges1[:-1], edges1[1:]):
+    for lo0, hi0 in itertools.pairwise(edges0):
+        for lo1, hi1 in itertools.pairwise(edges1):
             touch = ((starts[:, 0] < hi0) & (starts[:, 0] + 8 > lo0)
                      & (starts[:, 1] < hi1) & (starts[:, 1] + 8 > lo1))  # fmt: skip
             counted += int(touch.sum())
