@@ -112,19 +112,36 @@ def test_apply_on_dask_refuses_a_whole_image_pad_mode():
         pg.apply(_double, x, 8, axes=(1, 2), margin=1, pad_mode="mean", progress=False)
 
 
-def test_redundancy_counts_the_patches_each_chunk_runs():
+def test_redundancy_is_the_halo_volume_over_the_output():
     grid = pg.PatchGrid((40, 30), 8, 4, edge="shift")
     chunks = ((10, 10, 10, 10), (15, 15))
-    counted = 0
-    edges0, edges1 = np.cumsum([0, 10, 10, 10, 10]), np.cumsum([0, 15, 15])
-    starts = grid.starts()
-    for lo0, hi0 in itertools.pairwise(edges0):
-        for lo1, hi1 in itertools.pairwise(edges1):
-            touch = ((starts[:, 0] < hi0) & (starts[:, 0] + 8 > lo0)
-                     & (starts[:, 1] < hi1) & (starts[:, 1] + 8 > lo1))  # fmt: skip
-            counted += int(touch.sum())
+    starts0, starts1 = grid.axis_starts(0), grid.axis_starts(1)
+    # Each chunk's own patches are those starting in it; their bounding box is its halo region.
+    total = 0
+    for lo0, hi0 in itertools.pairwise(np.cumsum([0, *chunks[0]])):
+        own0 = starts0[(starts0 >= lo0) & (starts0 < hi0)]
+        for lo1, hi1 in itertools.pairwise(np.cumsum([0, *chunks[1]])):
+            own1 = starts1[(starts1 >= lo1) & (starts1 < hi1)]
+            if len(own0) and len(own1):
+                total += (own0.max() + 8 - own0.min()) * (own1.max() + 8 - own1.min())
     redundancy = sys.modules["patchgrid.dask"].redundancy
-    assert redundancy(grid, chunks) == pytest.approx(counted / len(grid) - 1)
+    assert redundancy(grid, chunks) == pytest.approx(total / (40 * 30) - 1)
+
+
+def test_fn_runs_once_per_patch_on_dask():
+    calls = []
+
+    def record(batch):
+        calls.append(batch.shape[0])
+        return batch
+
+    x = _volume()
+    lazy = pg.apply(record, da.from_array(x, chunks=(1, 9, 11, 7)), 10, 6, axes=(1, 2, 3),
+                    batch_size=1, progress=False)  # fmt: skip
+    probe_calls = len(calls)
+    lazy.compute(scheduler="synchronous")
+    grid = pg.PatchGrid(x.shape, 10, 6, axes=(1, 2, 3), edge="shift")
+    assert len(calls) - probe_calls == len(grid)
 
 
 @pytest.fixture(scope="module")

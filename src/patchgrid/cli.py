@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 import time
@@ -169,8 +170,9 @@ def _extract(args: argparse.Namespace) -> int:
 
     fmt = args.format
     out = args.output
-    to_dir = fmt is not None or out.endswith(("/", os.sep)) or os.path.isdir(out)
-    if not to_dir and not out.rstrip("/").lower().endswith(".zarr"):
+    store = fmt is None and out.rstrip("/").lower().endswith(".zarr")
+    to_dir = not store and (fmt is not None or out.endswith(("/", os.sep)))
+    if not store and not to_dir:
         raise PatchgridError(
             f"-o must be a .zarr store or a folder (with --format nii|tif|npy), got {out!r}"
         )
@@ -326,7 +328,9 @@ def _merge(args: argparse.Namespace) -> int:
     n = len(grid)
     first = np.asarray(patches[0:1])
     reduce_ = args.reduce
-    dtype = args.dtype or (source["dtype"] if reduce_ in ("max", "min") else None)
+    # The source's dtype by default, so that a round trip gives the source back exactly
+    # (means into an integer dtype are rounded to the nearest value).
+    dtype = args.dtype or (None if reduce_ == "argmax" else source["dtype"])
     probe = pg.Merger(grid, reduce=reduce_, window=args.window, dtype=dtype)
     probe._start(first, tuple(first.shape[1:]))
     spacing = source.get("spacing") or [1.0] * grid.ndim
@@ -733,18 +737,25 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, quiet: bool = False) -> int:
     """Run the command line; returns the exit status. Errors print one line, no traceback."""
     args = _parser().parse_args(argv)
+    # The command line reports file errors itself, in one line: quiet the readers' own logs.
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     try:
         if quiet:
-            with contextlib.redirect_stdout(open(os.devnull, "w")):
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
                 return int(args.run(args))
         return int(args.run(args))
     except KeyboardInterrupt:
         print(f"patchgrid {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (PatchgridError, ValueError, TypeError, OSError, ImportError) as exc:
+    except (PatchgridError, ValueError, TypeError, OSError, ImportError, EOFError) as exc:
         if quiet:
             raise
         print(f"patchgrid {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # an error in a user's model, say: one line still, with its type
+        if quiet:
+            raise
+        print(f"patchgrid {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 

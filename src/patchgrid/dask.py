@@ -1,11 +1,12 @@
 """The distributed path: extract and apply on Dask arrays, equal to the in-memory results.
 
-Each output chunk of :func:`apply` is one task: it reads the input region that the patches
-touching the chunk need, runs ``fn`` on them in fixed-shape batches, blends them and keeps the
-chunk. Every voxel of the chunk sees every patch that covers it, so its weights sum to the same
-as in memory and the chunk equals the in-memory result (to float rounding). Patches that touch
-several chunks are computed once per chunk: that redundant work is the price of independent
-tasks, and :func:`redundancy` measures it.
+:func:`apply` runs in two layers of tasks. Every patch belongs to the output chunk where it
+starts; one task per chunk reads the input its patches need, runs ``fn`` on them once, in
+fixed-shape batches, and adds up their weighted outputs over the chunk and the halo the patches
+reach past it. A second task per chunk adds the halos that its neighbours' patches spilled into
+it, divides by the weights (per-axis profiles of the whole grid, as in memory), reduces and
+casts. So ``fn`` runs exactly once per patch, and each chunk equals the in-memory result to
+float rounding. The halos are the only extra work; :func:`redundancy` measures them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._checks import PatchgridError
-from .backends import is_dask
+from .backends import NUMPY, is_dask
 from .grid import PatchGrid, _restore
 
 __all__ = ["apply_dask", "extract_dask", "is_dask", "redundancy"]
@@ -71,30 +72,43 @@ def _extract_block(region: np.ndarray, grid: PatchGrid, extract: Callable[..., A
     return extract(np.asarray(region), grid, copy=True)
 
 
-def _touching(starts: np.ndarray, size: int, lo: int, hi: int) -> range:
-    """Indices of the patches (sorted ``starts``, length ``size``) that overlap ``[lo, hi)``."""
-    first = int(np.searchsorted(starts + size, lo, side="right"))
-    last = int(np.searchsorted(starts, hi, side="left"))
-    return range(first, max(first, last))
+def _owned(starts: np.ndarray, edges: np.ndarray, b: int) -> range:
+    """Indices of the patches (sorted ``starts``) that start in chunk ``b`` (``edges``)."""
+    first = int(np.searchsorted(starts, edges[b], side="left"))
+    last = int(np.searchsorted(starts, edges[b + 1], side="left"))
+    return range(first, last)
 
 
-def redundancy(grid: PatchGrid, chunks: Sequence[Sequence[int]]) -> float:
-    """How much more often ``fn`` runs on a chunked image than in memory, minus one.
-
-    ``chunks`` are the output chunks along each axis (Dask's ``.chunks``). A patch is computed
-    once for every chunk it touches, so the work is ``sum over chunks of the patches touching
-    it`` over ``len(grid)``. Per axis, with chunks of ``c`` and patches of ``p`` every ``s``,
-    about ``(c + p - s) / c`` times the patches run: chunks several times the patch size keep
-    it low.
-    """
-    total = 1.0
+def _halo(grid: PatchGrid, chunks: Sequence[Sequence[int]]) -> list[list[tuple[int, int]]]:
+    """Per tiled axis and chunk, the region ``[lo, hi)`` its own patches cover (empty: 0, 0)."""
+    out = []
     for j, a in enumerate(grid.axes):
         starts = grid.axis_starts(j)
         edges = np.cumsum([0, *chunks[a]])
-        n = sum(
-            len(_touching(starts, grid.size[j], lo, hi)) for lo, hi in itertools.pairwise(edges)
-        )
-        total *= n / max(grid.counts[j], 1)
+        spans = []
+        for b in range(len(chunks[a])):
+            own = _owned(starts, edges, b)
+            if len(own):
+                spans.append((int(starts[own.start]), int(starts[own.stop - 1]) + grid.size[j]))
+            else:
+                spans.append((0, 0))
+        out.append(spans)
+    return out
+
+
+def redundancy(grid: PatchGrid, chunks: Sequence[Sequence[int]]) -> float:
+    """Extra work of the Dask path over the in-memory one: the halos, as a share of the output.
+
+    ``fn`` runs once per patch, as in memory. What the chunking adds is that each chunk's
+    patches reach past it: the partial sums over those halos are computed, sent to the
+    neighbouring chunks and added there. This returns the voxels of all partial sums over the
+    voxels of the output, minus one. Per axis, with chunks of ``c``, patches of ``p`` and
+    stride ``s``, a chunk's patches cover about ``c + p - s``; the factors multiply over the
+    chunked axes. ``chunks`` are the output's chunks along each axis (Dask's ``.chunks``).
+    """
+    total = 1.0
+    for a, spans in zip(grid.axes, _halo(grid, chunks)):
+        total *= sum(hi - lo for lo, hi in spans) / max(sum(chunks[a]), 1)
     return total - 1.0
 
 
@@ -127,9 +141,9 @@ def apply_dask(
     fill: Any,
     probe: np.ndarray,
 ) -> Any:
-    """The lazy result of :func:`apply` on a Dask array: one task per output chunk.
+    """The lazy result of :func:`apply` on a Dask array (see the module's notes).
 
-    ``probe`` is ``fn``'s merged output over one patch (its dtype and free axes' sizes).
+    ``probe`` is the result over one patch: it gives the output's dtype and free axes' sizes.
     """
     import dask
     import dask.array as da
@@ -145,7 +159,6 @@ def apply_dask(
             out_chunks.append(tuple(int(e) for e in np.diff(edges)))
         else:
             out_chunks.append((out_grid.shape[a],))
-    # Padded index maps: which input voxel each padded position reads (-1: a constant).
     maps = []
     for j, a in enumerate(grid.axes):
         before, after = margin[j], margin[j] + grid.pad_width[a][1]
@@ -155,55 +168,72 @@ def apply_dask(
     probe_shape = list(probe.shape)
     if class_axis is not None:
         probe_shape.insert(class_axis, 1)
-    blocks: dict[tuple[int, ...], Any] = {}
-    block_ids = [range(len(c)) if a in grid.axes else range(1) for a, c in enumerate(out_chunks)]
-    for bid in itertools.product(*block_ids):
-        lo = [int(sum(out_chunks[a][: bid[a]])) for a in range(grid.ndim)]
-        hi = [lo[a] + out_chunks[a][bid[a]] for a in range(grid.ndim)]
-        picks = [_touching(out_grid.axis_starts(j), out_grid.size[j], lo[a], hi[a])
-                 for j, a in enumerate(grid.axes)]  # fmt: skip
-        out_shape = [hi[a] - lo[a] for a in range(grid.ndim)]
-        for a in free:
-            out_shape[a] = probe_shape[a]
-        if class_axis is not None:
-            out_shape.pop(class_axis)
-        if any(len(r) == 0 for r in picks):
-            value = np.full(out_shape, fill, dtype=probe.dtype)
-            blocks[bid] = da.from_array(value, chunks=value.shape)
+    bounds = {a: np.cumsum([0, *out_chunks[a]]) for a in grid.axes}
+    halos = _halo(out_grid, out_chunks)
+    counts = [len(out_chunks[a]) for a in grid.axes]
+    # Layer 1: each chunk's own patches, run once, summed over the chunk and its halo.
+    parts: dict[tuple[int, ...], Any] = {}
+    for bid in itertools.product(*[range(c) for c in counts]):
+        own = [_owned(out_grid.axis_starts(j), bounds[a], b) for j, (a, b) in
+               enumerate(zip(grid.axes, bid))]  # fmt: skip
+        if any(len(r) == 0 for r in own):
             continue
-        # The input the touching patches read, as the index maps say, clipped to the image.
         region = [slice(None)] * grid.ndim
         origin = [0] * grid.ndim
         for j, a in enumerate(grid.axes):
             s = grid.axis_starts(j)
-            first, last = (
-                int(s[picks[j].start]),
-                int(s[picks[j].stop - 1]) + grid.size[j] + 2 * margin[j],
-            )
+            first = int(s[own[j].start])
+            last = int(s[own[j].stop - 1]) + grid.size[j] + 2 * margin[j]
             ids = maps[j][first:last]
             ids = ids[ids >= 0]
             src_lo, src_hi = (int(ids.min()), int(ids.max()) + 1) if len(ids) else (0, 0)
             region[a] = slice(src_lo, src_hi)
             origin[a] = src_lo
-        task = dask.delayed(_apply_block, pure=True)(
+        parts[bid] = dask.delayed(_partial, pure=True)(
             fn,
             image[tuple(region)],
             origin,
             tuple(image.shape),
             grid,
             out_grid,
-            picks,
-            lo,
-            hi,
+            own,
             margin,
             window,
             reduce,
             batch_size,
-            dtype,
-            fill,
         )
-        blocks[bid] = da.from_delayed(task, tuple(out_shape), probe.dtype)
-    nested = _nest(blocks, [len(r) for r in block_ids], class_axis)
+    # Layer 2: each chunk adds what its own and its neighbours' patches put in it, and finishes.
+    blocks: dict[tuple[int, ...], Any] = {}
+    for bid in itertools.product(*[range(c) for c in counts]):
+        lo = [int(bounds[a][b]) for a, b in zip(grid.axes, bid)]
+        hi = [int(bounds[a][b + 1]) for a, b in zip(grid.axes, bid)]
+        near = [[n for n, (s, e) in enumerate(halos[j]) if s < hi[j] and e > lo[j] and e > s]
+                for j in range(len(grid.axes))]  # fmt: skip
+        sources = [(parts[n], [halos[j][n[j]][0] for j in range(len(grid.axes))])
+                   for n in itertools.product(*near) if n in parts]  # fmt: skip
+        shape = list(probe_shape)
+        for a, l_, h in zip(grid.axes, lo, hi):
+            shape[a] = h - l_
+        if class_axis is not None:
+            shape.pop(class_axis)
+        task = dask.delayed(_finish, pure=True)(
+            sources,
+            lo,
+            hi,
+            out_grid,
+            window,
+            reduce,
+            fill,
+            probe.dtype,
+            probe_shape,
+            class_axis,
+        )
+        key = list(bid)
+        full_key = [0] * grid.ndim
+        for a, b in zip(grid.axes, key):
+            full_key[a] = b
+        blocks[tuple(full_key)] = da.from_delayed(task, tuple(shape), probe.dtype)
+    nested = _nest(blocks, [len(c) for c in out_chunks], class_axis)
     return da.block(nested)
 
 
@@ -222,38 +252,39 @@ def _nest(blocks: dict[tuple[int, ...], Any], counts: Sequence[int], drop: int |
     return level((), 0)
 
 
-def _apply_block(
+def _partial(
     fn: Callable[[Any], Any], data: Any, origin: Sequence[int], shape: Sequence[int],
-    grid: PatchGrid, out_grid: PatchGrid, picks: Sequence[range], lo: Sequence[int],
-    hi: Sequence[int], margin: Sequence[int], window: Any, reduce: str, batch_size: int,
-    dtype: Any, fill: Any,
-) -> np.ndarray:  # fmt: skip
-    """One output chunk: the touching patches, read, run in fixed batches, blended, cropped."""
+    grid: PatchGrid, out_grid: PatchGrid, own: Sequence[range], margin: Sequence[int],
+    window: Any, reduce: str, batch_size: int,
+) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """A chunk's own patches, run once in fixed batches, summed (weighted) over their region.
+
+    Returns the sums and, for an array window, the sums of the weights (None otherwise).
+    """
+    from . import windows
     from .apply import _core, _Reader
-    from .backends import NUMPY
-    from .merge import Merger
 
     source = _Window(np.asarray(data), origin, shape)
     reader = _Reader(source, grid, margin, NUMPY)
-    # The touching patches on the region they cover, in output coordinates.
-    # The region the touching patches and the chunk cover together, in output coordinates
-    # (with gaps between patches, the chunk may reach past them).
     axes = grid.axes
-    union_lo = [min(int(out_grid.axis_starts(j)[r.start]), lo[a])
-                for j, (r, a) in enumerate(zip(picks, axes))]  # fmt: skip
-    union_hi = [max(int(out_grid.axis_starts(j)[r.stop - 1]) + out_grid.size[j], hi[a])
-                for j, (r, a) in enumerate(zip(picks, axes))]  # fmt: skip
-    local_shape = list(out_grid.shape)
-    for j, a in enumerate(grid.axes):
-        local_shape[a] = union_hi[j] - union_lo[j]
-    local = _sub_grid(out_grid, picks, local_shape, union_lo)
-    merger = Merger(local, reduce=reduce, window=window, fill=fill, dtype=dtype)
-    index = [np.arange(r.start, r.stop) for r in picks]
-    positions = np.stack([m.ravel() for m in np.meshgrid(*index, indexing="ij")], axis=-1)
+    base = [int(out_grid.axis_starts(j)[r.start]) for j, r in enumerate(own)]
+    ext = [int(out_grid.axis_starts(j)[r.stop - 1]) + out_grid.size[j] - b
+           for j, (r, b) in enumerate(zip(own, base))]  # fmt: skip
+    op = {"max": np.maximum, "min": np.minimum}.get(reduce, np.add)
+    weighted = reduce in ("mean", "sum", "argmax")
+    wshape = [1] * grid.ndim
+    for a, p in zip(axes, out_grid.size):
+        wshape[a] = p
+    w = windows.as_window_array(window, out_grid.size).reshape(wshape) if weighted else None
+    array_window = weighted and windows.profiles(window, out_grid.size) is None
     full = [
         p * f for p, f in zip(reader.size, [po / pi for po, pi in zip(out_grid.size, grid.size)])
     ]
     in_shape = reader.patch_shape(shape)
+    positions = np.stack([m.ravel() for m in np.meshgrid(*[np.arange(r.start, r.stop) for r in own],
+                                                           indexing="ij")], axis=-1)  # fmt: skip
+    acc: np.ndarray | None = None
+    wacc: np.ndarray | None = None
     for first in range(0, len(positions), batch_size):
         chunk = positions[first : first + batch_size]
         rows = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
@@ -265,16 +296,104 @@ def _apply_block(
             raise PatchgridError(
                 f"fn returned shape {result.shape} for a batch of shape {batch.shape}"
             )
-        local_ids = np.ravel_multi_index(tuple((chunk - [r.start for r in picks]).T), local.counts)
-        merger.add(_core(result[: len(chunk)], out_grid, full), local_ids)
-    merged = merger.result()
-    crop: list[Any] = []
-    for a in range(grid.ndim):
-        if a in grid.axes:
-            j = grid.axes.index(a)
-            crop.append(slice(lo[a] - union_lo[j], hi[a] - union_lo[j]))
-        elif not (
-            reduce == "argmax" and a == [b for b in range(grid.ndim) if b not in grid.axes][-1]
+        result = _core(result[: len(chunk)], out_grid, full)
+        if acc is None:
+            acc_shape = list(result.shape[1:])
+            for a, e in zip(axes, ext):
+                acc_shape[a] = e
+            kind = result.dtype.kind
+            acc_dtype = (result.dtype if reduce in ("max", "min")
+                         else np.result_type(result.dtype, np.float32) if kind in "fc"
+                         else np.dtype(np.float64))  # fmt: skip
+            start = 0 if reduce not in ("max", "min") else NUMPY.extreme(acc_dtype, reduce == "min")
+            acc = np.full(acc_shape, start, dtype=acc_dtype)
+            if array_window:
+                wacc = np.zeros([ext[axes.index(a)] if a in axes else 1 for a in range(grid.ndim)])
+        for patch, pos in zip(result, chunk):
+            sl: list[Any] = [slice(None)] * grid.ndim
+            for j, a in enumerate(axes):
+                s = int(out_grid.axis_starts(j)[pos[j]]) - base[j]
+                sl[a] = slice(s, s + out_grid.size[j])
+            target = acc[tuple(sl)]
+            op(target, patch if w is None else patch * w, out=target)
+            if wacc is not None and w is not None:
+                wacc[tuple(sl)] += w
+    assert acc is not None
+    return acc, wacc
+
+
+def _finish(
+    sources: Sequence[tuple[tuple[np.ndarray, np.ndarray | None], Sequence[int]]],
+    lo: Sequence[int], hi: Sequence[int], out_grid: PatchGrid, window: Any, reduce: str,
+    fill: Any, dtype: Any, probe_shape: Sequence[int], class_axis: int | None,
+) -> np.ndarray:  # fmt: skip
+    """One output chunk: the partial sums that reach it, added, normalised, reduced, cast."""
+    from . import windows
+    from .merge import _divide_by_profiles, _profile_sum
+
+    axes = out_grid.axes
+    free_shape = list(probe_shape)
+    if not sources:
+        shape = list(free_shape)
+        for a, l_, h in zip(axes, lo, hi):
+            shape[a] = h - l_
+        if class_axis is not None:
+            shape.pop(class_axis)
+        return np.full(shape, fill, dtype=dtype)
+    acc0 = sources[0][0][0]
+    shape = list(acc0.shape)
+    for a, l_, h in zip(axes, lo, hi):
+        shape[a] = h - l_
+    start = 0 if reduce not in ("max", "min") else NUMPY.extreme(acc0.dtype, reduce == "min")
+    acc = np.full(shape, start, acc0.dtype)
+    wacc = None
+    for (part, wpart), base in sources:
+        dst: list[Any] = [slice(None)] * out_grid.ndim
+        src: list[Any] = [slice(None)] * out_grid.ndim
+        for j, a in enumerate(axes):
+            s, e = max(lo[j], base[j]), min(hi[j], base[j] + part.shape[a])
+            dst[a], src[a] = slice(s - lo[j], e - lo[j]), slice(s - base[j], e - base[j])
+        piece = part[tuple(src)]
+        op = {"max": np.maximum, "min": np.minimum}.get(reduce, np.add)
+        op(acc[tuple(dst)], piece, out=acc[tuple(dst)])
+        if wpart is not None:
+            if wacc is None:
+                wacc = np.zeros([s if a in axes else 1 for a, s in enumerate(shape)])
+            wacc[tuple(dst)] += wpart[tuple(src)]
+    ones = reduce != "mean"
+    profs = windows.profiles(None if ones else window, out_grid.size)
+    uncovered: list[Any] = []
+    if wacc is not None and not ones:
+        cov = wacc
+        np.divide(acc, np.where(cov > 0, cov, 1), out=acc, casting="unsafe")
+        uncovered.append(np.broadcast_to(cov == 0, acc.shape))
+    else:
+        assert profs is not None
+        sliced = []
+        for j, a in enumerate(axes):
+            prof = _profile_sum(out_grid.axis_starts(j), profs[j], out_grid.padded_shape[a])
+            sliced.append(prof[lo[j] : hi[j]])
+        if not ones:
+            _divide_by_profiles(acc, axes, sliced)
+        for a, prof in zip(axes, sliced):
+            if (prof == 0).any():
+                shape1 = [1] * acc.ndim
+                shape1[a] = len(prof)
+                uncovered.append(np.broadcast_to((prof == 0).reshape(shape1), acc.shape))
+    mask = np.logical_or.reduce(uncovered) if uncovered else None
+    if class_axis is not None:
+        result = np.argmax(acc, axis=class_axis)
+        if mask is not None:
+            mask = mask.take(0, axis=class_axis)
+    else:
+        result = acc
+        if (
+            np.dtype(dtype).kind in "iub"
+            and result.dtype.kind in "fc"
+            and reduce in ("mean", "sum")
         ):
-            crop.append(slice(None))
-    return np.ascontiguousarray(merged[tuple(crop)])
+            result = np.rint(result)
+    result = result.astype(dtype, copy=False)
+    if mask is not None:
+        result = np.where(mask, np.array(fill, dtype=dtype), result)
+    return np.ascontiguousarray(result)

@@ -102,6 +102,42 @@ def padded(image: Any, grid: PatchGrid, xp: Backend = NUMPY) -> Any:
     return pad_array(image, grid.pad_width, grid.pad_mode, grid.pad_value, xp)
 
 
+def _is_lazy(image: Any) -> bool:
+    """An array-like that reads on slicing (zarr, h5py, pg.open): never turned into one array."""
+    return (
+        not isinstance(image, (np.ndarray, list, tuple))
+        and not is_tensor(image)
+        and hasattr(image, "shape")
+        and hasattr(image, "dtype")
+        and hasattr(image, "__getitem__")
+    )
+
+
+def _extract_lazy(
+    image: Any, size: Any, stride: Any, axes: Any, edge: Any, pad_mode: str, pad_value: Any,
+    flatten: bool, out: Any,
+) -> np.ndarray:  # fmt: skip
+    """Patches of a lazy array, read patch by patch: only the regions the patches cover."""
+    from .apply import _Reader
+
+    grid = as_grid(tuple(int(n) for n in image.shape), size, stride, axes=axes, edge=edge,
+                   pad_mode=pad_mode, pad_value=pad_value)  # fmt: skip
+    shape = (*grid.counts, *grid.patch_shape)
+    if out is None:
+        out = np.empty(shape, dtype=np.dtype(image.dtype))
+    elif not isinstance(out, np.ndarray) or out.shape not in (
+        shape,
+        (len(grid), *grid.patch_shape),
+    ):
+        raise PatchgridError(f"out must be a NumPy array of shape {shape}")
+    target = out.reshape(len(grid), *grid.patch_shape)
+    reader = _Reader(image, grid, [0] * len(grid.axes), NUMPY)
+    for i in range(len(grid)):
+        target[i] = reader.read(i)
+    result: np.ndarray = target if flatten else target.reshape(shape)
+    return result
+
+
 def _as_ndarray(image: Any) -> Any:
     if isinstance(image, np.ndarray) or is_tensor(image):
         return image
@@ -195,6 +231,8 @@ def extract(
                 "out= is not taken with a Dask image; store the patches with .to_zarr()"
             )
         return extract_dask(image, grid, flatten)
+    if _is_lazy(image):
+        return _extract_lazy(image, size, stride, axes, edge, pad_mode, pad_value, flatten, out)
     arr = _as_ndarray(image)
     xp = backend_of(arr)
     grid = as_grid(

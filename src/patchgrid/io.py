@@ -113,7 +113,14 @@ class Image:
         return int(self.shape[0])
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return np.asarray(self._data[key], dtype=self.dtype)
+        try:
+            return np.asarray(self._data[key], dtype=self.dtype)
+        except (IndexError, TypeError):
+            raise
+        except Exception as exc:  # a truncated or corrupt file, in whichever library's words
+            raise PatchgridError(
+                f"cannot read {self.path!r} as {self.format}: {type(exc).__name__}: {exc}"
+            ) from None
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         whole = self[(slice(None),) * self.ndim] if self.ndim else np.asarray(self._data[()])
@@ -341,6 +348,10 @@ def _meta_from(like: Any, ndim: int, spacing: Any, affine: Any) -> tuple[tuple[f
         spacing = getattr(like, "spacing", None)
     if affine is None and like is not None:
         affine = getattr(like, "affine", None)
+    if spacing is None and affine is not None:
+        # The voxel size along each of the first three axes is the length of its affine column.
+        columns = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+        spacing = [*columns[: min(3, ndim)], *([1.0] * max(0, ndim - 3))]
     spacing = (1.0,) * ndim if spacing is None else tuple(float(s) for s in spacing)
     if len(spacing) != ndim:
         raise PatchgridError(f"spacing must have one entry per axis ({ndim}), got {spacing}")
@@ -446,7 +457,7 @@ def _write_tiff(
     kwargs: dict[str, Any] = {}
     if data.ndim >= 2 and spacing[-1] > 0 and spacing[-2] > 0:
         kwargs["resolution"] = (1.0 / spacing[-1], 1.0 / spacing[-2])
-    tifffile.imwrite(tmp, data, metadata=meta, **kwargs)
+    tifffile.imwrite(tmp, data, metadata=meta, photometric="minisblack", **kwargs)
 
 
 def _write_zarr(

@@ -1,0 +1,1155 @@
+"""The command line (issue #4, items 2 to 5): commands, bad input, atomic outputs, progress
+bars and round trips through files.
+
+Commands run in-process through ``patchgrid.cli.main`` (its exit code, with capsys), and as
+``python -m patchgrid`` where what matters is what a user's terminal shows (no traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+nib = pytest.importorskip("nibabel")
+tifffile = pytest.importorskip("tifffile")
+zarr = pytest.importorskip("zarr")
+h5py = pytest.importorskip("h5py")
+
+from nibabel.testing import data_path  # noqa: E402
+
+import patchgrid as pg  # noqa: E402
+import patchgrid.io as pio  # noqa: E402
+from patchgrid.cli import main  # noqa: E402
+
+COMMANDS = ["info", "extract", "merge", "apply", "preview", "demo"]
+ANATOMICAL = os.path.join(data_path, "anatomical.nii")  # (33, 41, 25) >i2, spacing 2 mm
+EXAMPLE4D = os.path.join(data_path, "example4d.nii.gz")  # (128, 96, 24, 2) int16
+SHAPE = (12, 16, 20)
+SPACING = (2.0, 0.5, 0.25)
+AFFINE = np.array(
+    [
+        [0.0, -0.5, 0.0, 10.0],
+        [2.0, 0.0, 0.0, -3.0],
+        [0.0, 0.0, 0.25, 7.5],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+MODELS = """
+calls = [0]
+
+
+def double(batch):
+    return 2 * batch
+
+
+def fails_on_third_batch(batch):
+    calls[0] += 1
+    if calls[0] == 3:
+        raise ValueError("the model failed on its third batch")
+    return batch
+
+
+def crashes_on_third_batch(batch):
+    calls[0] += 1
+    if calls[0] == 3:
+        raise RuntimeError("the model crashed on its third batch")
+    return batch
+"""
+
+
+def cli(capsys, *argv):
+    """Run the command line in-process: (exit code, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse: --help, and usage errors
+        code = 0 if exc.code is None else exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_process(*argv, cwd):
+    """Run ``python -m patchgrid`` in a fresh interpreter: (exit code, stdout, stderr)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "patchgrid", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=60,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def error_lines(err):
+    return [line for line in err.splitlines() if "error" in line.lower()]
+
+
+def _volume(dtype="float32", shape=SHAPE, seed=0):
+    return (np.random.default_rng(seed).random(shape) * 200).astype(dtype)
+
+
+def _read(path):
+    with pg.open(path) as img:
+        return np.asarray(img)
+
+
+def _snapshot(path):
+    """Every file under ``path`` (or the file itself) with its bytes."""
+    path = str(path)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return {"": f.read()}
+    files = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                files[os.path.relpath(full, path)] = f.read()
+    return files
+
+
+@pytest.fixture
+def nifti(tmp_path):
+    """A float32 NIfTI volume with a non-diagonal affine."""
+    path = tmp_path / "scan.nii.gz"
+    pg.save(path, _volume(), affine=AFFINE, spacing=SPACING)
+    return path
+
+
+@pytest.fixture
+def npy(tmp_path):
+    path = tmp_path / "volume.npy"
+    pg.save(path, _volume())
+    return path
+
+
+@pytest.fixture
+def models(tmp_path):
+    path = tmp_path / "models.py"
+    path.write_text(MODELS)
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, nifti, capsys):
+    """A patch store extracted from ``nifti`` with overlapping patches."""
+    path = tmp_path / "patches.zarr"
+    code, _, err = cli(
+        capsys, "extract", nifti, "--size", 8, "--stride", 4, "--edge", "shift", "-o", path
+    )
+    assert code == 0, err
+    return path
+
+
+# ------------------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_exits_zero(capsys, command):
+    code, _, _ = cli(capsys, command, "--help")
+    assert code == 0
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_an_example(capsys, command):
+    _, out, _ = cli(capsys, command, "--help")
+    assert "example" in out.lower()
+
+
+def test_top_level_help_lists_every_command(capsys):
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0
+    assert all(command in out for command in COMMANDS)
+
+
+def test_no_command_is_a_usage_error(capsys):
+    code, _, err = cli(capsys)
+    assert code != 0
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------- info
+
+
+def test_info_shows_counts_and_number_of_patches(capsys, npy):
+    code, out, _ = cli(capsys, "info", npy, "--size", 4, "--stride", 2)
+    assert code == 0
+    assert "counts (5, 7, 9), 315 patches" in out
+
+
+def test_info_single_size_equals_per_axis_size(capsys, npy):
+    _, one, _ = cli(capsys, "info", npy, "--size", 4, "--stride", 2)
+    _, each, _ = cli(capsys, "info", npy, "--size", "4,4,4", "--stride", "2,2,2")
+    assert one == each
+
+
+def test_info_per_axis_size_and_stride(capsys, npy):
+    _, out, _ = cli(capsys, "info", npy, "--size", "2,4,8", "--stride", "1,2,4")
+    counts = pg.PatchGrid(SHAPE, (2, 4, 8), (1, 2, 4)).counts
+    assert f"counts {counts}" in out
+
+
+def test_info_edge_pad_reports_padding(capsys, npy):
+    _, out, _ = cli(capsys, "info", npy, "--size", 5, "--edge", "pad")
+    assert "3 voxels after axis 0" in out
+
+
+def test_info_axes_keep_the_time_axis_whole(capsys):
+    _, out, _ = cli(capsys, "info", EXAMPLE4D, "--size", "32,32,8", "--axes", "0,1,2")
+    assert "36 patches of shape (32, 32, 8, 2)" in out
+
+
+def test_info_shows_spacing(capsys):
+    _, out, _ = cli(capsys, "info", ANATOMICAL, "--size", 8)
+    assert "spacing (2.0, 2.0, 2.0)" in out
+
+
+# ----------------------------------------------------------------------------------- extract
+
+
+def test_extract_store_holds_patches_of_patch_shape(capsys, tmp_path, npy):
+    cli(capsys, "extract", npy, "--size", "4,8,10", "-o", tmp_path / "p.zarr")
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    assert group["patches"].shape == (3 * 2 * 2, 4, 8, 10)
+
+
+def test_extract_store_patches_equal_the_librarys(capsys, tmp_path, npy):
+    cli(
+        capsys,
+        "extract",
+        npy,
+        "--size",
+        8,
+        "--stride",
+        4,
+        "--edge",
+        "even",
+        "-o",
+        tmp_path / "p.zarr",
+    )
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    expected = pg.extract(_volume(), 8, 4, edge="even", flatten=True)
+    assert np.array_equal(group["patches"][...], expected)
+
+
+def test_extract_store_starts_are_the_grids(capsys, tmp_path, npy):
+    cli(
+        capsys,
+        "extract",
+        npy,
+        "--size",
+        8,
+        "--stride",
+        4,
+        "--edge",
+        "shift",
+        "-o",
+        tmp_path / "p.zarr",
+    )
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    starts = pg.PatchGrid(SHAPE, 8, 4, edge="shift").starts()
+    assert np.array_equal(group["starts"][...], starts)
+
+
+def test_extract_store_attrs_hold_the_grid(capsys, tmp_path, npy):
+    cli(
+        capsys,
+        "extract",
+        npy,
+        "--size",
+        "4,8,8",
+        "--stride",
+        "2,4,6",
+        "--edge",
+        "pad",
+        "-o",
+        tmp_path / "p.zarr",
+    )
+    grid = zarr.open_group(str(tmp_path / "p.zarr"), mode="r").attrs["patchgrid"]["grid"]
+    assert (grid["shape"], grid["size"], grid["stride"], grid["edge"]) == (
+        list(SHAPE),
+        [4, 8, 8],
+        [2, 4, 6],
+        ["pad", "pad", "pad"],
+    )
+
+
+def test_extract_store_attrs_hold_the_sources_metadata(capsys, tmp_path, nifti):
+    cli(capsys, "extract", nifti, "--size", 4, "-o", tmp_path / "p.zarr")
+    source = zarr.open_group(str(tmp_path / "p.zarr"), mode="r").attrs["patchgrid"]["source"]
+    assert source["spacing"] == list(SPACING)
+    assert np.array_equal(source["affine"], AFFINE)
+
+
+def test_merge_needs_nothing_but_the_store(capsys, tmp_path, nifti, store):
+    os.remove(nifti)
+    code, _, err = cli(capsys, "merge", store, "-o", tmp_path / "restored.nii.gz")
+    assert code == 0, err
+    with pg.open(tmp_path / "restored.nii.gz") as img:
+        assert np.array_equal(img.affine, AFFINE)
+
+
+def test_extract_prints_what_it_wrote(capsys, tmp_path, npy):
+    code, out, _ = cli(capsys, "extract", npy, "--size", 4, "-o", tmp_path / "p.zarr")
+    assert code == 0
+    assert "patches (60, 4, 4, 4)" in out
+
+
+FOLDER_FORMATS = [("nii", ".nii.gz"), ("tif", ".tif"), ("npy", ".npy")]
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), FOLDER_FORMATS, ids=[f[0] for f in FOLDER_FORMATS])
+def test_extract_folder_names_files_by_position(capsys, tmp_path, npy, fmt, suffix):
+    cli(capsys, "extract", npy, "--size", "6,8,10", "-o", f"{tmp_path / 'out'}/", "--format", fmt)
+    expected = {
+        f"patch_{i:03d}_{j:03d}_{k:03d}{suffix}"
+        for i in range(2)
+        for j in range(2)
+        for k in range(2)
+    }
+    assert set(os.listdir(tmp_path / "out")) == expected
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), FOLDER_FORMATS, ids=[f[0] for f in FOLDER_FORMATS])
+def test_extract_folder_patch_holds_its_region(capsys, tmp_path, npy, fmt, suffix):
+    cli(capsys, "extract", npy, "--size", "6,8,10", "-o", f"{tmp_path / 'out'}/", "--format", fmt)
+    patch = _read(tmp_path / "out" / f"patch_001_000_001{suffix}")
+    assert np.array_equal(patch, _volume()[6:12, 0:8, 10:20])
+
+
+def test_extract_folder_without_format_writes_npy(capsys, tmp_path, npy):
+    cli(capsys, "extract", npy, "--size", "6,8,10", "-o", f"{tmp_path / 'out'}/")
+    assert "patch_000_001_001.npy" in os.listdir(tmp_path / "out")
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), FOLDER_FORMATS[:2], ids=["nii", "tif"])
+def test_extract_folder_patch_keeps_spacing(capsys, tmp_path, nifti, fmt, suffix):
+    cli(capsys, "extract", nifti, "--size", 4, "-o", f"{tmp_path / 'out'}/", "--format", fmt)
+    with pg.open(tmp_path / "out" / f"patch_001_002_003{suffix}") as img:
+        assert img.spacing == SPACING
+
+
+# anatomical.nii, size 16, edge pad: counts (3, 3, 2).
+POSITIONS = [((0, 0, 0), "first"), ((1, 2, 1), "middle"), ((2, 2, 1), "last")]
+
+
+@pytest.mark.parametrize(("pos", "_name"), POSITIONS, ids=[p[1] for p in POSITIONS])
+def test_nifti_patch_origin_is_where_it_sits(capsys, tmp_path, pos, _name):
+    cli(
+        capsys,
+        "extract",
+        ANATOMICAL,
+        "--size",
+        16,
+        "--edge",
+        "pad",
+        "-o",
+        f"{tmp_path}/p/",
+        "--format",
+        "nii",
+    )
+    name = "patch_" + "_".join(f"{p:03d}" for p in pos) + ".nii.gz"
+    start = [16 * p for p in pos]
+    with pg.open(tmp_path / "p" / name) as patch, pg.open(ANATOMICAL) as source:
+        assert np.allclose(patch.affine @ [0, 0, 0, 1], source.affine @ [*start, 1])
+
+
+def test_nifti_patch_keeps_the_sources_orientation(capsys, tmp_path, nifti):
+    cli(capsys, "extract", nifti, "--size", 4, "-o", f"{tmp_path}/p/", "--format", "nii")
+    with pg.open(tmp_path / "p" / "patch_002_001_003.nii.gz") as patch:
+        assert np.array_equal(patch.affine[:3, :3], AFFINE[:3, :3])
+
+
+def test_nifti_patch_origin_with_a_rotated_affine(capsys, tmp_path, nifti):
+    cli(capsys, "extract", nifti, "--size", 4, "-o", f"{tmp_path}/p/", "--format", "nii")
+    with pg.open(tmp_path / "p" / "patch_002_001_003.nii.gz") as patch:
+        assert np.allclose(patch.affine @ [0, 0, 0, 1], AFFINE @ [8, 4, 12, 1])
+
+
+def test_nifti_patch_of_a_4d_scan_sits_at_its_start(capsys, tmp_path):
+    cli(
+        capsys,
+        "extract",
+        EXAMPLE4D,
+        "--size",
+        "32,32,8",
+        "--axes",
+        "0,1,2",
+        "-o",
+        f"{tmp_path}/p/",
+        "--format",
+        "nii",
+    )
+    with pg.open(tmp_path / "p" / "patch_003_001_002.nii.gz") as patch, pg.open(EXAMPLE4D) as src:
+        assert patch.shape == (32, 32, 8, 2)
+        assert np.allclose(patch.affine @ [0, 0, 0, 1], src.affine @ [96, 32, 16, 1])
+
+
+@pytest.mark.parametrize("size", ["4", "4,4,4"])
+def test_extract_accepts_one_size_or_one_per_axis(capsys, tmp_path, npy, size):
+    cli(capsys, "extract", npy, "--size", size, "--stride", 4, "-o", tmp_path / "p.zarr")
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    assert group["patches"].shape == (3 * 4 * 5, 4, 4, 4)
+
+
+# ------------------------------------------------------------------------------------- merge
+
+
+MERGE_OUTPUTS = ["out.nii.gz", "out.nii", "out.tif", "out.zarr", "out.h5", "out.npy"]
+
+
+@pytest.mark.parametrize("name", MERGE_OUTPUTS)
+def test_merge_writes_each_format(capsys, tmp_path, store, name):
+    code, _, err = cli(capsys, "merge", store, "-o", tmp_path / name)
+    assert code == 0, err
+    assert np.allclose(_read(tmp_path / name), _volume())
+
+
+@pytest.mark.parametrize("name", [n for n in MERGE_OUTPUTS if n != "out.npy"])
+def test_merge_keeps_the_sources_spacing(capsys, tmp_path, store, name):
+    cli(capsys, "merge", store, "-o", tmp_path / name)
+    with pg.open(tmp_path / name) as img:
+        assert img.spacing == SPACING
+
+
+@pytest.mark.parametrize("name", [n for n in MERGE_OUTPUTS if n != "out.npy"])
+def test_merge_keeps_the_sources_affine(capsys, tmp_path, store, name):
+    cli(capsys, "merge", store, "-o", tmp_path / name)
+    with pg.open(tmp_path / name) as img:
+        assert np.array_equal(img.affine, AFFINE)
+
+
+def test_merge_into_a_named_h5_dataset(capsys, tmp_path, store):
+    cli(capsys, "merge", store, "-o", f"{tmp_path / 'out.h5'}:volume")
+    assert np.allclose(_read(f"{tmp_path / 'out.h5'}:volume"), _volume())
+
+
+@pytest.mark.parametrize("window", ["gaussian", "hann", "triangular"])
+def test_merge_with_a_window(capsys, tmp_path, store, window):
+    cli(capsys, "merge", store, "-o", tmp_path / "out.npy", "--window", window)
+    assert np.allclose(_read(tmp_path / "out.npy"), _volume(), atol=1e-5)
+
+
+@pytest.mark.parametrize("reduce", ["max", "min"])
+def test_merge_with_a_reduction(capsys, tmp_path, store, reduce):
+    cli(capsys, "merge", store, "-o", tmp_path / "out.npy", "--reduce", reduce)
+    assert np.array_equal(_read(tmp_path / "out.npy"), _volume())
+
+
+def test_merge_prints_what_it_wrote(capsys, tmp_path, store):
+    code, out, _ = cli(capsys, "merge", store, "-o", tmp_path / "out.npy")
+    assert code == 0
+    assert f"-> {tmp_path / 'out.npy'} {SHAPE}" in out
+
+
+# ------------------------------------------------------------------------ round trips (item 5)
+
+
+def _anatomical(tmp_path):
+    return ANATOMICAL
+
+
+def _example4d(tmp_path):
+    return EXAMPLE4D
+
+
+def _tiff(tmp_path):
+    # Written by tifffile itself: ImageJ z spacing and x/y resolution tags, no patchgrid metadata.
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(
+        path,
+        _volume("uint8"),
+        imagej=True,
+        resolution=(1 / 0.25, 1 / 0.5),
+        metadata={"spacing": 2.0, "unit": "um"},
+    )
+    return path
+
+
+def _zarr(tmp_path):
+    path = tmp_path / "volume.zarr"
+    pg.save(path, _volume("float32"), spacing=SPACING, affine=AFFINE)
+    return path
+
+
+def _hdf5(tmp_path):
+    path = tmp_path / "volume.h5"
+    pg.save(f"{path}:raw", _volume("float64"), spacing=SPACING)
+    return f"{path}:raw"
+
+
+def _npy(tmp_path):
+    path = tmp_path / "volume.npy"
+    pg.save(path, _volume("int16"))
+    return path
+
+
+# (source, grid arguments, output name): tiles, stride == size, merged with the default window.
+ROUND_TRIPS = [
+    pytest.param(_anatomical, ["--size", 16, "--edge", "pad"], "out.nii.gz", id="nifti-3d-int16"),
+    pytest.param(
+        _example4d, ["--size", "32,32,8", "--axes", "0,1,2"], "out.nii.gz", id="nifti-4d-int16"
+    ),
+    pytest.param(_tiff, ["--size", "4,8,10"], "out.tif", id="tiff-uint8"),
+    pytest.param(_zarr, ["--size", 5, "--edge", "pad"], "out.zarr", id="zarr-float32"),
+    pytest.param(_hdf5, ["--size", "6,8,5"], "out.h5", id="hdf5-float64"),
+    pytest.param(_npy, ["--size", 4], "out.npy", id="npy-int16"),
+]
+
+
+def _round_trip(capsys, tmp_path, make, grid_args, name, *merge_args):
+    source = make(tmp_path)
+    code, _, err = cli(capsys, "extract", source, *grid_args, "-o", tmp_path / "p.zarr")
+    assert code == 0, err
+    code, _, err = cli(capsys, "merge", tmp_path / "p.zarr", "-o", tmp_path / name, *merge_args)
+    assert code == 0, err
+    return source, tmp_path / name
+
+
+@pytest.mark.parametrize(("make", "grid_args", "name"), ROUND_TRIPS)
+def test_round_trip_gives_the_data_back_exactly(capsys, tmp_path, make, grid_args, name):
+    source, out = _round_trip(capsys, tmp_path, make, grid_args, name)
+    assert np.array_equal(_read(out), _read(source))
+
+
+@pytest.mark.parametrize(("make", "grid_args", "name"), ROUND_TRIPS)
+def test_round_trip_keeps_the_shape(capsys, tmp_path, make, grid_args, name):
+    source, out = _round_trip(capsys, tmp_path, make, grid_args, name)
+    with pg.open(out) as got, pg.open(source) as want:
+        assert got.shape == want.shape
+
+
+@pytest.mark.parametrize(("make", "grid_args", "name"), ROUND_TRIPS)
+def test_round_trip_keeps_the_dtype(capsys, tmp_path, make, grid_args, name):
+    source, out = _round_trip(capsys, tmp_path, make, grid_args, name)
+    with pg.open(out) as got, pg.open(source) as want:
+        # Byte order is the file's business (anatomical.nii is big-endian).
+        assert got.dtype.newbyteorder("=") == want.dtype.newbyteorder("=")
+
+
+@pytest.mark.parametrize(("make", "grid_args", "name"), ROUND_TRIPS)
+def test_round_trip_keeps_the_spacing(capsys, tmp_path, make, grid_args, name):
+    source, out = _round_trip(capsys, tmp_path, make, grid_args, name)
+    with pg.open(out) as got, pg.open(source) as want:
+        assert got.spacing == want.spacing
+
+
+@pytest.mark.parametrize(("make", "grid_args", "name"), ROUND_TRIPS)
+def test_round_trip_keeps_the_affine(capsys, tmp_path, make, grid_args, name):
+    source, out = _round_trip(capsys, tmp_path, make, grid_args, name)
+    with pg.open(out) as got, pg.open(source) as want:
+        assert (got.affine is None) == (want.affine is None)
+        assert want.affine is None or np.array_equal(got.affine, want.affine)
+
+
+def test_round_trip_tiff_keeps_the_resolution_tags(capsys, tmp_path):
+    source, out = _round_trip(capsys, tmp_path, _tiff, ["--size", "4,8,10"], "out.tif")
+    with tifffile.TiffFile(out) as got, tifffile.TiffFile(source) as want:
+        tags = [
+            (t.pages[0].tags["XResolution"].value, t.pages[0].tags["YResolution"].value)
+            for t in (got, want)
+        ]
+    assert tags[0] == tags[1]
+
+
+OVERLAPS = [
+    pytest.param(_anatomical, "out.nii.gz", id="nifti"),
+    pytest.param(_zarr, "out.zarr", id="zarr"),
+    pytest.param(_hdf5, "out.h5", id="hdf5"),
+]
+
+
+@pytest.mark.parametrize(("make", "name"), OVERLAPS)
+@pytest.mark.parametrize("window", ["uniform", "gaussian"])
+def test_round_trip_with_overlapping_patches(capsys, tmp_path, make, name, window):
+    grid_args = ["--size", 8, "--stride", 5, "--edge", "shift"]
+    source, out = _round_trip(capsys, tmp_path, make, grid_args, name, "--window", window)
+    assert np.allclose(_read(out), _read(source))
+
+
+# ------------------------------------------------------------------------------------- apply
+
+
+@pytest.mark.parametrize("name", ["out.nii.gz", "out.zarr", "out.h5", "out.tif", "out.npy"])
+def test_apply_runs_the_model_over_the_image(capsys, tmp_path, nifti, models, name):
+    code, _, err = cli(
+        capsys,
+        "apply",
+        nifti,
+        "--model",
+        f"{models}:double",
+        "--size",
+        8,
+        "--stride",
+        4,
+        "-o",
+        tmp_path / name,
+    )
+    assert code == 0, err
+    assert np.allclose(_read(tmp_path / name), 2 * _volume())
+
+
+def test_apply_output_keeps_spacing_and_affine(capsys, tmp_path, nifti, models):
+    cli(
+        capsys,
+        "apply",
+        nifti,
+        "--model",
+        f"{models}:double",
+        "--size",
+        8,
+        "-o",
+        tmp_path / "out.nii.gz",
+    )
+    with pg.open(tmp_path / "out.nii.gz") as img:
+        assert img.spacing == SPACING
+        assert np.array_equal(img.affine, AFFINE)
+
+
+def test_apply_with_an_importable_module(capsys, tmp_path, nifti, models, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "models", raising=False)
+    code, _, err = cli(
+        capsys, "apply", nifti, "--model", "models:double", "--size", 8, "-o", tmp_path / "out.npy"
+    )
+    assert code == 0, err
+    assert np.allclose(_read(tmp_path / "out.npy"), 2 * _volume())
+
+
+def test_apply_over_the_4d_sample_keeps_time_whole(capsys, tmp_path, models):
+    code, _, err = cli(
+        capsys,
+        "apply",
+        EXAMPLE4D,
+        "--model",
+        f"{models}:double",
+        "--size",
+        "64,48,12",
+        "--axes",
+        "0,1,2",
+        "-o",
+        tmp_path / "out.npy",
+    )
+    assert code == 0, err
+    assert np.allclose(_read(tmp_path / "out.npy"), 2 * _read(EXAMPLE4D))
+
+
+BAD_MODELS = [
+    pytest.param("{models}:missing", "has no function 'missing'", id="no-such-function"),
+    pytest.param("{models}", "must look like module:function", id="no-colon"),
+    pytest.param("{tmp}/nowhere.py:double", "no such model file", id="no-such-file"),
+    pytest.param("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'", id="no-module"),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), BAD_MODELS)
+def test_apply_bad_model(capsys, tmp_path, nifti, models, spec, message):
+    spec = spec.format(models=models, tmp=tmp_path)
+    code, _, err = cli(
+        capsys, "apply", nifti, "--model", spec, "--size", 8, "-o", tmp_path / "out.npy"
+    )
+    assert code != 0
+    assert len(error_lines(err)) == 1
+    assert message in err
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------- preview
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png(capsys, tmp_path, image, *args):
+    code, _, err = cli(capsys, "preview", image, *args, "-o", tmp_path / "grid.png")
+    assert code == 0, err
+    return (tmp_path / "grid.png").read_bytes()
+
+
+def test_preview_writes_a_png_of_a_volume(capsys, tmp_path, nifti):
+    data = _png(capsys, tmp_path, nifti, "--size", 8, "--stride", 4)
+    assert data.startswith(PNG_MAGIC)
+
+
+def test_preview_writes_a_png_of_an_image(capsys, tmp_path):
+    pg.save(tmp_path / "plane.npy", _volume(shape=(20, 30)))
+    data = _png(capsys, tmp_path, tmp_path / "plane.npy", "--size", 8, "--stride", 6)
+    assert data.startswith(PNG_MAGIC)
+
+
+def test_preview_writes_a_png_of_a_4d_scan(capsys, tmp_path):
+    data = _png(
+        capsys,
+        tmp_path,
+        EXAMPLE4D,
+        "--size",
+        "32,32,8",
+        "--stride",
+        "24,24,6",
+        "--axes",
+        "0,1,2",
+        "--edge",
+        "shift",
+    )
+    assert data.startswith(PNG_MAGIC)
+
+
+def test_preview_rejects_other_picture_formats(capsys, tmp_path, nifti):
+    code, _, err = cli(capsys, "preview", nifti, "--size", 8, "-o", tmp_path / "grid.jpg")
+    assert code != 0
+    assert "must be a .png" in err
+    assert os.listdir(tmp_path) == ["scan.nii.gz"]
+
+
+# -------------------------------------------------------------------------------------- demo
+
+
+def test_demo_succeeds(capsys, tmp_path):
+    code, _, err = cli(capsys, "demo", "--dir", tmp_path / "demo", "--shape", "8,10,12")
+    assert code == 0, err
+
+
+def test_demo_says_what_it_did(capsys, tmp_path):
+    _, out, _ = cli(capsys, "demo", "--dir", tmp_path / "demo")
+    assert "patches.shape = (4, 9, 14, 4, 4, 4)" in out
+    assert "round trip: exact" in out
+
+
+def test_demo_writes_its_files(capsys, tmp_path):
+    cli(capsys, "demo", "--dir", tmp_path / "demo", "--shape", "8,10,12")
+    assert set(os.listdir(tmp_path / "demo")) == {
+        "volume.nii.gz",
+        "patches.zarr",
+        "restored.nii.gz",
+        "grid.png",
+    }
+
+
+def test_demo_files_are_consistent(capsys, tmp_path):
+    cli(
+        capsys, "demo", "--dir", tmp_path / "demo", "--shape", "8,12,16", "--size", 4, "--stride", 4
+    )
+    volume = _read(tmp_path / "demo" / "volume.nii.gz")
+    assert np.allclose(_read(tmp_path / "demo" / "restored.nii.gz"), volume)
+
+
+# ------------------------------------------------------------------------ bad input (item 3)
+
+
+def _garbage(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"this is not an image " * 10)
+    return path
+
+
+def _folder(tmp_path, name):
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+def _good(tmp_path):
+    path = tmp_path / "good.npy"
+    pg.save(path, _volume(shape=(8, 8, 8)))
+    return path
+
+
+# (build the arguments from tmp_path, words the error line must hold)
+BAD_INPUT = [
+    pytest.param(
+        lambda t: ["info", t / "missing.nii.gz", "--size", 4], "no such file", id="missing-file"
+    ),
+    pytest.param(
+        lambda t: ["extract", t / "missing.npy", "--size", 4, "-o", t / "p.zarr"],
+        "no such file",
+        id="extract-missing-file",
+    ),
+    pytest.param(
+        lambda t: ["info", _garbage(t, "bad.nii.gz"), "--size", 4],
+        "cannot read",
+        id="corrupt-nifti",
+    ),
+    pytest.param(
+        lambda t: ["info", _garbage(t, "bad.tif"), "--size", 4], "cannot read", id="corrupt-tiff"
+    ),
+    pytest.param(
+        lambda t: ["info", _garbage(t, "bad.h5"), "--size", 4], "cannot read", id="corrupt-hdf5"
+    ),
+    pytest.param(
+        lambda t: ["info", _garbage(t, "bad.npy"), "--size", 4], "cannot read", id="corrupt-npy"
+    ),
+    pytest.param(
+        lambda t: ["info", _folder(t, "dir.npy"), "--size", 4], "cannot read", id="folder-not-file"
+    ),
+    pytest.param(
+        lambda t: ["info", _garbage(t, "scan.png"), "--size", 4], "format", id="unknown-extension"
+    ),
+    pytest.param(lambda t: ["info", _good(t), "--size", 0], "size", id="size-zero"),
+    pytest.param(lambda t: ["info", _good(t), "--size", -2], "size", id="size-negative"),
+    pytest.param(lambda t: ["info", _good(t), "--size", "four"], "size", id="size-word"),
+    pytest.param(lambda t: ["info", _good(t), "--size", "4,x"], "size", id="size-list-word"),
+    pytest.param(lambda t: ["info", _good(t), "--size", "4,4,4,4"], "size", id="size-too-long"),
+    pytest.param(lambda t: ["info", _good(t), "--size", 20], "size", id="size-too-large"),
+    pytest.param(
+        lambda t: ["info", _good(t), "--size", 4, "--stride", 0], "stride", id="stride-zero"
+    ),
+    pytest.param(
+        lambda t: ["info", _good(t), "--size", 4, "--stride", "2.5"], "stride", id="stride-fraction"
+    ),
+    pytest.param(
+        lambda t: ["info", _good(t), "--size", 4, "--axes", 5], "axes", id="axis-out-of-range"
+    ),
+    pytest.param(
+        lambda t: ["info", _good(t), "--size", 4, "--axes", "0,0"], "axes", id="axis-repeated"
+    ),
+    pytest.param(
+        lambda t: ["info", _good(t), "--size", 4, "--edge", "wrap"], "edge", id="edge-unknown"
+    ),
+    pytest.param(
+        lambda t: ["extract", _good(t), "--size", 4, "--edge", "fold", "-o", t / "p.zarr"],
+        "edge",
+        id="extract-edge-unknown",
+    ),
+    pytest.param(
+        lambda t: ["extract", _good(t), "--size", 4, "-o", t / "p.txt"],
+        "-o",
+        id="extract-output-not-zarr",
+    ),
+    pytest.param(
+        lambda t: ["merge", _good(t), "-o", t / "out.npy"],
+        "not a patch store",
+        id="merge-not-a-store",
+    ),
+    pytest.param(
+        lambda t: ["merge", t / "missing.zarr", "-o", t / "out.npy"],
+        "no such",
+        id="merge-missing-store",
+    ),
+    pytest.param(
+        lambda t: ["extract", _good(t), "--size", 4, "-o", t / "no" / "p.zarr"],
+        "does not exist",
+        id="output-folder-missing",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_args", "words"), BAD_INPUT)
+def test_bad_input_exits_non_zero(capsys, tmp_path, make_args, words):
+    code, _, _ = cli(capsys, *make_args(tmp_path))
+    assert code != 0
+
+
+@pytest.mark.parametrize(("make_args", "words"), BAD_INPUT)
+def test_bad_input_gives_one_clear_line(capsys, tmp_path, make_args, words):
+    _, _, err = cli(capsys, *make_args(tmp_path))
+    assert "Traceback" not in err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert words in lines[0]
+
+
+@pytest.mark.parametrize(("make_args", "words"), BAD_INPUT)
+def test_bad_input_writes_nothing(capsys, tmp_path, make_args, words):
+    args = make_args(tmp_path)
+    before = set(os.listdir(tmp_path))
+    cli(capsys, *args)
+    assert set(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="root reads files whatever their permissions",
+)
+def test_unreadable_file(capsys, tmp_path):
+    path = _good(tmp_path)
+    path.chmod(0)
+    code, _, err = cli(capsys, "info", path, "--size", 4)
+    assert code != 0
+    assert "Traceback" not in err
+    assert len(error_lines(err)) == 1
+
+
+PROCESS_CASES = [
+    pytest.param(lambda t: ["info", t / "missing.nii.gz", "--size", 4], id="missing-file"),
+    pytest.param(lambda t: ["info", _garbage(t, "bad.nii.gz"), "--size", 4], id="corrupt"),
+    pytest.param(lambda t: ["info", _garbage(t, "bad.xyz"), "--size", 4], id="unknown-extension"),
+    pytest.param(lambda t: ["info", _good(t), "--size", "4,x"], id="bad-size"),
+    pytest.param(lambda t: ["merge", _good(t), "-o", t / "out.npy"], id="merge-not-a-store"),
+]
+
+
+@pytest.mark.parametrize("make_args", PROCESS_CASES)
+def test_bad_input_in_a_terminal_shows_no_traceback(tmp_path, make_args):
+    code, _, err = cli_process(*make_args(tmp_path), cwd=tmp_path)
+    assert code != 0
+    assert "Traceback" not in err
+    assert len(error_lines(err)) == 1, err
+
+
+def _truncated(tmp_path, ext):
+    path = tmp_path / f"cut.{ext}"
+    pg.save(path, _volume(shape=(16, 16, 16)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("ext", ["nii.gz", "nii", "npy", "tif", "h5"])
+def test_truncated_file_gives_one_line_naming_it(tmp_path, ext):
+    # In a fresh process: tifffile leaks file handles when several chunk reads fail at once.
+    path = _truncated(tmp_path, ext)
+    code, _, err = cli_process(
+        "extract", path, "--size", 8, "-o", tmp_path / "p.zarr", cwd=tmp_path
+    )
+    assert code != 0
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert path.name in err
+
+
+@pytest.mark.parametrize("ext", ["nii.gz", "nii", "npy", "tif", "h5"])
+def test_truncated_file_leaves_no_output(tmp_path, ext):
+    path = _truncated(tmp_path, ext)
+    cli_process("extract", path, "--size", 8, "-o", tmp_path / "p.zarr", cwd=tmp_path)
+    assert os.listdir(tmp_path) == [path.name]
+
+
+# ------------------------------------------------------------- failures while writing (item 3)
+
+
+@pytest.mark.parametrize("name", ["out.npy", "out.zarr", "out.h5", "out.nii.gz", "out.tif"])
+def test_model_failing_on_third_batch_leaves_nothing(capsys, tmp_path, nifti, models, name):
+    before = sorted(os.listdir(tmp_path))
+    code, _, err = cli(
+        capsys,
+        "apply",
+        nifti,
+        "--model",
+        f"{models}:fails_on_third_batch",
+        "--size",
+        4,
+        "--batch-size",
+        2,
+        "-o",
+        tmp_path / name,
+    )
+    assert code != 0
+    assert "third batch" in err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("name", ["out.npy", "out.zarr", "out.nii.gz"])
+def test_model_crashing_in_a_process_leaves_nothing(tmp_path, nifti, models, name):
+    before = sorted(os.listdir(tmp_path))
+    code, _, _ = cli_process(
+        "apply",
+        nifti,
+        "--model",
+        f"{models}:crashes_on_third_batch",
+        "--size",
+        4,
+        "--batch-size",
+        2,
+        "-o",
+        tmp_path / name,
+        cwd=tmp_path,
+    )
+    assert code != 0
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_model_failing_with_overwrite_keeps_the_old_output(capsys, tmp_path, nifti, models):
+    old = tmp_path / "out.nii.gz"
+    pg.save(old, _volume(seed=5))
+    kept = old.read_bytes()
+    cli(
+        capsys,
+        "apply",
+        nifti,
+        "--model",
+        f"{models}:fails_on_third_batch",
+        "--size",
+        4,
+        "--batch-size",
+        2,
+        "-o",
+        old,
+        "--overwrite",
+    )
+    assert old.read_bytes() == kept
+
+
+def _fail_on_third_read(monkeypatch):
+    from patchgrid.apply import _Reader
+
+    real = _Reader.read
+    calls = [0]
+
+    def read(self, index):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError("the source went away")
+        return real(self, index)
+
+    monkeypatch.setattr(_Reader, "read", read)
+
+
+@pytest.mark.parametrize("output", ["p.zarr", "patches/"], ids=["store", "folder"])
+def test_extract_failing_halfway_leaves_nothing(capsys, tmp_path, npy, monkeypatch, output):
+    _fail_on_third_read(monkeypatch)
+    code, _, err = cli(
+        capsys, "extract", npy, "--size", 4, "--batch", 1, "-o", f"{tmp_path}/{output}"
+    )
+    assert code != 0
+    assert "went away" in err
+    assert os.listdir(tmp_path) == ["volume.npy"]
+
+
+def test_extract_folder_failing_on_third_file_leaves_nothing(capsys, tmp_path, npy, monkeypatch):
+    real = pio._WRITERS["npy"]
+    calls = [0]
+
+    def write(tmp, *args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError("disk full")
+        real(tmp, *args)
+
+    monkeypatch.setitem(pio._WRITERS, "npy", write)
+    code, _, err = cli(
+        capsys, "extract", npy, "--size", 4, "-o", f"{tmp_path}/p/", "--format", "npy"
+    )
+    assert code != 0
+    assert "disk full" in err
+    assert os.listdir(tmp_path) == ["volume.npy"]
+
+
+# ---------------------------------------------------------------------- existing outputs
+
+
+def _make_existing(capsys, tmp_path, kind, nifti):
+    """Run a command once so that its output exists; returns that output's path."""
+    store = tmp_path / "existing.zarr"
+    cli(capsys, "extract", nifti, "--size", 6, "-o", store)
+    paths = {
+        "extract-store": store,
+        "extract-folder": tmp_path / "folder",
+        "merge": tmp_path / "merged.nii.gz",
+        "apply": tmp_path / "applied.npy",
+        "preview": tmp_path / "grid.png",
+    }
+    if kind == "extract-folder":
+        cli(capsys, "extract", nifti, "--size", 6, "-o", f"{paths[kind]}/", "--format", "nii")
+    elif kind == "merge":
+        cli(capsys, "merge", store, "-o", paths[kind])
+    elif kind == "apply":
+        np.save(paths[kind], np.zeros(3))
+    elif kind == "preview":
+        paths[kind].write_bytes(b"not really a png")
+    return paths[kind]
+
+
+def _rerun(kind, path, nifti, models, store):
+    """The arguments that write ``path`` again, with a different grid."""
+    return {
+        "extract-store": ["extract", nifti, "--size", 4, "-o", path],
+        "extract-folder": ["extract", nifti, "--size", 4, "-o", f"{path}/", "--format", "nii"],
+        "merge": ["merge", store, "-o", path, "--window", "gaussian"],
+        "apply": ["apply", nifti, "--model", f"{models}:double", "--size", 8, "-o", path],
+        "preview": ["preview", nifti, "--size", 4, "-o", path],
+    }[kind]
+
+
+KINDS = ["extract-store", "extract-folder", "merge", "apply", "preview"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_existing_output_is_left_alone(capsys, tmp_path, nifti, models, kind):
+    path = _make_existing(capsys, tmp_path, kind, nifti)
+    before = _snapshot(path)
+    cli(capsys, *_rerun(kind, path, nifti, models, tmp_path / "existing.zarr"))
+    assert _snapshot(path) == before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_existing_output_error_mentions_overwrite(capsys, tmp_path, nifti, models, kind):
+    path = _make_existing(capsys, tmp_path, kind, nifti)
+    code, _, err = cli(capsys, *_rerun(kind, path, nifti, models, tmp_path / "existing.zarr"))
+    assert code != 0
+    assert "--overwrite" in err
+    assert len(error_lines(err)) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_overwrite_replaces_the_output(capsys, tmp_path, nifti, models, kind):
+    path = _make_existing(capsys, tmp_path, kind, nifti)
+    before = _snapshot(path)
+    code, _, err = cli(
+        capsys, *_rerun(kind, path, nifti, models, tmp_path / "existing.zarr"), "--overwrite"
+    )
+    assert code == 0, err
+    assert _snapshot(path) != before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_overwrite_leaves_no_temporary_files(capsys, tmp_path, nifti, models, kind):
+    path = _make_existing(capsys, tmp_path, kind, nifti)
+    before = set(os.listdir(tmp_path))
+    cli(capsys, *_rerun(kind, path, nifti, models, tmp_path / "existing.zarr"), "--overwrite")
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_overwritten_store_is_still_a_store(capsys, tmp_path, nifti):
+    store = tmp_path / "p.zarr"
+    cli(capsys, "extract", nifti, "--size", 6, "-o", store)
+    cli(capsys, "extract", nifti, "--size", 4, "-o", store, "--overwrite")
+    code, _, err = cli(capsys, "merge", store, "-o", tmp_path / "out.nii.gz")
+    assert code == 0, err
+
+
+def test_overwritten_store_holds_the_new_patches(capsys, tmp_path, nifti):
+    store = tmp_path / "p.zarr"
+    cli(capsys, "extract", nifti, "--size", 6, "-o", store)
+    cli(capsys, "extract", nifti, "--size", 4, "-o", store, "--overwrite")
+    assert "patches" in os.listdir(store)
+
+
+# ------------------------------------------------------------------------ progress (item 4)
+
+
+def _progress_args(kind, tmp_path, nifti, models, store):
+    return {
+        "extract": ["extract", nifti, "--size", 4, "-o", tmp_path / "p2.zarr"],
+        "merge": ["merge", store, "-o", tmp_path / "out.npy"],
+        "apply": [
+            "apply",
+            nifti,
+            "--model",
+            f"{models}:double",
+            "--size",
+            4,
+            "-o",
+            tmp_path / "out.npy",
+        ],
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["extract", "merge", "apply"])
+def test_progress_bar_on_a_terminal(capsys, tmp_path, nifti, models, store, kind, monkeypatch):
+    args = _progress_args(kind, tmp_path, nifti, models, store)
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stream: a terminal
+    code, _, err = cli(capsys, *args)
+    assert code == 0
+    assert "patch/s" in err
+
+
+@pytest.mark.parametrize("kind", ["extract", "merge", "apply"])
+def test_no_progress_bar_elsewhere(capsys, tmp_path, nifti, models, store, kind):
+    args = _progress_args(kind, tmp_path, nifti, models, store)
+    capsys.readouterr()
+    code, _, err = cli(capsys, *args)
+    assert code == 0
+    assert err == ""
