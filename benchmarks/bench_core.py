@@ -26,7 +26,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 import patchgrid as pg
+from _memory import peak_rss
 
 MiB = 1 << 20
 
@@ -242,26 +242,6 @@ def child(case: str, side: int, size: int, stride: int) -> None:
     tracemalloc.stop()
     rss1 = peak_rss()
     print(json.dumps({"peak": peak, "out": int(result.nbytes), "rss_delta": rss1 - rss0}))
-
-
-def peak_rss(reset: bool = False) -> int:
-    """Peak resident memory of this process in bytes; with ``reset``, restart it from now.
-
-    Linux keeps ``ru_maxrss`` across ``exec``, so a child started by a large parent reports
-    the parent's peak. ``VmHWM`` belongs to the new address space, and writing 5 to
-    ``clear_refs`` resets it to the current RSS: the difference is the peak of the call alone.
-    """
-    try:
-        if reset:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def peak_memory(case: str, w: Workload) -> dict[str, int]:

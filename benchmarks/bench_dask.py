@@ -18,7 +18,6 @@ import argparse
 import datetime
 import importlib
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -27,11 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from _memory import peak_rss
+
 MiB = 1 << 20
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def identity(batch: Any) -> Any:
@@ -69,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         want = pg.apply(identity, volume, 64, 32, **kw)
         t_mem = time.perf_counter() - t0
         rows.append(("in memory (NumPy)", "-", f"{t_mem:.1f} s", "1.00x",
-                     f"{peak_rss_mib():.0f} (this process)", "0% / 0%"))  # fmt: skip
+                     f"{peak_rss() / MiB:.0f} (this process)", "0% / 0%"))  # fmt: skip
         del volume
 
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -133,7 +130,7 @@ def _peak_mib() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return peak_rss_mib()
+    return peak_rss() / MiB
 
 
 if __name__ == "__main__":

@@ -273,6 +273,13 @@ class Merger:
         have = 0 if self._acc is None else self._acc.shape[a0]
         if rows <= have:
             return
+        if have == 0:
+            # Room for a patch and the step to the next row at once, so that a batch reaching
+            # into the next row of patches does not make the accumulator grow (and, while it
+            # grows, exist twice).
+            steps = np.diff(self._starts0)
+            reach = grid.size[0] + (int(steps.max()) if len(steps) else 0)
+            rows = max(rows, min(reach, grid.padded_shape[a0] - self._lo))
         shape = list(grid.padded_shape)
         for a in range(grid.ndim):
             if a not in grid.axes:
