@@ -589,3 +589,16 @@ def test_apply_with_a_numpy_only_pad_mode_raises(device):
     with pytest.raises(ValueError, match="pad_mode"):
         pg.apply(lambda b: b, _tensor(_array(), device), SIZE, STRIDE, axes=AXES, edge="pad",
                  pad_mode="mean", progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("classes", [2, 3, 20], ids=lambda c: f"{c}-classes")
+def test_backend_argmax_matches_numpy_with_ties_and_nans(classes):
+    from patchgrid.backends import backend_of
+
+    rng = np.random.default_rng(classes)
+    scores = rng.integers(0, 3, size=(classes, 5, 6)).astype(np.float32)  # many ties
+    scores[classes - 1, 0, 0] = np.nan
+    scores[0, 1, 1] = np.nan
+    tensor = torch.from_numpy(scores)
+    got = backend_of(tensor).argmax(tensor, 0)
+    np.testing.assert_array_equal(got.numpy(), np.argmax(scores, axis=0))

@@ -299,7 +299,20 @@ class TorchBackend(Backend):
                             value)  # fmt: skip
 
     def argmax(self, x: Any, axis: int) -> Any:
-        return self.torch.argmax(x, dim=axis)
+        t = self.torch
+        if x.shape[axis] > 16 or self.kind(x.dtype) not in "fiu":
+            return t.argmax(x.movedim(axis, -1).contiguous(), dim=-1)
+        # Few classes: compare whole planes class by class, as the NumPy backend does.
+        best = x.select(axis, 0).clone()
+        index = t.zeros(best.shape, dtype=t.int64, device=x.device)
+        for c in range(1, x.shape[axis]):
+            value = x.select(axis, c)
+            wins = value > best
+            if self.kind(x.dtype) == "f":
+                wins |= value.isnan() & ~best.isnan()
+            best = t.where(wins, value, best)
+            index.masked_fill_(wins, c)
+        return index
 
     def round(self, x: Any) -> Any:
         return self.torch.round(x)
