@@ -172,7 +172,7 @@ def apply_dask(
     halos = _halo(out_grid, out_chunks)
     counts = [len(out_chunks[a]) for a in grid.axes]
     # Layer 1: each chunk's own patches, run once, summed over the chunk and its halo.
-    parts: dict[tuple[int, ...], Any] = {}
+    parts: dict[tuple[int, ...], list[Any]] = {}
     for bid in itertools.product(*[range(c) for c in counts]):
         own = [_owned(out_grid.axis_starts(j), bounds[a], b) for j, (a, b) in
                enumerate(zip(grid.axes, bid))]  # fmt: skip
@@ -189,28 +189,32 @@ def apply_dask(
             src_lo, src_hi = (int(ids.min()), int(ids.max()) + 1) if len(ids) else (0, 0)
             region[a] = slice(src_lo, src_hi)
             origin[a] = src_lo
-        parts[bid] = dask.delayed(_partial, pure=True)(
-            fn,
-            image[tuple(region)],
-            origin,
-            tuple(image.shape),
-            grid,
-            out_grid,
-            own,
-            margin,
-            window,
-            reduce,
-            batch_size,
-        )
+        # The chunks this chunk's patches spill into, and the piece of the sums for each:
+        # separate results, so a neighbour holds only its small piece until it is done.
+        near = [[n for n, (s, e) in enumerate(zip(bounds[a][:-1], bounds[a][1:]))
+                 if s < halos[j][bid[j]][1] and e > halos[j][bid[j]][0]]
+                for j, a in enumerate(grid.axes)]  # fmt: skip
+        targets = list(itertools.product(*near))
+        cuts = []
+        for t in targets:
+            cut = []
+            for j, a in enumerate(grid.axes):
+                first = max(int(bounds[a][t[j]]), halos[j][bid[j]][0])
+                stop = min(int(bounds[a][t[j] + 1]), halos[j][bid[j]][1])
+                cut.append((first, stop))
+            cuts.append(cut)
+        pieces = dask.delayed(_partial, pure=True, nout=len(targets))(
+            fn, image[tuple(region)], origin, tuple(image.shape), grid, out_grid, own, margin,
+            window, reduce, batch_size, cuts,
+        )  # fmt: skip
+        for t, cut, piece in zip(targets, cuts, pieces):
+            parts.setdefault(t, []).append((piece, [c[0] for c in cut]))
     # Layer 2: each chunk adds what its own and its neighbours' patches put in it, and finishes.
     blocks: dict[tuple[int, ...], Any] = {}
     for bid in itertools.product(*[range(c) for c in counts]):
         lo = [int(bounds[a][b]) for a, b in zip(grid.axes, bid)]
         hi = [int(bounds[a][b + 1]) for a, b in zip(grid.axes, bid)]
-        near = [[n for n, (s, e) in enumerate(halos[j]) if s < hi[j] and e > lo[j] and e > s]
-                for j in range(len(grid.axes))]  # fmt: skip
-        sources = [(parts[n], [halos[j][n[j]][0] for j in range(len(grid.axes))])
-                   for n in itertools.product(*near) if n in parts]  # fmt: skip
+        sources = parts.get(bid, [])
         shape = list(probe_shape)
         for a, l_, h in zip(grid.axes, lo, hi):
             shape[a] = h - l_
@@ -255,11 +259,13 @@ def _nest(blocks: dict[tuple[int, ...], Any], counts: Sequence[int], drop: int |
 def _partial(
     fn: Callable[[Any], Any], data: Any, origin: Sequence[int], shape: Sequence[int],
     grid: PatchGrid, out_grid: PatchGrid, own: Sequence[range], margin: Sequence[int],
-    window: Any, reduce: str, batch_size: int,
-) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    window: Any, reduce: str, batch_size: int, cuts: Sequence[Sequence[tuple[int, int]]],
+) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:  # fmt: skip
     """A chunk's own patches, run once in fixed batches, summed (weighted) over their region.
 
-    Returns the sums and, for an array window, the sums of the weights (None otherwise).
+    Returns, for each ``cuts`` entry (a ``[start, stop)`` per tiled axis, in output
+    coordinates), a copy of the sums over it and, for an array window, of the summed weights
+    (None otherwise).
     """
     from . import windows
     from .apply import _core, _Reader
@@ -319,7 +325,14 @@ def _partial(
             if wacc is not None and w is not None:
                 wacc[tuple(sl)] += w
     assert acc is not None
-    return acc, wacc
+    out = []
+    for cut in cuts:
+        piece: list[Any] = [slice(None)] * grid.ndim
+        for j, a in enumerate(axes):
+            piece[a] = slice(cut[j][0] - base[j], cut[j][1] - base[j])
+        wsl = tuple(p if a in axes else slice(None) for a, p in enumerate(piece))
+        out.append((acc[tuple(piece)].copy(), None if wacc is None else wacc[wsl].copy()))
+    return tuple(out)
 
 
 def _finish(
