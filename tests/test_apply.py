@@ -826,3 +826,19 @@ def test_whole_image_pad_mode_works_for_an_ndarray():
                       progress=False)  # fmt: skip
     expected = _box_valid(_pad_last2(image, (1, 1), "mean"))
     np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", ["gaussian", "hann"])
+def test_weighted_add_is_the_same_with_and_without_torch_loaded(monkeypatch, window):
+    # NumPy images use torch's fused multiply-add when the caller has imported torch; the pure
+    # NumPy path must give the same result.
+    pytest.importorskip("torch")
+    import sys
+
+    image = np.random.default_rng(5).random((1, 30, 26), dtype=np.float32)
+    kw = dict(axes=(1, 2), edge="shift", window=window, progress=False)
+    with_torch = pg.apply(lambda b: b * 3, image, 10, 6, **kw)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    without = pg.apply(lambda b: b * 3, image, 10, 6, **kw)
+    np.testing.assert_allclose(with_torch, without, rtol=1e-6)
+    np.testing.assert_allclose(without, 3 * image, rtol=1e-5)
