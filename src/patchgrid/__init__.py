@@ -6,6 +6,7 @@ from .extract import extract
 from .grid import PatchGrid
 from .io import Image, open, save
 from .merge import Merger, coverage, merge
+from .sample import label_weights, sample
 from .windows import window
 
 __all__ = [
@@ -16,8 +17,10 @@ __all__ = [
     "apply",
     "coverage",
     "extract",
+    "label_weights",
     "merge",
     "open",
+    "sample",
     "save",
     "window",
 ]
