@@ -12,8 +12,10 @@ from .windows import window
 __all__ = [
     "Image",
     "Merger",
+    "PatchDataset",
     "PatchGrid",
     "PatchgridError",
+    "RandomPatchDataset",
     "apply",
     "coverage",
     "extract",
@@ -25,3 +27,12 @@ __all__ = [
     "window",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The torch datasets load torch, so they load only when asked for.
+    if name in ("PatchDataset", "RandomPatchDataset"):
+        from . import datasets
+
+        return getattr(datasets, name)
+    raise AttributeError(f"module 'patchgrid' has no attribute {name!r}")
