@@ -15,7 +15,7 @@ from .grid import PatchGrid
 
 __all__ = ["label_weights", "sample"]
 
-SLAB_BYTES = 64 << 20  # how much of a weight map is read at a time
+SLAB_BYTES = 1 << 20  # how much of a weight map is read at a time
 
 
 def _rng(rng: Any) -> np.random.Generator:
@@ -62,6 +62,7 @@ class label_weights:
         for lo, hi in _slabs(self.shape, np.dtype(labels.dtype).itemsize):
             n_fg += int(np.count_nonzero(self._fg(labels[lo:hi])))
         n_bg = int(np.prod(self.shape)) - n_fg
+        self._sums: dict[Any, tuple[list[tuple[int, int]], np.ndarray]] = {}
         self.pos = pos / n_fg if n_fg else 0.0
         self.neg = neg / n_bg if n_bg else 0.0
         if self.pos == 0 and self.neg == 0:
@@ -81,6 +82,23 @@ def _slabs(shape: Sequence[int], itemsize: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + step, shape[0])) for lo in range(0, shape[0], step)]
 
 
+def _summary(
+    weights: Any, valid: Sequence[tuple[int, int]]
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The weight map in slabs along its first axis (inside the box ``valid``) and their sums."""
+    lo0 = valid[0][0]
+    box = tuple(slice(lo, hi) for lo, hi in valid[1:])
+    slabs = [(lo0 + a, lo0 + b) for a, b in _slabs([hi - lo for lo, hi in valid], 8)]
+    sums = np.empty(len(slabs))
+    for i, (a, b) in enumerate(slabs):
+        key = (slice(a, b), *box)
+        w = np.asarray(weights[key], dtype=np.float64)
+        if not np.all(np.isfinite(w)) or (w < 0).any():
+            raise PatchgridError("weights must be finite and non-negative")
+        sums[i] = w.sum()
+    return slabs, sums
+
+
 def _draw_centres(weights: Any, valid: Sequence[tuple[int, int]], n: int,
                   rng: np.random.Generator) -> np.ndarray:  # fmt: skip
     """``n`` voxels of ``weights`` (restricted to the box ``valid``), drawn in proportion.
@@ -88,23 +106,21 @@ def _draw_centres(weights: Any, valid: Sequence[tuple[int, int]], n: int,
     Two levels, so a weight map on disk is never read whole: slabs along the first axis are
     drawn by their sums, then voxels within the slabs drawn.
     """
-    lo0 = valid[0][0]
     box = tuple(slice(lo, hi) for lo, hi in valid[1:])
     shape = [hi - lo for lo, hi in valid]
-    slabs = [(lo0 + a, lo0 + b) for a, b in _slabs(shape, 8)]
-    sums = []
-    for a, b in slabs:
-        key = (slice(a, b), *box)
-        w = np.asarray(weights[key], dtype=np.float64)
-        if not np.all(np.isfinite(w)) or (w < 0).any():
-            raise PatchgridError("weights must be finite and non-negative")
-        sums.append(float(w.sum()))
-    total = sum(sums)
+    cache = getattr(weights, "_sums", None)  # a label_weights map keeps its summary
+    if cache is not None and tuple(valid) in cache:
+        slabs, sums = cache[tuple(valid)]
+    else:
+        slabs, sums = _summary(weights, valid)
+        if cache is not None:
+            cache[tuple(valid)] = (slabs, sums)
+    total = float(sums.sum())
     if total <= 0:
         raise PatchgridError(
             "weights are zero everywhere a patch centre may fall; nothing can be drawn"
         )
-    which = rng.choice(len(slabs), size=n, p=np.asarray(sums) / total)
+    which = rng.choice(len(slabs), size=n, p=sums / total)
     out = np.empty((n, len(valid)), dtype=np.intp)
     for s in np.unique(which):
         a, b = slabs[s]
