@@ -212,7 +212,7 @@ def apply(
     edge: str | Sequence[str] = "shift",
     pad_mode: str = "constant",
     pad_value: Any = 0,
-    window: Any = "gaussian",
+    window: Any = None,
     reduce: str = "mean",
     batch_size: int = 4,
     pad_batch: bool = False,
@@ -243,8 +243,9 @@ def apply(
         As for :class:`PatchGrid`; ``edge`` defaults to ``"shift"`` (no padding, full
         coverage).
     window, reduce, dtype, fill
-        As for :class:`Merger`; the window defaults to ``"gaussian"``. ``reduce="argmax"``
-        stores labels and never holds the classes x volume scores.
+        As for :class:`Merger`. The window defaults to ``"gaussian"`` (uniform for
+        ``reduce="max"`` and ``"min"``, which take no window). ``reduce="argmax"`` stores labels
+        and never holds the classes x volume scores.
     batch_size : int
         Patches per call of ``fn``.
     pad_batch : bool
@@ -302,6 +303,8 @@ def apply(
     batch_size = _checks.as_int(batch_size, "batch_size")
     if batch_size < 1:
         raise PatchgridError(f"batch_size must be a positive integer, got {batch_size}")
+    if window is None:
+        window = None if reduce in ("max", "min") else "gaussian"
     probe = PatchGrid(shape, size, axes=axes, edge="pad")
     k = len(probe.axes)
     margins = _checks.per_axis(margin, k, "margin", positive=False)
@@ -424,7 +427,8 @@ def _check_output(
     ok = len(shape) == batch.ndim and shape[0] == batch.shape[0]
     if ok:
         for a, p, f in zip(out_grid.axes, core, full):
-            ok = ok and shape[a + 1] in (p, int(f)) and float(f).is_integer()
+            whole = float(f).is_integer() and shape[a + 1] == int(f)
+            ok = ok and (shape[a + 1] == p or whole)
     if not ok:
         spatial = {a: p for a, p in zip(out_grid.axes, core)}
         expected = (batch.shape[0], *[spatial.get(a, "*") for a in range(batch.ndim - 1)])

@@ -196,6 +196,9 @@ class TorchBackend(Backend):
             t.float32: np.float32, t.float64: np.float64, t.complex64: np.complex64,
             t.complex128: np.complex128,
         }  # fmt: skip
+        for name in ("uint16", "uint32", "uint64"):  # torch 2.3 and newer
+            if hasattr(t, name):
+                self._np_of[getattr(t, name)] = getattr(np, name)
         self._torch_of = {np.dtype(v): k for k, v in self._np_of.items()}
 
     def asarray(self, x: Any) -> Any:
@@ -244,7 +247,11 @@ class TorchBackend(Backend):
             return "c"
         if dtype.is_floating_point:
             return "f"
-        return "u" if dtype == t.uint8 else "i"
+        return (
+            "u"
+            if dtype in (t.uint8, *(getattr(t, f"uint{b}", t.uint8) for b in (16, 32, 64)))
+            else "i"
+        )
 
     def acc_dtype(self, dtype: Any, reduce: str) -> Any:
         t = self.torch

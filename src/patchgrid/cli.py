@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -289,11 +290,14 @@ def _sink(
     """An array to merge into that becomes the file ``path``: on disk where the format allows
     (npy, zarr, HDF5: bounded memory), in memory for NIfTI and TIFF (written at the end)."""
     import patchgrid as pg
-    from patchgrid.io import _attrs, _chunks_for, _need, atomic_path, split_path
+    from patchgrid.io import _attrs, _chunks_for, _need, atomic_path, check_dataset, split_path
 
     file, fmt, dataset = split_path(path)
     dtype = np.dtype(dtype)
-    with atomic_path(file, overwrite=overwrite) as tmp:
+    keep = fmt == "hdf5" and os.path.exists(file)
+    if keep:
+        check_dataset(file, dataset, overwrite)  # the file's other datasets stay
+    with atomic_path(file, overwrite=overwrite or keep) as tmp:
         if fmt == "npy":
             mapped = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
             yield mapped
@@ -308,9 +312,14 @@ def _sink(
             out.attrs.update(_attrs(spacing, affine))
         elif fmt == "hdf5":
             h5py = _need("h5py")
-            with h5py.File(tmp, "w") as f:
+            if keep:
+                shutil.copy2(file, tmp)
+            with h5py.File(tmp, "a") as f:
+                name = (dataset or "data").lstrip("/")
+                if name in f:
+                    del f[name]
                 out = f.create_dataset(
-                    dataset or "data", shape=shape, dtype=dtype, chunks=_chunks_for(shape, dtype)
+                    name, shape=shape, dtype=dtype, chunks=_chunks_for(shape, dtype)
                 )
                 yield out
                 for key, value in _attrs(spacing, affine).items():
@@ -330,7 +339,7 @@ def _merge(args: argparse.Namespace) -> int:
     reduce_ = args.reduce
     # The source's dtype by default, so that a round trip gives the source back exactly
     # (means into an integer dtype are rounded to the nearest value).
-    dtype = args.dtype or (None if reduce_ == "argmax" else source["dtype"])
+    dtype = args.dtype or (source["dtype"] if reduce_ in ("mean", "max", "min") else None)
     probe = pg.Merger(grid, reduce=reduce_, window=args.window, dtype=dtype)
     probe._start(first, tuple(first.shape[1:]))
     spacing = source.get("spacing") or [1.0] * grid.ndim
@@ -690,7 +699,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file")
     p.add_argument("--model", required=True, help="module:function or path/file.py:function")
     p.add_argument("-o", "--output", required=True, help="output image")
-    p.add_argument("--window", default="gaussian", help="blending window (default gaussian)")
+    p.add_argument(
+        "--window", default=None, help="blending window (default gaussian; uniform for max and min)"
+    )
     p.add_argument("--reduce", default="mean", help="mean, sum, max, min or argmax")
     p.add_argument("--batch-size", type=int, default=4, help="patches per call (default 4)")
     p.add_argument("--margin", type=_ints, default=0, help="voxels per side the model leaves out")

@@ -45,14 +45,25 @@ def extract_dask(image: Any, grid: PatchGrid, flatten: bool = False) -> Any:
     import dask
     import dask.array as da
 
-    from .extract import extract
+    # Pad through index maps, as in memory: da.pad gets reflect and wrap wrong when the padding
+    # is longer than the axis.
+    from .extract import INDEX_MODES, extract, index_map
 
-    if any(after for _, after in grid.pad_width):
-        width = [tuple(p) for p in grid.pad_width]
+    for a, (_, after) in enumerate(grid.pad_width):
+        if not after:
+            continue
         if grid.pad_mode == "constant":
-            image = da.pad(image, width, mode="constant", constant_values=grid.pad_value)
+            shape = list(image.shape)
+            shape[a] = after
+            fill = da.full(shape, grid.pad_value, dtype=image.dtype, chunks=image.chunksize)
+            image = da.concatenate([image, fill], axis=a)
+        elif grid.pad_mode in INDEX_MODES:
+            image = da.take(image, index_map(image.shape[a], 0, after, grid.pad_mode), axis=a)
         else:
-            image = da.pad(image, width, mode=grid.pad_mode)
+            raise PatchgridError(
+                f"pad_mode={grid.pad_mode!r} needs the whole image; with a Dask image use one of "
+                f"{INDEX_MODES}"
+            )
     a0, p0 = grid.axes[0], grid.size[0]
     rows = []
     for i0, start in enumerate(grid.axis_starts(0).tolist()):

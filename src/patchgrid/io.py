@@ -397,8 +397,27 @@ def save(
     file, fmt, dataset = split_path(path)
     ndim = len(array.shape)
     spacing_t, affine_a = _meta_from(like, ndim, spacing, affine)
+    if fmt == "hdf5" and os.path.exists(file):
+        # Another dataset of the file stays: write into a copy of the file, then swap it in.
+        check_dataset(file, dataset, overwrite)
+        with atomic_path(file, overwrite=True) as tmp:
+            shutil.copy2(file, tmp)
+            _write_hdf5(tmp, array, spacing_t, affine_a, like, dataset, chunks)
+        return
     with atomic_path(file, overwrite=overwrite) as tmp:
         _WRITERS[fmt](tmp, array, spacing_t, affine_a, like, dataset, chunks)
+
+
+def check_dataset(file: str, dataset: str | None, overwrite: bool) -> None:
+    """An existing HDF5 dataset is replaced only with ``overwrite``."""
+    h5py = _need("h5py")
+    name = (dataset or "data").lstrip("/")
+    with h5py.File(file, "r") as f:
+        exists = name in f
+    if exists and not overwrite:
+        raise FileExistsError(
+            f"{file}:{name} exists; pass overwrite=True (--overwrite) to replace it"
+        )
 
 
 def _slabs(array: Any, rows: int = 0) -> Iterator[tuple[slice, np.ndarray]]:
@@ -488,9 +507,12 @@ def _write_hdf5(
 ) -> None:
     h5py = _need("h5py")
     shape = tuple(array.shape)
-    with h5py.File(tmp, "w") as f:
+    with h5py.File(tmp, "a") as f:
+        name = (dataset or "data").lstrip("/")
+        if name in f:
+            del f[name]
         ds = f.create_dataset(
-            dataset or "data",
+            name,
             shape=shape,
             dtype=np.dtype(array.dtype),
             chunks=chunks or (_chunks_for(shape, np.dtype(array.dtype)) if shape else None),

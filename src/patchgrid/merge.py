@@ -225,6 +225,8 @@ class Merger:
             default = self._dtype
         elif self._sink is not None:
             default = self._sink.dtype
+            if xp.name != "torch" and not isinstance(default, np.dtype):
+                default = np.dtype(str(default).replace("torch.", ""))  # a tensor out=
         self._out_dtype = xp.as_dtype(default) if xp.name == "torch" else np.dtype(default)
         if self._sink is not None and tuple(self._sink.shape) != self._out_shape:
             raise PatchgridError(
@@ -504,11 +506,24 @@ class Merger:
             xp.kind(self._out_dtype) in "iub" and xp.kind(xp.dtype(result)) in "fc"
         ):
             result = xp.round(result)  # an integer output takes the nearest value, not a floor
+        if xp.kind(self._out_dtype) in "iu" and xp.kind(xp.dtype(result)) in "fc":
+            self._check_range(result)
         result = xp.astype(result, self._out_dtype)
         self._fill(result, masks)
         if stop > 0:
             self._write(result, start, start + stop)
         self._drop(upto - self._lo)
+
+    def _check_range(self, values: Any) -> None:
+        """Refuse to cast values into an integer dtype that cannot hold them (no wrapping)."""
+        low, high = (float(v) for v in (values.min(), values.max())) if values.size else (0, 0)
+        name = str(self._out_dtype).replace("torch.", "")
+        info = np.iinfo(np.dtype(name))
+        if low < info.min or high > info.max:
+            raise PatchgridError(
+                f"the merged values run from {low:g} to {high:g}, which dtype={name} cannot "
+                f"hold ({info.min} to {info.max}); choose a wider dtype"
+            )
 
     def _fill(self, result: Any, masks: list[tuple[int, Any]]) -> None:
         """Set ``fill`` where no patch covers."""
@@ -537,7 +552,10 @@ class Merger:
         axis = a0 if ca is None or a0 < ca else a0 - 1
         where: list[Any] = [slice(None)] * len(self._out_shape)
         where[axis] = slice(lo, hi)
-        if backend_of(self._sink).name == "torch":
+        sink_xp = backend_of(self._sink)
+        if sink_xp.name == "torch":
+            if sink_xp is not self._xp:
+                block = sink_xp.torch.from_numpy(np.ascontiguousarray(block))  # type: ignore[attr-defined]
             self._sink[tuple(where)] = block
         else:
             self._sink[tuple(where)] = self._xp.to_numpy(block)
