@@ -133,3 +133,17 @@ def test_random_dataset_pos_neg_ratio_from_labels():
 def test_random_dataset_pos_without_labels_raises():
     with pytest.raises(ValueError, match="give labels="):
         pg.RandomPatchDataset(_volumes(), 4, 10, pos=1)
+
+
+def test_random_dataset_applies_the_transform_to_image_and_label_together():
+    vol = np.random.default_rng(3).random((20, 20)).astype(np.float32)
+    labels = (vol > 0.5).astype(np.uint8)
+
+    def flip(item):
+        return {**item, "patch": item["patch"].flip(0), "label": item["label"].flip(0)}
+
+    plain = list(pg.RandomPatchDataset(vol, 4, 5, labels=labels, seed=1))
+    flipped = list(pg.RandomPatchDataset(vol, 4, 5, labels=labels, seed=1, transform=flip))
+    for a, b in zip(plain, flipped):
+        assert torch.equal(b["patch"], a["patch"].flip(0))
+        assert torch.equal(b["label"], a["label"].flip(0))
