@@ -151,6 +151,14 @@ def _progress(progress: Any, total: int) -> tuple[Callable[[int], None], Callabl
 
 def _copy_patch(dst: Any, src: Any, xp: Backend) -> None:
     """One patch into its place in a batch (NumPy: rows moved as opaque items, which is fast)."""
+    torch = sys.modules.get("torch")
+    if xp is NUMPY and torch is not None and src.dtype == dst.dtype and src.flags.writeable:
+        try:
+            # Loaded already by the caller: torch copies a strided patch on all cores.
+            torch.from_numpy(dst).copy_(torch.from_numpy(src))
+            return
+        except TypeError:  # a dtype torch does not have
+            pass
     if xp is NUMPY and src.ndim:
         _kernels.copy(dst[None], src[None], 1)
     else:
@@ -351,7 +359,10 @@ def apply(
         with grad:
             batches = map(load, _batches(len(grid), batch_size))
             # torch already spreads its copies over the cores; NumPy gains from a reader thread.
-            for ids, batch in _prefetch(batches) if xp is NUMPY else batches:
+            # A reader thread helps NumPy; once torch is loaded, its fused adds already use the
+            # cores, and the thread only costs memory.
+            ahead = xp is NUMPY and sys.modules.get("torch") is None
+            for ids, batch in _prefetch(batches) if ahead else batches:
                 result = fn(batch)
                 result = _check_output(result, batch, xp, out_grid, full, fn)
                 merger.add(_core(result[: len(ids)], out_grid, full), ids)

@@ -47,6 +47,8 @@ class Backend:
         return np.empty(tuple(shape), dtype=dtype)
 
     def full(self, shape: Any, value: Any, dtype: Any, like: Any) -> Any:
+        if isinstance(value, (int, float)) and value == 0:
+            return np.zeros(tuple(shape), dtype=dtype)  # pages come zeroed, on first touch
         return np.full(tuple(shape), value, dtype=dtype)
 
     def constant(self, array: np.ndarray, dtype: Any, like: Any) -> Any:
