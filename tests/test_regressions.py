@@ -88,3 +88,28 @@ def test_torch_uint16_tensors_are_supported():
     np.testing.assert_array_equal(
         got.to(torch.int64).numpy(), pg.extract(np.arange(7), 5, 2, edge="pad")
     )
+
+
+def test_a_batch_that_fails_halfway_does_not_count_its_first_patches_twice(monkeypatch):
+    from patchgrid.backends import Backend
+
+    grid = pg.PatchGrid((8,), 4, 2)
+    merger = pg.Merger(grid)
+    merger.add(np.ones((1, 4)), [0])
+    calls = []
+    real = Backend.inplace
+
+    def fail_on_second(self, op, target, source, order="K"):
+        calls.append(op)
+        if len(calls) == 2:
+            raise MemoryError("out of memory halfway through a batch")
+        real(self, op, target, source, order)
+
+    monkeypatch.setattr(Backend, "inplace", fail_on_second)
+    with pytest.raises(MemoryError):
+        merger.add(np.ones((2, 4)), [1, 2])
+    monkeypatch.setattr(Backend, "inplace", real)
+    with pytest.raises(ValueError, match=r"patch 1 .* was already added"):
+        merger.add(np.ones((1, 4)), [1])
+    merger.add(np.ones((1, 4)), [2])
+    np.testing.assert_allclose(merger.result(), np.ones(8))

@@ -382,7 +382,9 @@ class Merger:
             if self._wacc is not None:
                 wsl = tuple(s if a in grid.axes else slice(None) for a, s in enumerate(sl))
                 xp.inplace("add", self._wacc[wsl], weight)
-        seen[idx] = True
+            # Marked one by one: if a later patch of the batch fails, those already added are
+            # known as added, and adding them again raises instead of counting them twice.
+            seen[i] = True
         self._flush()
 
     def add_all(self, patches: Any) -> None:
