@@ -113,3 +113,10 @@ def test_a_batch_that_fails_halfway_does_not_count_its_first_patches_twice(monke
         merger.add(np.ones((1, 4)), [1])
     merger.add(np.ones((1, 4)), [2])
     np.testing.assert_allclose(merger.result(), np.ones(8))
+
+
+def test_merging_shifted_patches_as_drop_says_which_edge_it_assumed():
+    image = np.arange(11.0)  # shift cuts 4 patches here, drop only 3
+    patches = pg.extract(image, 4, 3, edge="shift")
+    with pytest.raises(ValueError, match=r"edge \('drop',\).*pass the PatchGrid itself"):
+        pg.merge(patches, image.shape, stride=3)

@@ -404,7 +404,9 @@ class Merger:
             raise PatchgridError(
                 f"patches must be shaped (*counts, *patch) = ({', '.join(map(str, grid.counts))},"
                 f" ...) or (N, *patch) with N = {len(grid)} for this grid, got shape "
-                f"{tuple(arr.shape)}"
+                f"{tuple(arr.shape)}; if they were cut with another edge policy, stride or "
+                f"axes (grid here: edge {grid.edge}, stride {grid.stride}), pass the same, or "
+                f"pass the PatchGrid itself"
             )
         if self._seen.any():
             raise PatchgridError("add_all needs a Merger that has no patches yet")
