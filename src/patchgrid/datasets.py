@@ -86,6 +86,17 @@ def _volumes(items: Any, name: str) -> list[_Volume]:
     return volumes
 
 
+def _volumes_and_labels(volumes: Any, labels: Any) -> tuple[list[_Volume], list[_Volume] | None]:
+    """The volumes and, when given, one label volume for each."""
+    images = _volumes(volumes, "volumes")
+    if labels is None:
+        return images, None
+    masks = _volumes(labels, "labels")
+    if len(masks) != len(images):
+        raise PatchgridError(f"labels has {len(masks)} volumes but volumes has {len(images)}")
+    return images, masks
+
+
 def _tensor(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
@@ -129,12 +140,7 @@ class PatchDataset(Dataset):  # type: ignore[misc]
         pad_value: Any = 0,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
-        self.volumes = _volumes(volumes, "volumes")
-        self.labels = None if labels is None else _volumes(labels, "labels")
-        if self.labels is not None and len(self.labels) != len(self.volumes):
-            raise PatchgridError(
-                f"labels has {len(self.labels)} volumes but volumes has {len(self.volumes)}"
-            )
+        self.volumes, self.labels = _volumes_and_labels(volumes, labels)
         self.grids = [
             PatchGrid(
                 v.shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
@@ -227,8 +233,7 @@ class RandomPatchDataset(IterableDataset):  # type: ignore[misc]
         pad_value: Any = 0,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
-        self.volumes = _volumes(volumes, "volumes")
-        self.labels = None if labels is None else _volumes(labels, "labels")
+        self.volumes, self.labels = _volumes_and_labels(volumes, labels)
         if (pos is not None or neg is not None) and self.labels is None:
             raise PatchgridError("pos and neg weight the draw by labels; give labels= too")
         self.size, self.length, self.seed = size, int(length), int(seed)
