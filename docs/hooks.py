@@ -152,7 +152,12 @@ def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
     if PEERS_PNG.exists():
         parts.append("![patchgrid against the other patch libraries](img/peers.png)")
     if PEERS_MD.exists():
-        parts.append(f'--8<-- "{PEERS_MD.relative_to(ROOT).as_posix()}"')
+        # Its own headings go below this page's "Against other patch libraries".
+        text = re.sub(r"^(#+) ", r"##\1 ", PEERS_MD.read_text(), flags=re.MULTILINE)
+        if "](peers.png)" in text:  # it shows the chart itself
+            parts = [text.replace("](peers.png)", "](img/peers.png)")]
+        else:
+            parts.append(text)
     if not parts:
         parts.append("*`benchmarks/results/peers.md` has not been written yet.*")
     return markdown.replace("<!-- peers -->", "\n\n".join(parts))
