@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import html
-import logging
 import os
 import pathlib
 import re
@@ -71,30 +70,6 @@ def _run(path: pathlib.Path) -> str:
         if not (target / name).exists() or (target / name).read_bytes() != data:
             (target / name).write_bytes(data)
     return done.stdout.replace(outdir, "$PATCHGRID_EXAMPLES_OUT")
-
-
-# Known numpydoc slips in src/patchgrid/datasets.py: a paragraph after "Parameters" with no
-# section header of its own ("Items are dicts ..." in PatchDataset, "Volumes are chosen ..." in
-# RandomPatchDataset) reads as a parameter. They are reported to be fixed there (a "Notes"
-# section); until then these exact warnings are logged as INFO, and any other docstring
-# warning still fails the strict build. Remove this when they are gone.
-_KNOWN = (
-    "src/patchgrid/datasets.py:",
-    ("'Items'", "['Items']", '\'``"label"`` when labels are given', "'Volumes'", "['Volumes']"),
-)
-
-
-class _KnownDocstringSlips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        known = _KNOWN[0] in message and any(part in message for part in _KNOWN[1])
-        if known and record.levelno == logging.WARNING:
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-def on_startup(**kwargs: Any) -> None:
-    logging.getLogger("mkdocs.plugins.griffe").addFilter(_KnownDocstringSlips())
 
 
 def on_config(config: Any) -> Any:

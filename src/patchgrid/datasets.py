@@ -115,6 +115,8 @@ class PatchDataset(Dataset):  # type: ignore[misc]
     transform : callable, optional
         Takes the item (a dict) and returns it, applied to image and label together.
 
+    Notes
+    -----
     Items are dicts ``{"patch": tensor, "start": tensor (k,), "volume": int}``, plus
     ``"label"`` when labels are given, in grid order, volume after volume.
 
@@ -214,6 +216,8 @@ class RandomPatchDataset(IterableDataset):  # type: ignore[misc]
     axes, edge, pad_mode, pad_value
         As for :func:`sample`; ``edge="pad"`` by default, so centres may fall anywhere.
 
+    Notes
+    -----
     Volumes are chosen in proportion to their number of voxels.
     """
 

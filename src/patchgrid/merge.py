@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, _kernels, windows
+from . import _checks, _fast, _kernels, windows
 from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of
 from .grid import PatchGrid
@@ -141,6 +141,7 @@ class Merger:
         self._lo = 0  # the padded row where the accumulator begins
         self._done = 0  # rows before this one are finished
         self._direct = False  # the accumulator is the output itself
+        self._normalised = False  # the compiled kernel divided by the coverage already
         self._weight_cache: Any = None
         self._xp: Backend = NUMPY
         self._patch_shape: tuple[int, ...] | None = None
@@ -372,10 +373,20 @@ class Merger:
         self._ensure(int(self._starts0[rows].max()) + grid.size[0])
         xp, op, weight = self._xp, self._op(), self._weight()
         scratch: list[Any] = []
+        k = len(grid.axes)
+        compiled = (
+            xp is NUMPY
+            and op == "add"
+            and self._wacc is None
+            and grid.axes == tuple(range(grid.ndim - k, grid.ndim))
+        )
+        flat_weight = None if weight is None else np.asarray(weight).reshape(grid.size)
         for i, patch in zip(idx.tolist(), arr):
             sl = self._local(i)
             target = self._acc[sl]
-            if weight is None:
+            if compiled and _fast.serves_box(target, patch, k):
+                _fast.box_add(target, patch, flat_weight, k)
+            elif weight is None:
                 xp.inplace(op, target, patch)
             else:
                 xp.add_product(target, patch, weight, scratch)
@@ -412,6 +423,8 @@ class Merger:
             raise PatchgridError("add_all needs a Merger that has no patches yet")
         self._start(arr, tuple(arr.shape[k:]))
         xp = self._xp
+        if self._add_all_compiled(arr):
+            return
         self._ensure(grid.padded_shape[grid.axes[0]])
         op, weight = self._op(), self._weight()
         for sub in _kernels.subgrids(grid):
@@ -427,6 +440,40 @@ class Merger:
                 _kernels.accumulate(self._wacc, lead, grid.axes, first, step, "add", None, xp)
         self._seen[...] = True
         self._flush()
+
+    def _add_all_compiled(self, arr: Any) -> bool:
+        """Every patch at once through the compiled kernel, normalised as it goes, if it serves.
+
+        Only where the output is the accumulator (no cast, crop or reduction), the window is
+        separable and the reduction adds.
+        """
+        grid = self.grid
+        if not (
+            self._direct
+            and self._xp is NUMPY
+            and self._op() == "add"
+            and not self._array_window
+            and (self._sink is None or isinstance(self._sink, np.ndarray))
+        ):
+            return False
+        acc = self._sink
+        if acc is None:
+            acc = np.empty(self._out_shape, self._acc_dtype)
+        if not _fast.serves(acc, arr, grid.ndim, grid.axes):
+            return False
+        profiles = None
+        if self.reduce == "mean":
+            profiles = [np.where(p > 0, p, 1) for p in self._profile_coverage(False)]
+        weight = self._weight()
+        if weight is not None:
+            weight = np.asarray(weight).reshape(grid.size)
+        starts = [grid.axis_starts(j) for j in range(len(grid.axes))]
+        _fast.overlap_add(acc, arr, starts, grid.size, weight, True, profiles)
+        self._sink = self._acc = acc
+        self._normalised = True
+        self._seen[...] = True
+        self._flush()
+        return True
 
     def _flush(self) -> None:
         """Finish the rows that no patch still to come can touch."""
@@ -482,7 +529,7 @@ class Merger:
         ones = self.reduce != "mean"
         kind, cov = self._coverage_block(start, upto, complete, ones)
         if kind == "profiles":
-            if not ones:
+            if not ones and not self._normalised:
                 _divide_by_profiles(block, grid.axes, cov, xp)
             empty = [(a, p == 0) for a, p in zip(grid.axes, cov) if (p == 0).any()]
         else:
