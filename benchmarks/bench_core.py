@@ -40,6 +40,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import patchgrid as pg
 from _memory import peak_rss
+from patchgrid import _fast
 
 MiB = 1 << 20
 
@@ -416,10 +417,11 @@ def run_workload(w: Workload, repeats: int, rows: list[Row], log: Callable[[str]
         {
             "uniform": partial(pg.merge, patches, grid),
             "gaussian": partial(pg.merge, patches, grid, window="gaussian"),
+            "numpy": partial(numpy_path, pg.merge, patches, grid),
         },
         repeats,
     )
-    t_uni, t_gau = t["uniform"], t["gaussian"]
+    t_uni, t_gau, t_np = t["uniform"], t["gaussian"], t["numpy"]
     f_uni, f_gau = gbs(t_uni) / bw_copyto, gbs(t_gau) / bw_copyto
     f_loop = gbs(t_loop) / bw_copyto
     once = "" if loop_runs > 1 else " [timed once]"
@@ -444,6 +446,16 @@ def run_workload(w: Workload, repeats: int, rows: list[Row], log: Callable[[str]
             met=yes(ok),
         )
     )
+    if _fast.available():
+        rows.append(
+            Row(
+                W,
+                "merge: pg uniform, NumPy path (no numba)",
+                ms(t_np),
+                f"{gbs(t_np):.2f}",
+                f"{gbs(t_np) / bw_copyto:.0%} of copyto; {t_loop / t_np:.1f}x loop",
+            )
+        )
     rows.append(
         Row(
             W,
@@ -533,7 +545,26 @@ def header(quick: bool, repeats: int) -> list[str]:
         f"Python {platform.python_version()}, numpy {np.__version__}, "
         f"patchgrid {pg.__version__}; times are the best of {repeats} unless marked",
         f"patchgrid kernel threads: {threads()} (the copy references are single-threaded)",
+        f"compiled kernels: {kernels()}",
     ]
+
+
+def numpy_path(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``f`` with the compiled kernels out of reach: NumPy's own path."""
+    saved = _fast.MIN_BYTES
+    _fast.MIN_BYTES = 1 << 62
+    try:
+        return f(*args, **kwargs)
+    finally:
+        _fast.MIN_BYTES = saved
+
+
+def kernels() -> str:
+    if not _fast.available():
+        return "none (NumPy only; `pip install numba` for the compiled overlap-add)"
+    import numba
+
+    return f"numba {numba.__version__} (merge; NumPy path shown beside it)"
 
 
 def threads() -> str:

@@ -26,14 +26,6 @@ def compiled(monkeypatch):
     return _spy(monkeypatch, "overlap_add")
 
 
-@pytest.fixture
-def compiled_box(monkeypatch):
-    """Send every eligible patch that Merger.add gets through the kernel; count the calls."""
-    monkeypatch.setattr(_fast, "MIN_BOX_BYTES", 0)
-    monkeypatch.setattr(_fast, "MIN_ROW", 1)
-    return _spy(monkeypatch, "box_add")
-
-
 def _spy(monkeypatch, name):
     calls = []
     real = getattr(_fast, name)
@@ -147,41 +139,3 @@ def test_large_merges_take_the_kernel_by_default():
     assert patches.nbytes >= _fast.MIN_BYTES
     assert _fast.serves(np.empty(image.shape, np.float32), patches, 3, (0, 1, 2))
     np.testing.assert_allclose(pg.merge(patches, grid, window="hann"), image, rtol=1e-5)
-
-
-@SETTINGS
-@given(
-    case=cases(),
-    dtype=st.sampled_from(["float32", "float64"]),
-    window=st.sampled_from(["uniform", "gaussian", "triangular"]),
-    batch=st.integers(1, 5),
-    seed=st.integers(0, 2**16),
-)
-def test_compiled_merger_add_equals_the_loop(compiled_box, case, dtype, window, batch, seed):
-    shape, axes, size, stride, edge = case
-    grid = pg.PatchGrid(shape, size, stride, axes=axes, edge=edge)
-    layout = Layout(shape, axes, size, stride, edge)
-    rng = np.random.default_rng(seed)
-    patches = rng.standard_normal((len(grid), *grid.patch_shape)).astype(dtype)
-    weight = None if window == "uniform" else window_nd(window, size)
-    shaped = None if weight is None else weight.reshape(
-        [size[axes.index(a)] if a in axes else 1 for a in range(len(shape))]
-    )  # fmt: skip
-    expected, _ = layout.merge(patches.astype(np.float64), "mean", shaped, fill=3.0)
-    merger = pg.Merger(grid, window=window, fill=3.0)
-    order = rng.permutation(len(grid))
-    before = len(compiled_box)
-    for lo in range(0, len(order), batch):
-        merger.add(patches[order[lo : lo + batch]], order[lo : lo + batch])
-    rtol = 1e-4 if dtype == "float32" else 1e-10
-    np.testing.assert_allclose(merger.result(), expected, rtol=rtol, atol=rtol)
-    assert len(compiled_box) - before == len(grid)
-
-
-def test_compiled_merger_add_skips_max(compiled_box):
-    image = np.random.default_rng(5).random((12, 12)).astype(np.float32)
-    grid = pg.PatchGrid(image.shape, 6, 3)
-    merger = pg.Merger(grid, reduce="max")
-    merger.add(pg.extract(image, grid, flatten=True), np.arange(len(grid)))
-    assert compiled_box == []
-    np.testing.assert_array_equal(merger.result(), image)

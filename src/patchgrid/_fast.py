@@ -23,8 +23,6 @@ MIN_BYTES = 1 << 22
 # The shortest patch row (voxels along the last tiled axis) the kernel serves; shorter rows
 # are NumPy's fast path (rows copied as opaque items).
 MIN_ROW = 16
-# The least bytes of one patch worth a call when patches come one by one (Merger.add).
-MIN_BOX_BYTES = 1 << 16
 
 
 @cache
@@ -95,25 +93,7 @@ def _kernels() -> Any:
                     for z in range(n_z):
                         row[z] = row[z] / divisor[z]
 
-    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
-    def box_add3(target: Any, patch: Any, weight: Any, weighted: bool) -> None:  # pragma: no cover
-        p1 = patch.shape[1]
-        p2 = patch.shape[2]
-        for r in numba.prange(patch.shape[0]):
-            plane = target[r]
-            src = patch[r]
-            for a in range(p1):
-                row = plane[a]
-                s = src[a]
-                if weighted:
-                    w = weight[r, a]
-                    for b in range(p2):
-                        row[b] += s[b] * w[b]
-                else:
-                    for b in range(p2):
-                        row[b] += s[b]
-
-    return overlap_add3, box_add3
+    return overlap_add3
 
 
 def available() -> bool:
@@ -154,11 +134,10 @@ def overlap_add(
     are the per-axis coverages to divide by (zeros already replaced by ones) once each plane
     is complete. ``weight`` broadcasts against one patch's tiled axes.
     """
-    kernel = _kernels()[0]
+    kernel = _kernels()
     k = len(size)
     pad = 3 - k
     n_lead = acc.ndim - k
-    counts = patches.shape[:k]
     dtype = acc.dtype
     starts3 = [np.zeros(1, np.intp)] * pad + [np.asarray(s, np.intp) for s in starts]
     size3 = (1,) * pad + tuple(size)
@@ -186,34 +165,3 @@ def overlap_add(
             a3, p3, *starts3, lo0, hi0, w, weight is not None, init, *profs,
             profiles is not None,
         )  # fmt: skip
-
-
-def serves_box(target: Any, patch: Any, k: int) -> bool:
-    """Whether :func:`box_add` takes this patch (as :func:`serves`, for one patch)."""
-    return (
-        isinstance(target, np.ndarray)
-        and isinstance(patch, np.ndarray)
-        and target.dtype == patch.dtype
-        and target.dtype in (np.float32, np.float64)
-        and 1 <= k <= 3
-        and target.ndim == patch.ndim
-        and patch.shape[-1] >= MIN_ROW
-        and patch.nbytes >= MIN_BOX_BYTES
-        and target.flags.writeable
-        and available()
-    )
-
-
-def box_add(target: np.ndarray, patch: np.ndarray, weight: np.ndarray | None, k: int) -> None:
-    """``target += patch * weight`` for one patch whose last ``k`` axes are tiled."""
-    kernel = _kernels()[1]
-    pad = 3 - k
-    size3 = (1,) * pad + patch.shape[patch.ndim - k :]
-    if weight is None:
-        w = np.ones((1, 1, 1), target.dtype)
-    else:
-        w = np.ascontiguousarray(weight.reshape(size3), target.dtype)
-    front = tuple(range(pad))
-    for lead in np.ndindex(*patch.shape[: patch.ndim - k]):
-        t3, p3 = np.expand_dims(target[lead], front), np.expand_dims(patch[lead], front)
-        kernel(t3, p3, w, weight is not None)

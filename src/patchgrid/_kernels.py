@@ -25,6 +25,8 @@ CHUNK_BYTES = 1 << 19
 # Threads for the overlap-add, and the least work (bytes of patches) worth starting them for.
 THREADS = min(4, os.cpu_count() or 1)
 THREADED_BYTES = 1 << 24
+CHUNK_AXES = 1
+SPAN_LIMIT = 1 << 21
 
 Run = tuple[int, int, int, int]  # first patch index, number of patches, first start, step
 
@@ -168,8 +170,8 @@ def accumulate(
     for j, a in enumerate(axes):
         span = span // max(acc.shape[a], 1) * max(min(step[j], size[j]), 1)
         per_chunk.append(max(1, min(blocks[j], CHUNK_BYTES // max(span, 1))))
-        # Cutting more axes into pieces shortens NumPy's loops more than the cache repays.
-        break
+        if len(per_chunk) >= CHUNK_AXES or span <= SPAN_LIMIT or j + 1 == k:
+            break
     d = len(per_chunk)
     # Tiny patch rows make NumPy's inner loop short; then iterate with the grid axes innermost.
     small = xp is NUMPY and size[-1] * xp.itemsize(patches) < 256 and counts[-1] > 1 and k > d

@@ -373,20 +373,10 @@ class Merger:
         self._ensure(int(self._starts0[rows].max()) + grid.size[0])
         xp, op, weight = self._xp, self._op(), self._weight()
         scratch: list[Any] = []
-        k = len(grid.axes)
-        compiled = (
-            xp is NUMPY
-            and op == "add"
-            and self._wacc is None
-            and grid.axes == tuple(range(grid.ndim - k, grid.ndim))
-        )
-        flat_weight = None if weight is None else np.asarray(weight).reshape(grid.size)
         for i, patch in zip(idx.tolist(), arr):
             sl = self._local(i)
             target = self._acc[sl]
-            if compiled and _fast.serves_box(target, patch, k):
-                _fast.box_add(target, patch, flat_weight, k)
-            elif weight is None:
+            if weight is None:
                 xp.inplace(op, target, patch)
             else:
                 xp.add_product(target, patch, weight, scratch)
