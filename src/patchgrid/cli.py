@@ -332,6 +332,7 @@ def _sink(
 
 def _merge(args: argparse.Namespace) -> int:
     import patchgrid as pg
+    from patchgrid.merge import merge_tiled
 
     grid, patches, source = _open_store(args.patches)
     n = len(grid)
@@ -357,20 +358,24 @@ def _merge(args: argparse.Namespace) -> int:
         ) as out,
         _progress(n, "merge") as bar,
     ):
-        merger = pg.Merger(
+
+        def step(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total  # patches reaching two tiles are read twice
+                bar.update(done - bar.n)
+
+        # Tile by tile across the plane, so memory does not grow with the image.
+        merge_tiled(
+            lambda lo, hi: patches[lo:hi],
             grid,
+            out,
             reduce=reduce_,
             window=args.window,
-            dtype=probe._out_dtype,
-            out=out,
             fill=args.fill,
+            dtype=probe._out_dtype,
+            batch=args.batch,
+            progress=step,
         )
-        for lo in range(0, n, args.batch):
-            ids = np.arange(lo, min(lo + args.batch, n))
-            merger.add(np.asarray(patches[lo : lo + len(ids)]), ids)
-            if bar is not None:
-                bar.update(len(ids))
-        merger.result()
     print(
         f"merge: {n} patches from {args.patches} -> {args.output} {probe._out_shape} "
         f"{probe._out_dtype} (window {args.window}, reduce {reduce_}, "

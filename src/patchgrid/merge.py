@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +12,7 @@ import numpy as np
 from . import _checks, _fast, _kernels, windows
 from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of
-from .grid import PatchGrid
+from .grid import PatchGrid, _restore
 
 __all__ = ["Merger", "coverage", "merge"]
 
@@ -783,3 +785,160 @@ def merge(
     merger = Merger(grid, reduce=reduce, window=window, fill=fill, dtype=dtype)
     merger.add_all(arr)
     return merger.result()
+
+
+# Accumulator bytes one tile of merge_tiled may hold: a slab of patch + stride rows across the
+# tile's extent on the other tiled axes.
+TILE_BYTES = 32 << 20
+
+
+class _Cropped:
+    """A sink seen through a sub-image: writes keep only the tile's own voxels."""
+
+    def __init__(
+        self, sink: Any, shape: tuple[int, ...], origin: list[int], keep: list[slice]
+    ) -> None:
+        self.shape, self.dtype = shape, sink.dtype
+        self._sink, self._origin, self._keep = sink, origin, keep
+
+    def __setitem__(self, where: tuple[slice, ...], block: Any) -> None:
+        src: list[slice] = []
+        dst: list[slice] = []
+        for a, (w, k) in enumerate(zip(where, self._keep)):
+            first, last, _ = w.indices(self.shape[a])
+            lo, hi = max(first, k.start), min(last, k.stop)
+            if hi <= lo:
+                return
+            src.append(slice(lo - first, hi - first))
+            dst.append(slice(self._origin[a] + lo, self._origin[a] + hi))
+        self._sink[tuple(dst)] = np.asarray(block)[tuple(src)]
+
+
+def _tiles(grid: PatchGrid, acc_itemsize: int, budget: int) -> list[list[tuple[int, int]]]:
+    """Ranges of the image along the tiled axes after the first, one list per tile."""
+    k = len(grid.axes)
+    steps = np.diff(grid.axis_starts(0))
+    rows = grid.size[0] + (int(steps.max()) if len(steps) else 0)
+    # Share the budget out evenly among the axes, never below two patches per tile.
+    room = budget / max(rows * acc_itemsize, 1)
+    per_axis = room ** (1 / max(k - 1, 1))
+    ranges: list[list[tuple[int, int]]] = []
+    for j in range(1, k):
+        n = grid.shape[grid.axes[j]]
+        t = max(int(per_axis), 2 * grid.size[j], 1)
+        ranges.append([(lo, min(lo + t, n)) for lo in range(0, n, t)])
+    return [list(r) for r in itertools.product(*ranges)]
+
+
+class _Tile:
+    """One tile of :func:`merge_tiled`: a sub-grid over a sub-image, and where it writes."""
+
+    def __init__(self, grid: PatchGrid, out_shape: tuple[int, ...], out_axis: list[int],
+                 tile: list[tuple[int, int]]) -> None:  # fmt: skip
+        k = len(grid.axes)
+        starts = [grid.axis_starts(j) for j in range(k)]
+        a0 = grid.axes[0]
+        self.picks: list[range] = [range(len(starts[0]))]
+        self.shape = list(out_shape)
+        self.origin = [0] * len(out_shape)
+        self.keep = [slice(0, n) for n in out_shape]
+        self.where: list[slice] = [slice(None)] * len(out_shape)
+        sub_shape = list(grid.shape)
+        sub_starts = [starts[0]]
+        pads = [grid.padded_shape[a0] - grid.shape[a0]]
+        self.empty = False
+        for j, (t_lo, t_hi) in enumerate(tile, start=1):
+            a, st, p = grid.axes[j], starts[j], grid.size[j]
+            self.where[out_axis[a]] = slice(t_lo, t_hi)
+            i_lo = int(np.searchsorted(st + p, t_lo, side="right"))
+            i_hi = int(np.searchsorted(st, t_hi, side="left"))
+            if i_hi <= i_lo:
+                self.empty = True
+                continue
+            # The sub-image spans the tile and every patch that reaches it.
+            r_lo, r_hi = min(int(st[i_lo]), t_lo), int(st[i_hi - 1]) + p
+            end = max(min(r_hi, grid.shape[a]), t_hi)
+            sub_starts.append(st[i_lo:i_hi] - r_lo)
+            self.picks.append(range(i_lo, i_hi))
+            sub_shape[a] = end - r_lo
+            pads.append(max(r_hi - end, 0))
+            self.shape[out_axis[a]] = end - r_lo
+            self.origin[out_axis[a]] = r_lo
+            self.keep[out_axis[a]] = slice(t_lo - r_lo, t_hi - r_lo)
+        self.reads = 0 if self.empty else math.prod(len(p) for p in self.picks)
+        self.grid = None if self.empty else _restore(
+            tuple(sub_shape), grid.size, grid.stride, grid.axes, grid.edge, grid.pad_mode,
+            grid.pad_value, [tuple(int(v) for v in s) for s in sub_starts], pads,
+        )  # fmt: skip
+
+
+def merge_tiled(
+    read: Any,
+    grid: PatchGrid,
+    out: Any,
+    *,
+    reduce: str = "mean",
+    window: Any = None,
+    fill: Any = 0,
+    dtype: Any = None,
+    batch: int = 16,
+    budget: int = TILE_BYTES,
+    progress: Any = None,
+) -> None:
+    """Merge patches read on demand into ``out``, tile by tile, in memory that the image's
+    size does not set.
+
+    ``read(lo, hi)`` returns patches ``lo`` to ``hi`` (flat grid order) as an array. The image
+    is cut into tiles across the tiled axes after the first; each tile merges the patches
+    that reach it, streaming along the first tiled axis, and writes only its own voxels. A
+    patch that reaches several tiles is read once for each. ``progress(done, total)`` counts
+    the patches read.
+    """
+    a0 = grid.axes[0]
+    probe = Merger(grid, reduce=reduce, window=window, dtype=dtype)
+    first = np.asarray(read(0, 1))
+    probe._start(first, tuple(first.shape[1:]))
+    carried = math.prod(first.shape[1 + a] for a in range(grid.ndim) if a not in grid.axes)
+    itemsize = np.dtype(probe._acc_dtype).itemsize * carried
+    class_axis = probe._class_axis
+    out_axis = [a if class_axis is None or a < class_axis else a - 1 for a in range(grid.ndim)]
+    out_shape = probe._out_shape
+    tiles = [_Tile(grid, out_shape, out_axis, t) for t in _tiles(grid, itemsize, budget)]
+    total = sum(t.reads for t in tiles)
+    done = 0
+    for tile in tiles:
+        if tile.empty:
+            # No patch reaches this tile: it is all fill, written a few rows at a time.
+            where, a = list(tile.where), out_axis[a0]
+            step = max(1, grid.stride[0])
+            for lo in range(0, out_shape[a], step):
+                where[a] = slice(lo, min(lo + step, out_shape[a]))
+                extent = [len(range(*w.indices(n))) for w, n in zip(where, out_shape)]
+                out[tuple(where)] = np.full(extent, fill, probe._out_dtype)
+            continue
+        assert tile.grid is not None
+        sink = _Cropped(out, tuple(tile.shape), tile.origin, tile.keep)
+        merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill,
+                        dtype=probe._out_dtype, out=sink)  # fmt: skip
+        # Runs of patches contiguous in the store: along the last tiled axis, row by row.
+        last = tile.picks[-1]
+        pending: list[Any] = []
+        ids: list[np.ndarray] = []
+        for row in itertools.product(*tile.picks[:-1]):
+            lo = int(np.ravel_multi_index((*row, last.start), grid.counts))
+            local = (*[r - pk.start for r, pk in zip(row, tile.picks[:-1])], 0)
+            first_id = int(np.ravel_multi_index(local, tile.grid.counts))
+            for c in range(0, len(last), batch):
+                n = min(batch, len(last) - c)
+                pending.append(np.asarray(read(lo + c, lo + c + n)))
+                ids.append(np.arange(first_id + c, first_id + c + n))
+                done += n
+                if sum(len(i) for i in ids) >= batch:
+                    merger.add(np.concatenate(pending), np.concatenate(ids))
+                    pending.clear()
+                    ids.clear()
+                if progress is not None:
+                    progress(done, total)
+        if pending:
+            merger.add(np.concatenate(pending), np.concatenate(ids))
+        merger.result()

@@ -1,0 +1,94 @@
+"""merge_tiled (the CLI's out-of-core merge) against merge in memory and the plain loop."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patchgrid as pg
+from patchgrid.merge import _tiles, merge_tiled
+from reference import Layout
+
+SETTINGS = settings(max_examples=80, deadline=None)
+
+
+@st.composite
+def cases(draw):
+    """Any tiled axes (up to one carried axis), gaps, padding; a budget that makes many tiles."""
+    ndim = draw(st.integers(1, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 14), min_size=ndim, max_size=ndim)))
+    axes = sorted(draw(st.sets(st.integers(0, ndim - 1), min_size=max(1, ndim - 1))))
+    size, stride, edge = [], [], []
+    for a in axes:
+        p = draw(st.integers(1, shape[a] + 2))
+        size.append(p)
+        stride.append(draw(st.integers(1, p + 3)))
+        edge.append(draw(st.sampled_from(["pad", "shift", "even"] + ["drop"] * (shape[a] >= p))))
+    return shape, tuple(axes), tuple(size), tuple(stride), tuple(edge)
+
+
+@SETTINGS
+@given(
+    case=cases(),
+    reduce=st.sampled_from(["mean", "sum", "max", "min"]),
+    window=st.sampled_from([None, "gaussian"]),
+    budget=st.integers(1, 4000),
+    batch=st.integers(1, 7),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_tiled_equals_the_loop(case, reduce, window, budget, batch, seed):
+    shape, axes, size, stride, edge = case
+    if reduce in ("max", "min"):
+        window = None
+    grid = pg.PatchGrid(shape, size, stride, axes=axes, edge=edge)
+    patches = np.random.default_rng(seed).standard_normal((len(grid), *grid.patch_shape))
+    weight = None
+    if window is not None:
+        weight = pg.window(window, size).reshape(
+            [size[axes.index(a)] if a in axes else 1 for a in range(len(shape))]
+        )
+    expected, _ = Layout(shape, axes, size, stride, edge).merge(patches, reduce, weight, fill=-5.0)
+    out = np.full(expected.shape, np.nan)
+    reads = []
+
+    def read(lo, hi):
+        reads.append(hi - lo)
+        assert hi - lo <= batch
+        return patches[lo:hi]
+
+    merge_tiled(read, grid, out, reduce=reduce, window=window, fill=-5.0, budget=budget,
+                batch=batch)  # fmt: skip
+    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
+    assert sum(reads) >= len(grid)  # every patch read, some twice at tile borders
+
+
+def test_merge_tiled_argmax_drops_the_class_axis():
+    rng = np.random.default_rng(0)
+    grid = pg.PatchGrid((3, 30, 40), 8, 4, axes=(1, 2), edge="shift")
+    scores = rng.random((len(grid), 3, 8, 8)).astype(np.float32)
+    out = np.zeros((30, 40), np.uint8)
+    merge_tiled(lambda lo, hi: scores[lo:hi], grid, out, reduce="argmax", budget=2000)
+    assert len(_tiles(grid, 4 * 3, 2000)) > 1
+    np.testing.assert_array_equal(out, pg.merge(scores, grid, reduce="argmax"))
+
+
+def test_merge_tiled_memory_follows_the_budget_not_the_plane():
+    grid = pg.PatchGrid((64, 512, 512), 32, 16)
+    tiles = _tiles(grid, 4, 8 << 20)
+    widths = {hi - lo for tile in tiles for lo, hi in tile}
+    assert len(tiles) > 1
+    # The accumulator slab of one tile: patch + stride rows across the tile's extent (its
+    # patches reach one patch beyond it on each side at most).
+    assert max((48 * (w + 64) ** 2) * 4 for w in widths) <= 2 * (8 << 20)
+
+
+def test_merge_tiled_reports_progress():
+    image = np.random.default_rng(1).random((20, 40))
+    grid = pg.PatchGrid(image.shape, 8, 4)
+    patches = pg.extract(image, grid, flatten=True)
+    seen = []
+    out = np.empty(image.shape)
+    merge_tiled(lambda lo, hi: patches[lo:hi], grid, out, budget=600,
+                progress=lambda done, total: seen.append((done, total)))  # fmt: skip
+    np.testing.assert_allclose(out, image)
+    assert seen[-1][0] == seen[-1][1] >= len(grid)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
