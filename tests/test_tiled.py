@@ -1,6 +1,9 @@
 """merge_tiled (the CLI's out-of-core merge) against merge in memory and the plain loop."""
 
+import importlib
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,3 +95,89 @@ def test_merge_tiled_reports_progress():
     np.testing.assert_allclose(out, image)
     assert seen[-1][0] == seen[-1][1] >= len(grid)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+class Store:
+    """A file-backed array stand-in: shape, dtype and slice assignment, not an ndarray."""
+
+    def __init__(self, shape, dtype):
+        self.data = np.full(shape, 99, dtype)
+        self.shape, self.dtype = self.data.shape, self.data.dtype
+        self.writes = 0
+
+    def __setitem__(self, where, value):
+        self.writes += 1
+        self.data[where] = value
+
+    def __getitem__(self, where):
+        return self.data[where]
+
+
+def _model(batch):
+    """Not linear and patch-dependent, so a patch merged into the wrong place shows."""
+    return np.sin(batch * 3) + batch.mean(axis=tuple(range(1, batch.ndim)), keepdims=True)
+
+
+def _upsample(batch):
+    """x2 along every spatial axis."""
+    out = _model(batch)
+    for a in range(1, batch.ndim):
+        out = out.repeat(2, axis=a)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("shape", "kwargs"),
+    [
+        ((24, 60, 70), dict(size=16, stride=8)),
+        ((24, 60, 70), dict(size=16, stride=8, window="uniform", edge="pad")),
+        ((20, 50, 45), dict(size=12, stride=20, edge="drop", fill=-1)),
+        ((20, 50, 45), dict(size=12, stride=6, margin=2)),
+        ((2, 20, 50, 45), dict(size=12, stride=6, axes=(1, 2, 3))),
+        ((20, 40, 44), dict(size=(8, 8, 12), stride=(4, 6, 6), scale=2, fn=_upsample)),
+    ],
+    ids=["gaussian", "uniform-pad", "gaps", "margin", "channels", "scale"],
+)
+def test_apply_into_a_store_in_tiles_equals_apply_in_memory(monkeypatch, shape, kwargs):
+    apply_module = importlib.import_module("patchgrid.apply")
+
+    image = np.random.default_rng(2).random(shape).astype(np.float32)
+    kwargs = dict(kwargs)
+    fn = kwargs.pop("fn", _model)
+    expected = pg.apply(fn, image, progress=False, **kwargs)
+    monkeypatch.setattr(apply_module, "TILE_BYTES", 40_000)
+    out = Store(expected.shape, expected.dtype)
+    done = []
+    got = pg.apply(fn, image, out=out, progress=lambda d, t: done.append((d, t)), **kwargs)
+    assert got is out
+    assert len(apply_module._tiles(out, *_grids(image, kwargs))) > 1
+    np.testing.assert_allclose(out.data, expected, rtol=1e-5, atol=1e-6)
+    assert done[-1][0] == done[-1][1] > 0
+
+
+def test_apply_argmax_into_a_store_in_tiles(monkeypatch):
+    apply_module = importlib.import_module("patchgrid.apply")
+
+    image = np.random.default_rng(3).random((1, 20, 60, 50)).astype(np.float32)
+
+    def classes(batch):
+        return np.concatenate([batch, 1 - batch, batch**2], axis=1)
+
+    kwargs = dict(size=10, stride=5, axes=(1, 2, 3), reduce="argmax", progress=False)
+    expected = pg.apply(classes, image, **kwargs)
+    monkeypatch.setattr(apply_module, "TILE_BYTES", 20_000)
+    out = Store(expected.shape, expected.dtype)
+    pg.apply(classes, image, out=out, **kwargs)
+    np.testing.assert_array_equal(out.data, expected)
+
+
+def _grids(image, kwargs):
+    """The output grid apply builds, for checking that the call was tiled."""
+    size, stride = kwargs["size"], kwargs["stride"]
+    margin = kwargs.get("margin", 0)
+    axes = kwargs.get("axes")
+    core = size - 2 * margin if isinstance(size, int) else size
+    grid = pg.PatchGrid(image.shape, core, stride, axes=axes, edge=kwargs.get("edge", "shift"))
+    if "scale" in kwargs:
+        grid = grid.scaled(kwargs["scale"])
+    return grid, "mean"

@@ -16,7 +16,7 @@ from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor
 from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
 from .grid import PatchGrid
-from .merge import Merger
+from .merge import TILE_BYTES, Merger, _Tile, plan_tiles
 
 __all__ = ["apply"]
 
@@ -205,11 +205,6 @@ def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
                 worker.join(0.01)
 
 
-def _batches(n: int, size: int) -> Iterator[np.ndarray]:
-    for first in range(0, n, size):
-        yield np.arange(first, min(first + size, n))
-
-
 def apply(
     fn: Callable[[Any], Any],
     image: Any,
@@ -335,10 +330,10 @@ def apply(
                                 reduce=reduce, batch_size=batch_size, margin=margin, scale=scale,
                                 dtype=dtype, fill=fill), out)  # fmt: skip
     reader = _Reader(image, grid, margins, xp)
-    merger = Merger(out_grid, reduce=reduce, window=window, fill=fill, dtype=dtype, out=out)
+    tiles = _tiles(out, out_grid, reduce)
     in_shape = reader.patch_shape(shape)
     full = [p * f for p, f in zip(reader.size, _factors(out_grid, grid))]
-    step, close = _progress(progress, len(grid))
+    step, close = _progress(progress, sum(t.reads for t in tiles) if tiles else len(grid))
     grad: Any = contextlib.nullcontext()
     if xp.name == "torch":
         import torch
@@ -355,21 +350,64 @@ def apply(
             _copy_patch(batch[i], reader.read(row), xp)
         return ids, batch
 
+    def run(merger: Merger, ids: np.ndarray, local: np.ndarray) -> Any:
+        batches = map(load, (ids[i : i + batch_size] for i in range(0, len(ids), batch_size)))
+        # A reader thread helps NumPy; once torch is loaded, its fused adds already use the
+        # cores, and the thread only costs memory.
+        ahead = xp is NUMPY and sys.modules.get("torch") is None
+        at = 0
+        for ids_, batch in _prefetch(batches) if ahead else batches:
+            result = fn(batch)
+            result = _check_output(result, batch, xp, out_grid, full, fn)
+            merger.add(_core(result[: len(ids_)], out_grid, full), local[at : at + len(ids_)])
+            at += len(ids_)
+            step(len(ids_))
+        return merger.result()
+
     try:
         with grad:
-            batches = map(load, _batches(len(grid), batch_size))
-            # torch already spreads its copies over the cores; NumPy gains from a reader thread.
-            # A reader thread helps NumPy; once torch is loaded, its fused adds already use the
-            # cores, and the thread only costs memory.
-            ahead = xp is NUMPY and sys.modules.get("torch") is None
-            for ids, batch in _prefetch(batches) if ahead else batches:
-                result = fn(batch)
-                result = _check_output(result, batch, xp, out_grid, full, fn)
-                merger.add(_core(result[: len(ids)], out_grid, full), ids)
-                step(len(ids))
+            if not tiles:
+                everything = np.arange(len(grid))
+                merger = Merger(out_grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
+                                out=out)  # fmt: skip
+                return run(merger, everything, everything)
+            a0 = out_grid.axes[0]
+            for tile in tiles:
+                if tile.empty:  # no patch reaches this tile
+                    axis = tile.out_axis[a0]
+                    tile.fill(out, axis, out_grid.stride[0], fill, dtype or out.dtype)
+                    continue
+                assert tile.grid is not None
+                merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
+                                out=tile.sink(out))  # fmt: skip
+                run(merger, *tile.ids())
+            return out
     finally:
         close()
-    return merger.result()
+
+
+def _tiles(out: Any, grid: PatchGrid, reduce: str) -> list[_Tile]:
+    """Tiles across the plane for an ``out`` on disk whose plane is too large for one slab.
+
+    Patches that reach two tiles run twice, so an in-memory ``out`` (or none) is never
+    tiled; a file-backed one is, only when one slab across the whole plane would exceed
+    :data:`patchgrid.merge.TILE_BYTES`.
+    """
+    if out is None or type(out) is np.ndarray or is_tensor(out):
+        return []
+    ndim = grid.ndim
+    free = [a for a in range(ndim) if a not in grid.axes]
+    drop = free[-1] if reduce == "argmax" and free and len(out.shape) == ndim - 1 else None
+    out_axis = [a if drop is None or a < drop else a - 1 for a in range(ndim)]
+    carried = 1
+    for a in free:
+        if a != drop and len(out.shape) == ndim - (drop is not None):
+            carried *= int(out.shape[out_axis[a]])
+    itemsize = max(4, np.dtype(out.dtype).itemsize) * carried
+    if len(out.shape) != ndim - (drop is not None):
+        return []  # the Merger reports the shape mismatch
+    tiles = plan_tiles(grid, tuple(out.shape), out_axis, itemsize, TILE_BYTES)
+    return tiles if len(tiles) > 1 else []
 
 
 def _apply_dask(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -866,10 +866,49 @@ class _Tile:
             self.origin[out_axis[a]] = r_lo
             self.keep[out_axis[a]] = slice(t_lo - r_lo, t_hi - r_lo)
         self.reads = 0 if self.empty else math.prod(len(p) for p in self.picks)
+        self._counts = grid.counts
+        self.out_axis = out_axis
         self.grid = None if self.empty else _restore(
             tuple(sub_shape), grid.size, grid.stride, grid.axes, grid.edge, grid.pad_mode,
             grid.pad_value, [tuple(int(v) for v in s) for s in sub_starts], pads,
         )  # fmt: skip
+
+    def runs(self) -> Iterator[tuple[int, int, int]]:
+        """The tile's patches as runs contiguous in grid order, in grid order: (first patch
+        of the whole grid, first patch of the tile's sub-grid, count)."""
+        assert self.grid is not None
+        last = self.picks[-1]
+        for row in itertools.product(*self.picks[:-1]):
+            lo = int(np.ravel_multi_index((*row, last.start), self._counts))
+            local = (*[r - pk.start for r, pk in zip(row, self.picks[:-1])], 0)
+            yield lo, int(np.ravel_multi_index(local, self.grid.counts)), len(last)
+
+    def ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every patch of the tile: its number in the whole grid and in the sub-grid."""
+        runs = list(self.runs())
+        glob = np.concatenate([np.arange(g, g + n) for g, _, n in runs])
+        local = np.concatenate([np.arange(s, s + n) for _, s, n in runs])
+        return glob, local
+
+    def fill(self, out: Any, a: int, step: int, value: Any, dtype: Any) -> None:
+        """Write ``value`` over the whole tile, ``step`` rows along out's axis ``a`` at a time."""
+        where = list(self.where)
+        n = out.shape[a]
+        for lo in range(0, n, max(step, 1)):
+            where[a] = slice(lo, min(lo + step, n))
+            extent = [len(range(*w.indices(m))) for w, m in zip(where, out.shape)]
+            out[tuple(where)] = np.full(extent, value, dtype)
+
+    def sink(self, out: Any) -> _Cropped:
+        """``out`` as the sub-grid's output: writes land in the tile's own voxels only."""
+        return _Cropped(out, tuple(self.shape), self.origin, self.keep)
+
+
+def plan_tiles(
+    grid: PatchGrid, out_shape: tuple[int, ...], out_axis: list[int], itemsize: int, budget: int
+) -> list[_Tile]:
+    """The tiles that cover the output, each holding at most about ``budget`` bytes."""
+    return [_Tile(grid, out_shape, out_axis, t) for t in _tiles(grid, itemsize, budget)]
 
 
 def merge_tiled(
@@ -903,33 +942,21 @@ def merge_tiled(
     class_axis = probe._class_axis
     out_axis = [a if class_axis is None or a < class_axis else a - 1 for a in range(grid.ndim)]
     out_shape = probe._out_shape
-    tiles = [_Tile(grid, out_shape, out_axis, t) for t in _tiles(grid, itemsize, budget)]
+    tiles = plan_tiles(grid, out_shape, out_axis, itemsize, budget)
     total = sum(t.reads for t in tiles)
     done = 0
     for tile in tiles:
-        if tile.empty:
-            # No patch reaches this tile: it is all fill, written a few rows at a time.
-            where, a = list(tile.where), out_axis[a0]
-            step = max(1, grid.stride[0])
-            for lo in range(0, out_shape[a], step):
-                where[a] = slice(lo, min(lo + step, out_shape[a]))
-                extent = [len(range(*w.indices(n))) for w, n in zip(where, out_shape)]
-                out[tuple(where)] = np.full(extent, fill, probe._out_dtype)
+        if tile.empty:  # no patch reaches this tile: it is all fill
+            tile.fill(out, out_axis[a0], grid.stride[0], fill, probe._out_dtype)
             continue
         assert tile.grid is not None
-        sink = _Cropped(out, tuple(tile.shape), tile.origin, tile.keep)
         merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill,
-                        dtype=probe._out_dtype, out=sink)  # fmt: skip
-        # Runs of patches contiguous in the store: along the last tiled axis, row by row.
-        last = tile.picks[-1]
+                        dtype=probe._out_dtype, out=tile.sink(out))  # fmt: skip
         pending: list[Any] = []
         ids: list[np.ndarray] = []
-        for row in itertools.product(*tile.picks[:-1]):
-            lo = int(np.ravel_multi_index((*row, last.start), grid.counts))
-            local = (*[r - pk.start for r, pk in zip(row, tile.picks[:-1])], 0)
-            first_id = int(np.ravel_multi_index(local, tile.grid.counts))
-            for c in range(0, len(last), batch):
-                n = min(batch, len(last) - c)
+        for lo, first_id, count in tile.runs():
+            for c in range(0, count, batch):
+                n = min(batch, count - c)
                 pending.append(np.asarray(read(lo + c, lo + c + n)))
                 ids.append(np.arange(first_id + c, first_id + c + n))
                 done += n
