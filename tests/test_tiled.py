@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patchgrid as pg
-from patchgrid.merge import _tiles, merge_tiled
+from patchgrid.merge import _tiles, merge_tiled, plan_tiles
 from reference import Layout
 
 SETTINGS = settings(max_examples=80, deadline=None)
@@ -74,14 +74,26 @@ def test_merge_tiled_argmax_drops_the_class_axis():
     np.testing.assert_array_equal(out, pg.merge(scores, grid, reduce="argmax"))
 
 
-def test_merge_tiled_memory_follows_the_budget_not_the_plane():
-    grid = pg.PatchGrid((64, 512, 512), 32, 16)
-    tiles = _tiles(grid, 4, 8 << 20)
-    widths = {hi - lo for tile in tiles for lo, hi in tile}
+@pytest.mark.parametrize("side", [256, 512, 1024])
+def test_merge_tiled_memory_follows_the_budget_not_the_plane(side):
+    grid = pg.PatchGrid((256, side, side), 64, 32)
+    budget = 24 << 20
+    tiles = plan_tiles(grid, grid.shape, [0, 1, 2], 4, budget)
+    rows = 64 + 32  # the slab: a patch and the step to the next row of patches
+    assert all(rows * t.shape[1] * t.shape[2] * 4 <= budget for t in tiles)
     assert len(tiles) > 1
-    # The accumulator slab of one tile: patch + stride rows across the tile's extent (its
-    # patches reach one patch beyond it on each side at most).
-    assert max((48 * (w + 64) ** 2) * 4 for w in widths) <= 2 * (8 << 20)
+
+
+def test_tiles_align_with_the_output_chunks():
+    class Chunked:
+        shape, chunks = (64, 700, 700), (16, 100, 300)
+
+    grid = pg.PatchGrid(Chunked.shape, 32, 16)
+    tiles = plan_tiles(grid, grid.shape, [0, 1, 2], 4, 1 << 20, Chunked())
+    for tile in tiles:
+        for w, c, n in zip(tile.where[1:], Chunked.chunks[1:], Chunked.shape[1:]):
+            assert w.start % c == 0
+            assert w.stop % c == 0 or w.stop == n
 
 
 def test_merge_tiled_reports_progress():

@@ -789,7 +789,7 @@ def merge(
 
 # Accumulator bytes one tile of merge_tiled may hold: a slab of patch + stride rows across the
 # tile's extent on the other tiled axes.
-TILE_BYTES = 32 << 20
+TILE_BYTES = 24 << 20
 
 
 class _Cropped:
@@ -814,18 +814,30 @@ class _Cropped:
         self._sink[tuple(dst)] = np.asarray(block)[tuple(src)]
 
 
-def _tiles(grid: PatchGrid, acc_itemsize: int, budget: int) -> list[list[tuple[int, int]]]:
-    """Ranges of the image along the tiled axes after the first, one list per tile."""
+def _tiles(
+    grid: PatchGrid, acc_itemsize: int, budget: int, chunks: Sequence[int] | None = None
+) -> list[list[tuple[int, int]]]:
+    """Ranges of the image along the tiled axes after the first, one list per tile.
+
+    A tile's sub-image (the tile and the patches that reach into it) holds about ``budget``
+    bytes in a slab of patch + stride rows. Tiles are whole multiples of the stride, and of
+    the output's ``chunks`` (one per tiled axis) where given, so that no chunk is written
+    in parts by two tiles.
+    """
     k = len(grid.axes)
     steps = np.diff(grid.axis_starts(0))
     rows = grid.size[0] + (int(steps.max()) if len(steps) else 0)
-    # Share the budget out evenly among the axes, never below two patches per tile.
+    # Share the budget out evenly among the axes.
     room = budget / max(rows * acc_itemsize, 1)
-    per_axis = room ** (1 / max(k - 1, 1))
+    extent = room ** (1 / max(k - 1, 1))
     ranges: list[list[tuple[int, int]]] = []
     for j in range(1, k):
-        n = grid.shape[grid.axes[j]]
-        t = max(int(per_axis), 2 * grid.size[j], 1)
+        n, p, s = grid.shape[grid.axes[j]], grid.size[j], grid.stride[j]
+        # Patches reach into a tile from either side by at most size - stride.
+        t = int(extent) - 2 * max(p - s, 0)
+        t = max(t - t % s, s, 1)
+        c = 1 if chunks is None else max(int(chunks[j]), 1)
+        t = max(c, t - t % c)
         ranges.append([(lo, min(lo + t, n)) for lo in range(0, n, t)])
     return [list(r) for r in itertools.product(*ranges)]
 
@@ -905,10 +917,20 @@ class _Tile:
 
 
 def plan_tiles(
-    grid: PatchGrid, out_shape: tuple[int, ...], out_axis: list[int], itemsize: int, budget: int
+    grid: PatchGrid,
+    out_shape: tuple[int, ...],
+    out_axis: list[int],
+    itemsize: int,
+    budget: int,
+    out: Any = None,
 ) -> list[_Tile]:
-    """The tiles that cover the output, each holding at most about ``budget`` bytes."""
-    return [_Tile(grid, out_shape, out_axis, t) for t in _tiles(grid, itemsize, budget)]
+    """The tiles that cover the output, each holding about ``budget`` bytes, aligned with the
+    chunks of ``out`` when it has any (zarr, HDF5)."""
+    chunks = getattr(out, "chunks", None)
+    per_axis = None
+    if isinstance(chunks, tuple) and len(chunks) == len(out_shape):
+        per_axis = [int(chunks[out_axis[a]]) for a in grid.axes]
+    return [_Tile(grid, out_shape, out_axis, t) for t in _tiles(grid, itemsize, budget, per_axis)]
 
 
 def merge_tiled(
@@ -942,7 +964,7 @@ def merge_tiled(
     class_axis = probe._class_axis
     out_axis = [a if class_axis is None or a < class_axis else a - 1 for a in range(grid.ndim)]
     out_shape = probe._out_shape
-    tiles = plan_tiles(grid, out_shape, out_axis, itemsize, budget)
+    tiles = plan_tiles(grid, out_shape, out_axis, itemsize, budget, out)
     total = sum(t.reads for t in tiles)
     done = 0
     for tile in tiles:
@@ -952,20 +974,12 @@ def merge_tiled(
         assert tile.grid is not None
         merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill,
                         dtype=probe._out_dtype, out=tile.sink(out))  # fmt: skip
-        pending: list[Any] = []
-        ids: list[np.ndarray] = []
+        # Runs of patches contiguous in grid order, read a batch at most at a time.
         for lo, first_id, count in tile.runs():
             for c in range(0, count, batch):
                 n = min(batch, count - c)
-                pending.append(np.asarray(read(lo + c, lo + c + n)))
-                ids.append(np.arange(first_id + c, first_id + c + n))
+                merger.add(np.asarray(read(lo + c, lo + c + n)), np.arange(n) + first_id + c)
                 done += n
-                if sum(len(i) for i in ids) >= batch:
-                    merger.add(np.concatenate(pending), np.concatenate(ids))
-                    pending.clear()
-                    ids.clear()
                 if progress is not None:
                     progress(done, total)
-        if pending:
-            merger.add(np.concatenate(pending), np.concatenate(ids))
         merger.result()
