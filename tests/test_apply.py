@@ -842,3 +842,20 @@ def test_weighted_add_is_the_same_with_and_without_torch_loaded(monkeypatch, win
     without = pg.apply(lambda b: b * 3, image, 10, 6, **kw)
     np.testing.assert_allclose(with_torch, without, rtol=1e-6)
     np.testing.assert_allclose(without, 3 * image, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep", ["batch", "view"])
+def test_a_function_that_keeps_its_inputs_keeps_them_intact(keep):
+    # apply reuses batch buffers only when nothing else holds them.
+    image = np.random.default_rng(7).random((40, 44)).astype(np.float32)
+    kept = []
+
+    def fn(batch):
+        kept.append(batch if keep == "batch" else batch[:, 1:])
+        return batch
+
+    pg.apply(fn, image, 8, 4, batch_size=3, pad_batch=True, progress=False)
+    patches = pg.extract(image, pg.PatchGrid(image.shape, 8, 4, edge="shift"), flatten=True)
+    got = np.concatenate(kept)
+    want = patches if keep == "batch" else patches[:, 1:]
+    np.testing.assert_array_equal(got[: len(patches)], want)

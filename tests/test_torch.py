@@ -602,3 +602,18 @@ def test_backend_argmax_matches_numpy_with_ties_and_nans(classes):
     tensor = torch.from_numpy(scores)
     got = backend_of(tensor).argmax(tensor, 0)
     np.testing.assert_array_equal(got.numpy(), np.argmax(scores, axis=0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_leaves_the_batches_fn_keeps_intact(device):
+    image = torch.rand(40, 44, device=device)
+    kept = []
+
+    def fn(batch):
+        kept.append(batch[:, 1:])  # a view: it shares the batch's storage
+        return batch
+
+    pg.apply(fn, image, 8, 4, batch_size=3, pad_batch=True, progress=False)
+    patches = pg.extract(image, pg.PatchGrid(image.shape, 8, 4, edge="shift"), flatten=True)
+    got = torch.cat(kept)[: len(patches)]
+    assert torch.equal(got, patches[:, 1:])

@@ -143,12 +143,11 @@ class _Pool:
     LIMIT = 4
 
     def __init__(self, shape: tuple[int, ...], dtype: Any, xp: Backend, like: Any) -> None:
-        self._shape, self._xp = shape, xp
-        self._dtype = np.dtype(str(dtype).replace("torch.", "")) if xp.name == "torch" else dtype
+        self._shape, self._xp, self._dtype = shape, xp, dtype
         self._on = xp is NUMPY or (xp.name == "torch" and like.device.type == "cpu")
         if self._on and xp.name == "torch":
             try:
-                np.dtype(self._dtype)
+                self._dtype = np.dtype(str(dtype).replace("torch.", ""))
             except TypeError:  # a dtype NumPy does not have (bfloat16)
                 self._on = False
         self._bufs: list[np.ndarray] = []
