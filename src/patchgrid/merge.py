@@ -46,14 +46,11 @@ def _divide_by_profiles(
     for a, p in zip(axes[1:], safe[1:]):
         rest = rest * _shaped(p, a, ndim)
     a0 = axes[0]
-    plane = xp.nbytes(acc) // max(acc.shape[a0], 1)
-    step = max(1, _kernels.CHUNK_BYTES // max(plane, 1))
-    for lo in range(0, acc.shape[a0], step):
+    # Row by row: the divisor is a plane, not a block (float64 first, for one rounding).
+    for r in range(acc.shape[a0]):
         where: list[Any] = [slice(None)] * ndim
-        where[a0] = slice(lo, lo + step)
-        part = acc[tuple(where)]
-        divisor = _shaped(safe[0][lo : lo + step], a0, ndim) * rest
-        xp.divide(part, xp.constant(divisor, xp.dtype(acc), acc))
+        where[a0] = slice(r, r + 1)
+        xp.divide(acc[tuple(where)], xp.constant(safe[0][r] * rest, xp.dtype(acc), acc))
 
 
 class Merger:
