@@ -19,6 +19,16 @@ __all__ = ["Merger", "coverage", "merge"]
 REDUCES = ("mean", "sum", "max", "min", "argmax")
 
 
+def _runs(idx: np.ndarray, row: int) -> list[tuple[int, int]]:
+    """Stretches ``[b0, b1)`` of a batch whose indices go up by one within one row of the grid
+    (``row`` patches along its last tiled axis), two patches or more."""
+    if len(idx) < 2:
+        return []
+    joined = (np.diff(idx) == 1) & ((idx[1:] // row) == (idx[:-1] // row))
+    edges = [0, *(np.flatnonzero(~joined) + 1).tolist(), len(idx)]
+    return [(b0, b1) for b0, b1 in zip(edges[:-1], edges[1:]) if b1 - b0 >= 2]
+
+
 def _profile_sum(starts: np.ndarray, weights: np.ndarray, length: int) -> np.ndarray:
     """Sum of a 1-D window placed at every start: one axis of the coverage."""
     out = np.zeros(length)
@@ -372,7 +382,12 @@ class Merger:
         self._ensure(int(self._starts0[rows].max()) + grid.size[0])
         xp, op, weight = self._xp, self._op(), self._weight()
         scratch: list[Any] = []
-        for i, patch in zip(idx.tolist(), arr):
+        done = np.zeros(len(idx), dtype=bool)
+        for b0, b1 in _runs(idx, grid.counts[-1]):
+            self._add_run(arr[b0:b1], int(idx[b0]), op, weight, scratch, seen)
+            done[b0:b1] = True
+        for b in np.flatnonzero(~done).tolist():
+            i, patch = int(idx[b]), arr[b]
             sl = self._local(i)
             target = self._acc[sl]
             if weight is None:
@@ -386,6 +401,47 @@ class Merger:
             # known as added, and adding them again raises instead of counting them twice.
             seen[i] = True
         self._flush()
+
+    def _add_run(
+        self, patches: Any, first: int, op: str, weight: Any, scratch: list[Any], seen: Any
+    ) -> None:
+        """Patches ``first``, ``first + 1``, ... of one row of the grid (along its last tiled
+        axis), in a few strided operations: one per phase of patches that do not overlap.
+
+        Each operation adds whole patches, which are marked as added as soon as it is done.
+        """
+        grid, xp = self.grid, self._xp
+        k = len(grid.axes)
+        pos = grid.position(first)
+        n = patches.shape[0]
+        last = grid.axis_starts(k - 1)[pos[-1] : pos[-1] + n]
+        lead = [int(grid.axis_starts(j)[pos[j]]) for j in range(k - 1)]
+        if k > 1:
+            lead[0] -= self._lo
+        else:
+            last = last - self._lo
+        for r0, count, start, step in _kernels.runs(last.tolist(), grid.size[-1]):
+            phases = 1 if step >= grid.size[-1] else -(-grid.size[-1] // step)
+            for q in range(min(phases, count)):
+                sel = range(r0 + q, r0 + count, phases)
+                where = [*lead, start + q * step]
+                target = _kernels.window_view(
+                    self._acc, grid.axes, where, [*grid.size[:-1], phases * step],
+                    [1] * (k - 1) + [len(sel)], grid.size, xp,
+                )  # fmt: skip
+                source = patches[sel.start : sel.stop : sel.step]
+                source = source.reshape((1,) * (k - 1) + tuple(source.shape))
+                if weight is None:
+                    xp.inplace(op, target, source)
+                else:
+                    xp.add_product(target, source, weight, scratch)
+                if self._wacc is not None:
+                    wtarget = _kernels.window_view(
+                        self._wacc, grid.axes, where, [*grid.size[:-1], phases * step],
+                        [1] * (k - 1) + [len(sel)], grid.size, xp,
+                    )  # fmt: skip
+                    xp.inplace("add", wtarget, weight)
+                seen[first + sel.start : first + sel.stop : sel.step] = True
 
     def add_all(self, patches: Any) -> None:
         """Add every patch of the grid at once, shaped ``(*counts, *patch)`` or ``(N, *patch)``.
