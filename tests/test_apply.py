@@ -787,12 +787,14 @@ def test_lazy_image_gives_the_right_result(kwargs):
 
 
 @pytest.mark.parametrize("kwargs", LAZY_CASES, ids=LAZY_IDS)
-def test_lazy_image_is_read_one_patch_at_a_time(kwargs):
+def test_lazy_image_is_read_one_batch_stretch_at_a_time(kwargs):
+    # A batch's patches along one row of the grid come in one read, no longer than they reach.
     lazy = _Lazy(_image())
-    pg.apply(lambda b: b, lazy, SIZE, STRIDE, axes=AXES, progress=False, **kwargs)
+    pg.apply(lambda b: b, lazy, SIZE, STRIDE, axes=AXES, batch_size=2, progress=False, **kwargs)
     extents = {_extents(k, SHAPE) for k in lazy.reads}
     assert lazy.reads
-    assert all(e[1] <= SIZE and e[2] <= SIZE for e in extents)
+    assert all(e[1] <= SIZE and e[2] <= SIZE + STRIDE for e in extents)
+    assert max(np.prod(e) for e in extents) < np.prod(SHAPE)
 
 
 @pytest.mark.parametrize("pad_mode", ["reflect", "edge", "constant", "symmetric", "wrap"])

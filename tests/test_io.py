@@ -585,16 +585,16 @@ def test_merge_of_lazy_patches(tmp_path):
     assert np.allclose(pg.merge(lazy, grid), array)
 
 
-def test_apply_reads_patch_sized_regions(tmp_path):
+def test_apply_reads_no_more_than_a_row_of_a_batch_at_once(tmp_path):
     recorder = Recorder(_volume(shape=(12, 12, 12)))
-    pg.apply(_double, recorder, size=4, stride=4, progress=False)
-    assert max(recorder.sizes) == 4 * 4 * 4
+    pg.apply(_double, recorder, size=4, stride=4, batch_size=2, progress=False)
+    assert max(recorder.sizes) == 4 * 4 * 8  # two patches side by side
 
 
-def test_apply_reads_each_patch_once(tmp_path):
+def test_apply_reads_each_voxel_once(tmp_path):
     recorder = Recorder(_volume(shape=(12, 12, 12)))
     pg.apply(_double, recorder, size=4, stride=4, progress=False)
-    assert len(recorder.keys) == 27
+    assert sum(recorder.sizes) == 12**3
 
 
 def test_extract_never_reads_the_whole_lazy_image():

@@ -16,7 +16,7 @@ from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor
 from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
 from .grid import PatchGrid
-from .merge import TILE_BYTES, Merger, _Tile, plan_tiles
+from .merge import TILE_BYTES, Merger, _runs, _Tile, plan_tiles
 
 __all__ = ["apply"]
 
@@ -81,6 +81,33 @@ class _Reader:
             else:
                 gathers.append((a, ids))
         return self._gather(region, gathers)
+
+    def read_run(self, first: int, n: int) -> tuple[Any, np.ndarray]:
+        """The input region of cores ``first`` to ``first + n`` (one row of the grid, along its
+        last tiled axis), and where each patch starts in it along that axis."""
+        grid = self.grid
+        k = len(grid.axes)
+        pos = grid.position(first)
+        region: list[Any] = [slice(None)] * grid.ndim
+        gathers: list[tuple[int, np.ndarray]] = []
+        offsets = np.zeros(n, dtype=np.intp)
+        for j, a in enumerate(grid.axes):
+            starts = grid.axis_starts(j)
+            start = int(starts[pos[j]])
+            stop = start + self.size[j]
+            if j == k - 1:
+                offsets = starts[pos[j] : pos[j] + n] - start
+                stop = int(starts[pos[j] + n - 1]) + self.size[j]
+            amap = self.maps[j]
+            if amap is None:
+                region[a] = slice(start, stop)
+                continue
+            ids = amap[start:stop]
+            if ids[0] >= 0 and np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
+                region[a] = slice(int(ids[0]), int(ids[0]) + len(ids))
+            else:
+                gathers.append((a, ids))
+        return self._gather(region, gathers), offsets
 
     def _gather(self, region: list[Any], gathers: list[tuple[int, np.ndarray]]) -> Any:
         """Read ``region``, gathering along each axis of ``gathers`` at its source indices.
@@ -390,8 +417,18 @@ def apply(
         batch = pool.take() if len(rows) == batch_size else None
         if batch is None:
             batch = xp.empty((len(rows), *in_shape), dtype_in, image)
-        for i, row in enumerate(rows.tolist()):
-            _copy_patch(batch[i], reader.read(row), xp)
+        done = np.zeros(len(rows), dtype=bool)
+        last = grid.axes[-1]
+        for b0, b1 in _runs(rows, grid.counts[-1]):
+            # A stretch of one row: one read, cut into patches as strided views.
+            block, offsets = reader.read_run(int(rows[b0]), b1 - b0)
+            for r0, count, start, step in _kernels.runs(offsets.tolist(), reader.size[-1]):
+                view = _kernels.window_view(block, [last], [start], [step], [count],
+                                            [reader.size[-1]], xp)  # fmt: skip
+                _kernels.copy(batch[b0 + r0 : b0 + r0 + count], view, 1, xp)
+            done[b0:b1] = True
+        for i in np.flatnonzero(~done).tolist():
+            _copy_patch(batch[i], reader.read(int(rows[i])), xp)
         return ids, batch
 
     def run(merger: Merger, ids: np.ndarray, local: np.ndarray) -> Any:
