@@ -26,7 +26,7 @@ def _runs(idx: np.ndarray, row: int) -> list[tuple[int, int]]:
         return []
     joined = (np.diff(idx) == 1) & ((idx[1:] // row) == (idx[:-1] // row))
     edges = [0, *(np.flatnonzero(~joined) + 1).tolist(), len(idx)]
-    return [(b0, b1) for b0, b1 in zip(edges[:-1], edges[1:]) if b1 - b0 >= 2]
+    return [(b0, b1) for b0, b1 in itertools.pairwise(edges) if b1 - b0 >= 2]
 
 
 def _profile_sum(starts: np.ndarray, weights: np.ndarray, length: int) -> np.ndarray:
