@@ -25,8 +25,8 @@ CHUNK_BYTES = 1 << 19
 # Threads for the overlap-add, and the least work (bytes of patches) worth starting them for.
 THREADS = min(4, os.cpu_count() or 1)
 THREADED_BYTES = 1 << 24
-CHUNK_AXES = 1
-SPAN_LIMIT = 1 << 21
+# The least patch data worth copying short rows into a buffer laid out like the output.
+THROUGH_BUFFER_BYTES = 1 << 20
 
 Run = tuple[int, int, int, int]  # first patch index, number of patches, first start, step
 
@@ -165,13 +165,13 @@ def accumulate(
     blocks = [c + mj - 1 for c, mj in zip(counts, m)]
     # Choose the chunked axes: cut along axis 0 first, and along the next ones while one block
     # of the previous axes is still larger than the chunk.
-    span = xp.itemsize(acc) * math.prod(acc.shape)
+    span = span_all = xp.itemsize(acc) * math.prod(acc.shape)
     per_chunk: list[int] = []
     for j, a in enumerate(axes):
         span = span // max(acc.shape[a], 1) * max(min(step[j], size[j]), 1)
         per_chunk.append(max(1, min(blocks[j], CHUNK_BYTES // max(span, 1))))
-        if len(per_chunk) >= CHUNK_AXES or span <= SPAN_LIMIT or j + 1 == k:
-            break
+        # Cutting more axes into pieces shortens NumPy's loops more than the cache repays.
+        break
     d = len(per_chunk)
     # Tiny patch rows make NumPy's inner loop short; then iterate with the grid axes innermost.
     small = xp is NUMPY and size[-1] * xp.itemsize(patches) < 256 and counts[-1] > 1 and k > d
@@ -179,8 +179,18 @@ def accumulate(
     # end along the last tiled axis, copy them (rows as opaque items, which is fast) into a
     # buffer laid out like the output, so the addition runs along whole output rows.
     last = axes[-1]
-    through_buffer = small and m[-1] * step[-1] == size[-1] and last == len(patch) - 1
-    inner_grid = small and not through_buffer and size[-1] * xp.itemsize(patches) < 64
+    through_buffer = (
+        small
+        and m[-1] * step[-1] == size[-1]
+        and last == len(patch) - 1
+        and xp.nbytes(patches) >= THROUGH_BUFFER_BYTES  # below it, the buffer costs more
+    )
+    inner_grid = (
+        small
+        and not through_buffer
+        and size[-1] * xp.itemsize(patches) < 64
+        and xp.nbytes(patches) >= THROUGH_BUFFER_BYTES
+    )
     order = "C" if inner_grid else "K"
     interleave: list[int] = []
     for a in range(len(patch)):
@@ -188,6 +198,9 @@ def accumulate(
             interleave.append(list(axes).index(a))
         interleave.append(k + a)
     ranges = [range(0, blocks[j], per_chunk[j]) for j in range(d)]
+    # NumPy runs strided in-place operations through buffers of up to 8192 items per operand;
+    # beside a small output, smaller calls keep those (and ours) small too.
+    budget = min(CHUNK_BYTES, max(span_all // 4, 1 << 12))
 
     def run(chunk: tuple[int, ...]) -> None:
         scratch: list[Any] = []
@@ -213,10 +226,11 @@ def accumulate(
                     inner[axes[j]] = slice(r * step[j], r * step[j] + ext[j])
                 source = patches[tuple(pick + inner)]
                 w = None if weight is None else weight[tuple(inner)]
-                # Split calls whose patches would not fit in cache along one grid axis.
+                # Split calls whose patches would not fit in cache along one grid axis (and,
+                # through a buffer, whose buffer would be large beside a small output).
                 cut = 1 if k > 1 else 0
                 n_cut = source.shape[cut]
-                per = max(1, n_cut * CHUNK_BYTES // max(xp.nbytes(source), 1))
+                per = max(1, n_cut * budget // max(xp.nbytes(source), 1))
                 for c0 in range(0, n_cut, per):
                     part = (slice(None),) * cut + (slice(c0, c0 + per),)
                     tgt, src = target[part], source[part]
