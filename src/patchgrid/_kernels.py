@@ -6,6 +6,7 @@ the grid splits into a few regular sub-grids, and a regular sub-grid is a stride
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -50,8 +51,13 @@ def runs(starts: Sequence[int], size: int) -> list[Run]:
 
 def subgrids(grid: PatchGrid) -> Iterator[tuple[Run, ...]]:
     """The regular sub-grids that make up ``grid``: one run per tiled axis."""
+    return iter(_subgrids(grid))
+
+
+@functools.lru_cache(maxsize=64)
+def _subgrids(grid: PatchGrid) -> list[tuple[Run, ...]]:
     per_axis = [runs(grid.axis_starts(j).tolist(), p) for j, p in enumerate(grid.size)]
-    return itertools.product(*per_axis)
+    return list(itertools.product(*per_axis))
 
 
 def window_view(
@@ -129,6 +135,9 @@ def copy(dst: Any, src: Any, k: int, xp: Backend = NUMPY) -> None:
     if dst.dtype == src.dtype:
         d, s = _as_rows(dst), _as_rows(src)
         if d is not None and s is not None:
+            if d.nbytes <= CHUNK_BYTES:
+                d[...] = s
+                return
             for chunk in _chunks(d.shape, d.itemsize, k):
                 d[chunk] = s[chunk]
             return

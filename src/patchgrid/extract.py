@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,33 @@ def as_grid(
                 f"the grid was made for shape {size.shape} but {name} has shape {tuple(shape)}"
             )
         return size
+    key = _key(shape, size, stride, axes, edge, pad_mode, pad_value)
+    if key is not None:
+        return _cached_grid(*key)
+    return PatchGrid(
+        shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
+    )
+
+
+def _key(*args: Any) -> tuple[Any, ...] | None:
+    """The arguments as a hashable key when each is a plain int, str, or tuple of them."""
+    key: list[Any] = []
+    for a in args:
+        if isinstance(a, list):
+            a = tuple(a)
+        items = a if isinstance(a, tuple) else (a,)
+        if not all(type(v) in (int, str, float) or v is None for v in items):
+            return None
+        key.append(a)
+    return tuple(key)
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _cached_grid(
+    shape: Any, size: Any, stride: Any, axes: Any, edge: Any, pad_mode: str, pad_value: Any
+) -> PatchGrid:
+    # A grid is a frozen value of its arguments: the same call gives the same grid, and
+    # building one costs as much as cutting a small image.
     return PatchGrid(
         shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
     )
