@@ -235,6 +235,9 @@ def child(case: str, side: int, size: int, stride: int) -> None:
         "loop": lambda: loop_merge(patches, w.shape, size, stride),  # type: ignore[arg-type]
     }
     fn = calls[case]
+    # Loading the compiled kernels (numba and LLVM) is a cost of the process, once, like
+    # importing NumPy; it is reported beside the table, not counted in each call.
+    _fast._kernels()
     gc.collect()
     rss0 = peak_rss(reset=True)
     tracemalloc.start()
@@ -564,7 +567,18 @@ def kernels() -> str:
         return "none (NumPy only; `pip install numba` for the compiled overlap-add)"
     import numba
 
-    return f"numba {numba.__version__} (merge; NumPy path shown beside it)"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from _memory import peak_rss; "
+        "from patchgrid import _fast; b = peak_rss(True); _fast._kernels(); "
+        "print(peak_rss() - b)"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True)
+    load = int(run.stdout.strip() or 0) / MiB
+    return (
+        f"numba {numba.__version__} (merge; NumPy path shown beside it); loading the "
+        f"kernels costs a process {load:.0f} MiB once (not counted in the calls below)"
+    )
 
 
 def threads() -> str:
