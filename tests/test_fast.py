@@ -133,7 +133,7 @@ def test_no_kernel_without_numba(compiled, monkeypatch):
 
 
 def test_large_merges_take_the_kernel_by_default():
-    image = np.random.default_rng(4).random((80, 80, 80)).astype(np.float32)
+    image = np.random.default_rng(4).random((128, 128, 128)).astype(np.float32)
     grid = pg.PatchGrid(image.shape, 32, 16)
     patches = pg.extract(image, grid, copy=True)
     assert patches.nbytes >= _fast.MIN_BYTES

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-# The least patch data (bytes) worth a call into the compiled kernel; below it NumPy's own
-# loops are as fast and nothing is compiled.
-MIN_BYTES = 1 << 22
+# The least patch data (bytes) worth a call into the compiled kernel. Loading it costs a
+# process about 0.5 s and 65 MiB once (compiling it, the first time ever, a few seconds; numba
+# caches the result on disk), so small merges stay with NumPy and never load numba.
+MIN_BYTES = 1 << 25
 # The shortest patch row (voxels along the last tiled axis) the kernel serves; shorter rows
 # are NumPy's fast path (rows copied as opaque items).
 MIN_ROW = 16
