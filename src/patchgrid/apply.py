@@ -16,7 +16,7 @@ from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor
 from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
 from .grid import PatchGrid
-from .merge import TILE_BYTES, Merger, _runs, _Tile, plan_tiles
+from .merge import TILE_BYTES, Merger, _runs, _Tile, plan_tiles, release_memory
 
 __all__ = ["apply"]
 
@@ -462,6 +462,7 @@ def apply(
                 merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
                                 out=tile.sink(out))  # fmt: skip
                 run(merger, *tile.ids())
+                release_memory()
             return out
     finally:
         close()
