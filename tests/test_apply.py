@@ -830,12 +830,16 @@ def test_whole_image_pad_mode_works_for_an_ndarray():
     np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("window", ["gaussian", "hann"])
+@pytest.mark.parametrize("window", ["gaussian", "hann", "uniform"])
 def test_weighted_add_is_the_same_with_and_without_torch_loaded(monkeypatch, window):
-    # NumPy images use torch's fused multiply-add when the caller has imported torch; the pure
-    # NumPy path must give the same result.
+    # NumPy images use torch's fused multiply-add (and in-place add) when the caller has
+    # imported torch; the pure NumPy path must give the same result.
     pytest.importorskip("torch")
     import sys
+
+    from patchgrid import backends
+
+    monkeypatch.setattr(backends, "TORCH_ADD_MIN", 0)
 
     image = np.random.default_rng(5).random((1, 30, 26), dtype=np.float32)
     kw = dict(axes=(1, 2), edge="shift", window=window, progress=False)

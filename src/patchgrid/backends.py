@@ -118,6 +118,12 @@ class Backend:
             return bool(cast == ref)
 
     def inplace(self, op: str, target: Any, source: Any, order: str = "K") -> None:
+        if op == "add" and target.size >= TORCH_ADD_MIN and _torch_can(target, source):
+            # As for add_product: NumPy adds into a strided view through buffers, torch's
+            # in-place add does not; used only when the caller has imported torch.
+            torch = sys.modules["torch"]
+            torch.from_numpy(target).add_(torch.from_numpy(source))
+            return
         ufunc = {"add": np.add, "max": np.maximum, "min": np.minimum}[op]
         ufunc(target, source, out=target, order=order)
 
@@ -128,16 +134,8 @@ class Backend:
         pass over the same memory (about 3x faster than NumPy's two); nothing imports torch
         for it.
         """
-        torch = sys.modules.get("torch")
-        if (
-            torch is not None
-            and target.dtype == source.dtype == weight.dtype
-            and target.dtype.kind == "f"
-            and target.dtype.itemsize >= 4
-            and source.flags.writeable
-            and weight.flags.writeable
-            and all(st >= 0 for st in (*target.strides, *source.strides, *weight.strides))
-        ):
+        if _torch_can(target, source, weight):
+            torch = sys.modules["torch"]
             out = torch.from_numpy(target)
             out.addcmul_(torch.from_numpy(source), torch.from_numpy(weight))
             return
@@ -180,6 +178,25 @@ class Backend:
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
+
+
+# The least items of an in-place add worth handing to torch (when the caller imported it).
+TORCH_ADD_MIN = 1 << 16
+
+
+def _torch_can(target: Any, *sources: Any) -> bool:
+    """Whether torch, already imported by the caller, can work on these NumPy arrays in place:
+    one float dtype of 4 bytes or more, writeable (torch warns on read-only arrays), no
+    negative strides."""
+    if sys.modules.get("torch") is None:
+        return False
+    arrays = (target, *sources)
+    return (
+        all(isinstance(a, np.ndarray) and a.dtype == target.dtype for a in arrays)
+        and target.dtype.kind == "f"
+        and target.dtype.itemsize >= 4
+        and all(a.flags.writeable and all(st >= 0 for st in a.strides) for a in arrays)
+    )
 
 
 class TorchBackend(Backend):
