@@ -457,6 +457,10 @@ def child_measure(job: Job, peer: str, op: str, repeats: int) -> dict[str, Any]:
     warm = Job("warm", (job.size + job.stride,) * 3, job.size, job.stride, "")
     r = make(peer, op, volume(warm), warm)()  # imports, lazy initialisation
     del r
+    if peer.startswith("patchgrid"):
+        # Large merges load compiled kernels (numba) once per process: lazy initialisation
+        # too, which a small warm-up volume does not reach.
+        importlib.import_module("patchgrid._fast")._kernels()
     vol = volume(job)
     fn = make(peer, op, vol, job)
     gc.collect()
