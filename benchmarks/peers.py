@@ -455,12 +455,17 @@ def release_free_memory() -> None:
 def child_measure(job: Job, peer: str, op: str, repeats: int) -> dict[str, Any]:
     """Time and peak memory of one operation, in this (fresh) process."""
     warm = Job("warm", (job.size + job.stride,) * 3, job.size, job.stride, "")
-    r = make(peer, op, volume(warm), warm)()  # imports, lazy initialisation
-    del r
+    fast = importlib.import_module("patchgrid._fast")
+    saved = fast.MIN_BYTES
     if peer.startswith("patchgrid"):
         # Large merges load compiled kernels (numba) once per process: lazy initialisation
-        # too, which a small warm-up volume does not reach.
-        importlib.import_module("patchgrid._fast")._kernels()
+        # too, which the small warm-up volume reaches only with the threshold lifted.
+        fast.MIN_BYTES = 0
+    try:
+        r = make(peer, op, volume(warm), warm)()  # imports, lazy initialisation
+    finally:
+        fast.MIN_BYTES = saved
+    del r
     vol = volume(job)
     fn = make(peer, op, vol, job)
     gc.collect()
