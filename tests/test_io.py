@@ -608,3 +608,26 @@ def test_extract_reads_no_voxel_outside_the_patches():
     recorder = Recorder(_volume(shape=(12, 12, 12)))
     pg.extract(recorder, size=4, stride=8)
     assert sum(recorder.sizes) <= 8 * 4 * 4 * 4
+
+
+def test_tune_allocator_sets_the_threshold_in_its_own_process():
+    import subprocess
+    import sys
+
+    code = "import patchgrid as pg; print(pg.tune_allocator(8 << 20))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    glibc = sys.platform.startswith("linux") and "glibc" in " ".join(platform_libc())
+    assert done.stdout.strip() == ("True" if glibc else "False")
+
+
+def platform_libc():
+    import platform
+
+    return platform.libc_ver()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4M"])
+def test_tune_allocator_refuses_a_bad_threshold(bad):
+    with pytest.raises(TypeError, match="threshold must be a positive int"):
+        pg.tune_allocator(bad)

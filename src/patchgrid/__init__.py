@@ -4,7 +4,7 @@ from ._checks import PatchgridError
 from .apply import apply
 from .extract import extract
 from .grid import PatchGrid
-from .io import Image, open, save
+from .io import Image, open, save, tune_allocator
 from .merge import Merger, coverage, merge
 from .sample import label_weights, sample
 from .windows import window
@@ -24,6 +24,7 @@ __all__ = [
     "open",
     "sample",
     "save",
+    "tune_allocator",
     "window",
 ]
 __version__ = "0.1.0"

@@ -752,26 +752,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def console() -> None:
     """The ``patchgrid`` command: :func:`main` in a process of its own."""
-    _fixed_heap_threshold()
+    from .io import tune_allocator
+
+    tune_allocator()  # the command owns its process: keep resident memory flat
     sys.exit(main())
-
-
-def _fixed_heap_threshold() -> None:
-    """Have glibc give blocks of 4 MiB or more their own pages, returned when freed.
-
-    By default the threshold rises to the largest block freed so far, and later blocks of
-    that size stay in the heap once freed: over an out-of-core run, resident memory then grows
-    with the number of chunks written. The command line owns its process, so it sets the
-    threshold once (the library never touches the allocator's settings).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: Sequence[str] | None = None, *, quiet: bool = False) -> int:

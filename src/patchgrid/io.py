@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ import numpy as np
 
 from ._checks import PatchgridError
 
-__all__ = ["Image", "open", "save"]
+__all__ = ["Image", "open", "save", "tune_allocator"]
 
 FORMATS = {
     ".npy": "npy",
@@ -563,3 +564,42 @@ def metadata_json(img: Any) -> str:
             "affine": None if affine is None else np.asarray(affine).tolist(),
         }
     )
+
+
+def tune_allocator(threshold: int = 4 << 20) -> bool:
+    """Keep resident memory flat over a long out-of-core job (Linux, glibc): give blocks of
+    ``threshold`` bytes or more pages of their own, handed back to the system when freed.
+
+    glibc raises this threshold to the largest block freed so far; blocks under it stay in
+    the heap once freed, per thread. A zarr writer that encodes chunks on threads then makes
+    resident memory grow with the number of chunks written, though nothing is still in use.
+    This setting is for the whole process and cannot be undone, so patchgrid never makes it
+    by itself: call it at the start of a script that streams a large image to disk. The
+    ``patchgrid`` command does.
+
+    Parameters
+    ----------
+    threshold : int
+        Bytes; blocks at least this large get their own pages.
+
+    Returns
+    -------
+    bool
+        Whether the setting was made (False where there is no glibc).
+
+    Examples
+    --------
+    >>> import patchgrid as pg
+    >>> pg.tune_allocator() in (True, False)
+    True
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise TypeError(f"threshold must be a positive int of bytes, got {threshold!r}")
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
