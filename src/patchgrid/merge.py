@@ -58,11 +58,30 @@ def _divide_by_profiles(
     for a, p in zip(axes[1:], safe[1:]):
         rest = rest * _shaped(p, a, ndim)
     a0 = axes[0]
-    # Row by row: the divisor is a plane, not a block (float64 first, for one rounding).
-    for r in range(acc.shape[a0]):
+    n0 = acc.shape[a0]
+    plane = xp.nbytes(acc) // max(n0, 1)
+    step = max(1, (_kernels.CHUNK_BYTES // 2) // max(plane, 1))
+    buf = None
+    if xp is NUMPY:
+        # The float64 product cast straight into one small buffer of the output's dtype (a
+        # single rounding, as below), reused for every block of rows.
+        shape = list(rest.shape)
+        shape[a0] = min(step, n0)
+        buf = np.empty(shape, dtype=acc.dtype)
+    for lo in range(0, n0, step):
+        hi = min(lo + step, n0)
         where: list[Any] = [slice(None)] * ndim
-        where[a0] = slice(r, r + 1)
-        xp.divide(acc[tuple(where)], xp.constant(safe[0][r] * rest, xp.dtype(acc), acc))
+        where[a0] = slice(lo, hi)
+        part = acc[tuple(where)]
+        column = _shaped(safe[0][lo:hi], a0, ndim)
+        if buf is not None:
+            cut: list[Any] = [slice(None)] * ndim
+            cut[a0] = slice(0, hi - lo)
+            divisor = buf[tuple(cut)]
+            np.multiply(column, rest, out=divisor, casting="same_kind")
+            np.divide(part, divisor, out=part)
+        else:
+            xp.divide(part, xp.constant(column * rest, xp.dtype(acc), acc))
 
 
 class Merger:
@@ -599,7 +618,7 @@ class Merger:
             self._fill(result, masks)
             return
         if self._class_axis is not None:
-            result = xp.argmax(result, self._class_axis)
+            result = self._labels(result)
         elif self.reduce in ("mean", "sum") and (
             xp.kind(self._out_dtype) in "iub" and xp.kind(xp.dtype(result)) in "fc"
         ):
@@ -611,6 +630,28 @@ class Merger:
         if stop > 0:
             self._write(result, start, start + stop)
         self._drop(upto - self._lo)
+
+    def _labels(self, scores: Any) -> Any:
+        """Argmax over the class axis, a few rows at a time, straight into the label dtype.
+
+        Whole, NumPy's argmax over a leading axis copies the scores and returns int64 labels:
+        twice the block and eight bytes a voxel, where these are one.
+        """
+        xp, ca, a0 = self._xp, self._class_axis, self.grid.axes[0]
+        assert ca is not None
+        shape = list(scores.shape)
+        shape.pop(ca)
+        labels = xp.empty(shape, self._out_dtype, scores)
+        at = a0 if a0 < ca else a0 - 1
+        n = scores.shape[a0]
+        step = max(1, _kernels.CHUNK_BYTES // max(xp.nbytes(scores) // max(n, 1), 1))
+        for lo in range(0, n, step):
+            src: list[Any] = [slice(None)] * scores.ndim
+            dst: list[Any] = [slice(None)] * len(shape)
+            src[a0] = dst[at] = slice(lo, lo + step)
+            xp.assign(labels[tuple(dst)], xp.astype(xp.argmax(scores[tuple(src)], ca),
+                                                   self._out_dtype))  # fmt: skip
+        return labels
 
     def _check_range(self, values: Any) -> None:
         """Refuse to cast values into an integer dtype that cannot hold them (no wrapping)."""
