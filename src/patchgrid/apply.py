@@ -16,7 +16,7 @@ from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor
 from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
 from .grid import PatchGrid
-from .merge import TILE_BYTES, Merger, _runs, _Tile, plan_tiles, release_memory
+from .merge import RUN_BYTES, TILE_BYTES, Merger, _runs, _Tile, plan_tiles, release_memory
 
 __all__ = ["apply"]
 
@@ -419,7 +419,8 @@ def apply(
             batch = xp.empty((len(rows), *in_shape), dtype_in, image)
         done = np.zeros(len(rows), dtype=bool)
         last = grid.axes[-1]
-        for b0, b1 in _runs(rows, grid.counts[-1]):
+        small = xp.nbytes(batch) // max(len(rows), 1) < RUN_BYTES
+        for b0, b1 in _runs(rows, grid.counts[-1]) if small else []:
             # A stretch of one row: one read, cut into patches as strided views.
             block, offsets = reader.read_run(int(rows[b0]), b1 - b0)
             for r0, count, start, step in _kernels.runs(offsets.tolist(), reader.size[-1]):

@@ -21,6 +21,10 @@ __all__ = ["Merger", "coverage", "merge"]
 REDUCES = ("mean", "sum", "max", "min", "argmax")
 
 
+# Patches smaller than this (bytes) go in stretches of a grid row rather than one by one.
+RUN_BYTES = 1 << 16
+
+
 def _runs(idx: np.ndarray, row: int) -> list[tuple[int, int]]:
     """Stretches ``[b0, b1)`` of a batch whose indices go up by one within one row of the grid
     (``row`` patches along its last tiled axis), two patches or more."""
@@ -404,7 +408,10 @@ class Merger:
         xp, op, weight = self._xp, self._op(), self._weight()
         scratch: list[Any] = []
         done = np.zeros(len(idx), dtype=bool)
-        for b0, b1 in _runs(idx, grid.counts[-1]):
+        # Small patches cost a Python step each; large ones are better one by one (torch's
+        # in-place ops, when loaded, are faster on one patch than on a strided stretch).
+        small = xp.nbytes(arr) // max(len(idx), 1) < RUN_BYTES
+        for b0, b1 in _runs(idx, grid.counts[-1]) if small else []:
             self._add_run(arr[b0:b1], int(idx[b0]), op, weight, scratch, seen)
             done[b0:b1] = True
         for b in np.flatnonzero(~done).tolist():
