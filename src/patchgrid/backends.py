@@ -247,7 +247,16 @@ class TorchBackend(Backend):
         return self.torch.empty(tuple(shape), dtype=self.as_dtype(dtype), device=like.device)
 
     def full(self, shape: Any, value: Any, dtype: Any, like: Any) -> Any:
-        return self.torch.full(tuple(shape), value, dtype=self.as_dtype(dtype), device=like.device)
+        dt = self.as_dtype(dtype)
+        if isinstance(value, (int, float)) and value == 0 and like.device.type == "cpu":
+            try:
+                np_dtype = np.dtype(str(dt).replace("torch.", ""))
+            except TypeError:  # bfloat16 and the like
+                np_dtype = None
+            if np_dtype is not None:
+                # Pages that come zeroed on first touch, as NumPy's zeros: no pass to fill them.
+                return self.torch.from_numpy(np.zeros(tuple(shape), dtype=np_dtype))
+        return self.torch.full(tuple(shape), value, dtype=dt, device=like.device)
 
     def constant(self, array: np.ndarray, dtype: Any, like: Any) -> Any:
         return self.torch.as_tensor(np.asarray(array), device=like.device).to(self.as_dtype(dtype))

@@ -66,12 +66,16 @@ def _divide_by_profiles(
     plane = xp.nbytes(acc) // max(n0, 1)
     step = max(1, (_kernels.CHUNK_BYTES // 2) // max(plane, 1))
     buf = None
-    if xp is NUMPY:
+    cpu_torch = xp.name == "torch" and acc.device.type == "cpu" and acc.dtype.is_floating_point
+    if xp is NUMPY or cpu_torch:
         # The float64 product cast straight into one small buffer of the output's dtype (a
         # single rounding, as below), reused for every block of rows.
         shape = list(rest.shape)
         shape[a0] = min(step, n0)
-        buf = np.empty(shape, dtype=acc.dtype)
+        dtype = str(acc.dtype).replace("torch.", "")
+        buf = np.empty(shape, dtype=np.dtype(dtype) if dtype != "bfloat16" else np.float32)
+        if cpu_torch and dtype not in ("float32", "float64"):
+            buf = None
     for lo in range(0, n0, step):
         hi = min(lo + step, n0)
         where: list[Any] = [slice(None)] * ndim
@@ -83,7 +87,10 @@ def _divide_by_profiles(
             cut[a0] = slice(0, hi - lo)
             divisor = buf[tuple(cut)]
             np.multiply(column, rest, out=divisor, casting="same_kind")
-            np.divide(part, divisor, out=part)
+            if cpu_torch:
+                part.div_(xp.torch.from_numpy(divisor))  # type: ignore[attr-defined]
+            else:
+                np.divide(part, divisor, out=part)
         else:
             xp.divide(part, xp.constant(column * rest, xp.dtype(acc), acc))
 
