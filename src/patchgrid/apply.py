@@ -419,8 +419,11 @@ def apply(
             batch = xp.empty((len(rows), *in_shape), dtype_in, image)
         done = np.zeros(len(rows), dtype=bool)
         last = grid.axes[-1]
+        # A stretch of a row in one read: for small patches (no Python step per patch), and for
+        # lazy images (a file's chunks decoded once for the stretch, not once per patch).
         small = xp.nbytes(batch) // max(len(rows), 1) < RUN_BYTES
-        for b0, b1 in _runs(rows, grid.counts[-1]) if small else []:
+        stretch = small or not (isinstance(reader.image, np.ndarray) or is_tensor(reader.image))
+        for b0, b1 in _runs(rows, grid.counts[-1]) if stretch else []:
             # A stretch of one row: one read, cut into patches as strided views.
             block, offsets = reader.read_run(int(rows[b0]), b1 - b0)
             for r0, count, start, step in _kernels.runs(offsets.tolist(), reader.size[-1]):
