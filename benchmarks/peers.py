@@ -25,6 +25,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -457,9 +458,15 @@ def child_measure(job: Job, peer: str, op: str, repeats: int) -> dict[str, Any]:
     warm = Job("warm", (job.size + job.stride,) * 3, job.size, job.stride, "")
     fast = importlib.import_module("patchgrid._fast")
     saved = fast.MIN_BYTES
-    if peer.startswith("patchgrid"):
+    patch_bytes = (
+        4
+        * job.size**3
+        * math.prod(len(range(0, n - job.size + 1, job.stride)) + 1 for n in job.shape)
+    )
+    if peer.startswith("patchgrid") and patch_bytes >= saved:
         # Large merges load compiled kernels (numba) once per process: lazy initialisation
-        # too, which the small warm-up volume reaches only with the threshold lifted.
+        # too, which the small warm-up volume reaches only with the threshold lifted. (Small
+        # jobs never load them, so their warm-up does not either.)
         fast.MIN_BYTES = 0
     try:
         r = make(peer, op, volume(warm), warm)()  # imports, lazy initialisation
