@@ -64,10 +64,12 @@ def _divide_by_profiles(
     a0 = axes[0]
     n0 = acc.shape[a0]
     plane = xp.nbytes(acc) // max(n0, 1)
-    step = max(1, (_kernels.CHUNK_BYTES // 2) // max(plane, 1))
+    # Small outputs go a row at a time: the temporaries stay small beside them.
+    room = _kernels.CHUNK_BYTES // 2 if xp.nbytes(acc) >= 1 << 20 else 0
+    step = max(1, room // max(plane, 1))
     buf = None
     cpu_torch = xp.name == "torch" and acc.device.type == "cpu" and acc.dtype.is_floating_point
-    if xp is NUMPY or cpu_torch:
+    if (xp is NUMPY or cpu_torch) and xp.nbytes(acc) >= 1 << 20:
         # The float64 product cast straight into one small buffer of the output's dtype (a
         # single rounding, as below), reused for every block of rows.
         shape = list(rest.shape)
