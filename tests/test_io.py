@@ -631,3 +631,12 @@ def platform_libc():
 def test_tune_allocator_refuses_a_bad_threshold(bad):
     with pytest.raises(TypeError, match="threshold must be a positive int"):
         pg.tune_allocator(bad)
+
+
+def test_tiles_find_malloc_trim_where_glibc_runs():
+    import importlib
+    import sys
+
+    merge_module = importlib.import_module("patchgrid.merge")
+    glibc = sys.platform.startswith("linux") and "glibc" in " ".join(platform_libc())
+    assert (merge_module._malloc_trim() is not None) == glibc

@@ -65,22 +65,7 @@ class _Reader:
 
     def read(self, index: int) -> Any:
         """The input patch of core ``index``, read region by region."""
-        grid = self.grid
-        pos = grid.position(index)
-        region: list[Any] = [slice(None)] * grid.ndim
-        gathers: list[tuple[int, np.ndarray]] = []
-        for j, a in enumerate(grid.axes):
-            start = int(grid.axis_starts(j)[pos[j]])
-            amap = self.maps[j]
-            if amap is None:
-                region[a] = slice(start, start + self.size[j])
-                continue
-            ids = amap[start : start + self.size[j]]
-            if ids[0] >= 0 and np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
-                region[a] = slice(int(ids[0]), int(ids[0]) + len(ids))
-            else:
-                gathers.append((a, ids))
-        return self._gather(region, gathers)
+        return self.read_run(index, 1)[0]
 
     def read_run(self, first: int, n: int) -> tuple[Any, np.ndarray]:
         """The input region of cores ``first`` to ``first + n`` (one row of the grid, along its

@@ -7,6 +7,7 @@ Formats, by extension: ``.npy`` (memory-mapped), ``.nii``/``.nii.gz`` (nibabel),
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -595,11 +596,19 @@ def tune_allocator(threshold: int = 4 << 20) -> bool:
     """
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
         raise TypeError(f"threshold must be a positive int of bytes, got {threshold!r}")
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+
+
+@functools.cache
+def _libc() -> Any:
+    """glibc, when this process runs on it (for its allocator's knobs), else None."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         import ctypes
 
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -918,16 +916,11 @@ def release_memory() -> None:
         trim(0)
 
 
-@functools.cache
 def _malloc_trim() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
+    from .io import _libc
 
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
+    libc = _libc()
+    return None if libc is None else libc.malloc_trim
 
 
 class _Cropped:
