@@ -99,6 +99,11 @@ def child(case: str, side: int, repeats: int) -> dict[str, Any]:
     # Import what the case needs before measuring: modules are not the call's memory.
     if case.startswith("monai"):
         import monai.inferers  # noqa: F401
+    if case.startswith("pg"):
+        # The compiled kernels (the `fast` extra), loaded once per process like a module.
+        from patchgrid import _fast
+
+        _fast.warm()
     if "zarr" in case:
         import zarr  # noqa: F401
 

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import patchgrid as pg
-from patchgrid import _fast
+from patchgrid import _fast, backends
 from reference import Layout, window_nd
 
 pytest.importorskip("numba")
@@ -139,3 +139,149 @@ def test_large_merges_take_the_kernel_by_default():
     assert patches.nbytes >= _fast.MIN_BYTES
     assert _fast.serves(np.empty(image.shape, np.float32), patches, 3, (0, 1, 2))
     np.testing.assert_allclose(pg.merge(patches, grid, window="hann"), image, rtol=1e-5)
+
+
+# The batch kernels: Merger.add (and so apply) on large patches, apply's reading of patches,
+# and the division by the coverage once rows are finished.
+
+
+@pytest.fixture
+def batched(monkeypatch):
+    """Send every eligible batch, however small, through the batch kernels; count the calls."""
+    monkeypatch.setattr(_fast, "MIN_BYTES", 0)
+    monkeypatch.setattr(_fast, "MIN_ROW", 1)
+    monkeypatch.setattr(_fast, "MIN_PATCH", 0)
+    monkeypatch.setattr(_fast, "MIN_DIVIDE", 0)
+    _fast.warm()  # loaded, so that the division takes its kernel too
+    return {name: _spy(monkeypatch, name) for name in ("add_batch", "gather", "divide")}
+
+
+@SETTINGS
+@given(
+    case=cases(),
+    dtype=st.sampled_from(["float32", "float64"]),
+    window=st.sampled_from(["uniform", "gaussian", "triangular"]),
+    reduce=st.sampled_from(["mean", "sum"]),
+    batch=st.integers(1, 7),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_batch_kernel_merges_as_the_loop(batched, case, dtype, window, reduce, batch, shuffle,
+                                         seed):  # fmt: skip
+    shape, axes, size, stride, edge = case
+    grid = pg.PatchGrid(shape, size, stride, axes=axes, edge=edge)
+    layout = Layout(shape, axes, size, stride, edge)
+    rng = np.random.default_rng(seed)
+    patches = rng.standard_normal((len(grid), *grid.patch_shape)).astype(dtype)
+    weight = None if window == "uniform" else window_nd(window, size)
+    shaped = None if weight is None else weight.reshape(
+        [size[axes.index(a)] if a in axes else 1 for a in range(len(shape))]
+    )  # fmt: skip
+    expected, _ = layout.merge(patches.astype(np.float64), reduce, shaped, fill=-5.0)
+    order = rng.permutation(len(grid)) if shuffle else np.arange(len(grid))
+    before = len(batched["add_batch"])
+    merger = pg.Merger(grid, reduce=reduce, window=window, fill=-5.0)
+    for i in range(0, len(order), batch):
+        ids = order[i : i + batch]
+        merger.add(patches[ids], ids)  # patches of one batch may overlap
+    got = merger.result()
+    rtol = 1e-4 if dtype == "float32" else 1e-10
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
+    assert got.dtype == np.dtype(dtype)
+    assert len(batched["add_batch"]) - before == -(-len(order) // batch)
+
+
+def _merge_in_batches(image, grid, window):
+    merger = pg.Merger(grid, window=window)
+    patches = pg.extract(image, grid, flatten=True)
+    for i in range(0, len(grid), 3):
+        merger.add(patches[i : i + 3], np.arange(i, min(i + 3, len(grid))))
+    return merger.result()
+
+
+@pytest.mark.parametrize("window", ["uniform", "gaussian", "hann"])
+def test_batch_kernels_round_as_numpy_does(batched, monkeypatch, window):
+    image = np.random.default_rng(5).random((2, 20, 24, 28)).astype(np.float32)
+    grid = pg.PatchGrid(image.shape, (8, 8, 16), (4, 4, 8), axes=(1, 2, 3), edge="shift")
+    compiled = _merge_in_batches(image, grid, window)
+    assert batched["add_batch"]
+    assert batched["divide"]
+    monkeypatch.setattr(_fast, "available", lambda: False)
+    monkeypatch.setattr(_fast, "loaded", lambda: False)
+    monkeypatch.setattr(backends, "_torch_can", lambda *a: False)  # NumPy's own ufuncs
+    plain = _merge_in_batches(image, grid, window)
+    # The same products, sums and divisions in the same order: equal, not merely close.
+    np.testing.assert_array_equal(compiled, plain)
+    np.testing.assert_allclose(compiled, image, rtol=1e-6)
+
+
+@pytest.mark.parametrize("edge", ["shift", "pad"])
+@pytest.mark.parametrize("scale", [1, 2])
+def test_apply_reads_and_merges_through_the_kernels(batched, monkeypatch, edge, scale):
+    image = np.random.default_rng(6).random((1, 18, 21, 40)).astype(np.float32)
+
+    def fn(b):
+        b = np.concatenate([b, 1 - b], axis=1)
+        for a in (2, 3, 4):
+            b = np.repeat(b, scale, axis=a)
+        return b
+
+    kw = dict(axes=(1, 2, 3), edge=edge, scale=scale, batch_size=3, progress=False)
+    got = pg.apply(fn, image, (6, 8, 16), (3, 4, 8), **kw)
+    assert batched["add_batch"]
+    assert bool(batched["gather"]) == (edge == "shift")  # padding is read by the gathers
+    monkeypatch.setattr(_fast, "available", lambda: False)
+    monkeypatch.setattr(_fast, "loaded", lambda: False)
+    want = pg.apply(fn, image, (6, 8, 16), (3, 4, 8), **kw)
+    # Close, not equal: without the kernels, torch (when loaded) may fuse multiply and add.
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    up = image
+    for a in (1, 2, 3):
+        up = np.repeat(up, scale, axis=a)
+    np.testing.assert_allclose(got[0], up[0], rtol=1e-5)
+
+
+def test_apply_keeps_a_model_that_keeps_its_batches(batched):
+    image = np.random.default_rng(7).random((1, 12, 12, 32)).astype(np.float64)
+    kept = []
+
+    def fn(b):
+        kept.append(b)
+        return b
+
+    got = pg.apply(fn, image, (4, 4, 16), (2, 2, 8), axes=(1, 2, 3), batch_size=2,
+                   progress=False)  # fmt: skip
+    assert batched["gather"]
+    grid = pg.PatchGrid(image.shape, (4, 4, 16), (2, 2, 8), axes=(1, 2, 3), edge="shift")
+    patches = np.concatenate(kept)
+    np.testing.assert_array_equal(patches, pg.extract(image, grid, flatten=True))
+    np.testing.assert_allclose(got, image, rtol=1e-12)
+
+
+def test_cpu_tensors_take_the_kernels_on_their_own_memory(batched):
+    torch = pytest.importorskip("torch")
+    image = torch.rand(1, 16, 20, 32, dtype=torch.float64)
+    got = pg.apply(lambda b: 2 * b, image, (8, 8, 16), (4, 4, 8), axes=(1, 2, 3),
+                   progress=False)  # fmt: skip
+    assert isinstance(got, torch.Tensor)
+    assert got.dtype == torch.float64
+    assert batched["gather"]
+    assert batched["add_batch"]
+    torch.testing.assert_close(got, 2 * image)
+
+
+def test_tensors_that_need_grad_stay_with_torch(batched):
+    torch = pytest.importorskip("torch")
+    x = torch.ones(3, requires_grad=True)
+    assert _fast.host(x) is None
+    assert _fast.host(x.detach()) is not None
+    assert _fast.host(torch.ones(3, dtype=torch.int32)) is None  # floats only
+
+
+def test_the_batch_kernels_need_a_large_job():
+    image = np.zeros((1, 64, 64, 64), np.float32)
+    batch = np.zeros((4, 1, 32, 32, 32), np.float32)
+    assert batch.nbytes // 4 >= _fast.MIN_PATCH
+    # 27 such patches are 3.4 MiB: NumPy's job; 1,000 of them, the kernel's.
+    assert not _fast.serves_batch(image, batch, (1, 2, 3), 27)
+    assert _fast.serves_batch(image, batch, (1, 2, 3), 1000) == _fast.available()

@@ -10,7 +10,9 @@ Set ``PATCHGRID_NUMBA=0`` to turn the kernels off (the NumPy path gives the same
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import warnings
 from functools import cache
 from typing import Any
@@ -21,6 +23,11 @@ import numpy as np
 # process about 0.5 s and 65 MiB once (compiling it, the first time ever, a few seconds; numba
 # caches the result on disk), so small merges stay with NumPy and never load numba.
 MIN_BYTES = 1 << 25
+# The least bytes per patch for the batch kernels (apply, Merger.add): smaller patches go by
+# NumPy's strided stretches of a grid row, which are quick for them.
+MIN_PATCH = 1 << 16
+# The least bytes of output rows worth dividing by the coverage in the kernel.
+MIN_DIVIDE = 1 << 20
 # The shortest patch row (voxels along the last tiled axis) the kernel serves; shorter rows
 # are NumPy's fast path (rows copied as opaque items).
 MIN_ROW = 16
@@ -94,12 +101,111 @@ def _kernels() -> Any:
                     for z in range(n_z):
                         row[z] = row[z] / divisor[z]
 
-    return overlap_add3
+    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def add_batch3(  # pragma: no cover - compiled
+        acc: Any, patches: Any, s0: Any, s1: Any, s2: Any, weight: Any, weighted: bool
+    ) -> None:
+        n_lead = acc.shape[0]
+        n_b = patches.shape[0]
+        p0 = patches.shape[2]
+        p1 = patches.shape[3]
+        p2 = patches.shape[4]
+        lo = s0.min()
+        for x in numba.prange(lo, s0.max() + p0):
+            for b in range(n_b):
+                r = x - s0[b]
+                if r < 0 or r >= p0:
+                    continue
+                y0 = s1[b]
+                z0 = s2[b]
+                for c in range(n_lead):
+                    plane = acc[c, x]
+                    src = patches[b, c, r]
+                    for a in range(p1):
+                        # A row as a slice: the loop below then vectorises.
+                        row = plane[y0 + a, z0 : z0 + p2]
+                        s = src[a]
+                        if weighted:
+                            w = weight[r, a]
+                            for i in range(p2):
+                                row[i] += s[i] * w[i]
+                        else:
+                            for i in range(p2):
+                                row[i] += s[i]
+
+    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def divide3(  # pragma: no cover - compiled
+        acc: Any, prof0: Any, prof1: Any, prof2: Any
+    ) -> None:
+        n_lead = acc.shape[0]
+        n_y = acc.shape[2]
+        n_z = acc.shape[3]
+        for x in numba.prange(acc.shape[1]):
+            divisor = np.empty(n_z, dtype=acc.dtype)
+            for y in range(n_y):
+                # The NumPy path's rounding: the float64 product, cast, then one division.
+                for z in range(n_z):
+                    divisor[z] = prof0[x] * (prof1[y] * prof2[z])
+                for c in range(n_lead):
+                    row = acc[c, x, y]
+                    for z in range(n_z):
+                        row[z] = row[z] / divisor[z]
+
+    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def gather3(  # pragma: no cover - compiled
+        out: Any, image: Any, s0: Any, s1: Any, s2: Any
+    ) -> None:
+        n_lead = out.shape[1]
+        p0 = out.shape[2]
+        p1 = out.shape[3]
+        p2 = out.shape[4]
+        for t in numba.prange(out.shape[0] * p0):
+            b = t // p0
+            r = t - b * p0
+            y0 = s1[b]
+            z0 = s2[b]
+            for c in range(n_lead):
+                src = image[c, s0[b] + r]
+                dst = out[b, c, r]
+                for a in range(p1):
+                    d = dst[a]
+                    row = src[y0 + a, z0 : z0 + p2]
+                    for i in range(p2):
+                        d[i] = row[i]
+
+    return overlap_add3, add_batch3, divide3, gather3
 
 
 def available() -> bool:
     """Whether the compiled kernels can run here."""
     return _kernels() is not None
+
+
+def host(x: Any) -> np.ndarray | None:
+    """The kernels' view of ``x``: an ndarray itself; a CPU float tensor that needs no grad
+    seen through NumPy (the tensor's own memory, no copy: the kernels write into it); else
+    None."""
+    if isinstance(x, np.ndarray):
+        return x
+    torch = sys.modules.get("torch")
+    if (
+        torch is None
+        or not isinstance(x, torch.Tensor)
+        or x.device.type != "cpu"
+        or x.requires_grad
+        or x.dtype not in (torch.float32, torch.float64)
+    ):
+        return None
+    try:
+        view: np.ndarray = x.numpy()
+    except (RuntimeError, TypeError):  # a conjugate or negative view, and the like
+        return None
+    return view
+
+
+def loaded() -> bool:
+    """Whether the kernels are loaded already (asking never loads them)."""
+    return _kernels.cache_info().currsize > 0 and _kernels() is not None
 
 
 def serves(acc: Any, patches: Any, grid_ndim: int, axes: tuple[int, ...]) -> bool:
@@ -135,7 +241,7 @@ def overlap_add(
     are the per-axis coverages to divide by (zeros already replaced by ones) once each plane
     is complete. ``weight`` broadcasts against one patch's tiled axes.
     """
-    kernel = _kernels()
+    kernel = _kernels()[0]
     k = len(size)
     pad = 3 - k
     n_lead = acc.ndim - k
@@ -166,3 +272,113 @@ def overlap_add(
             a3, p3, *starts3, lo0, hi0, w, weight is not None, init, *profs,
             profiles is not None,
         )  # fmt: skip
+
+
+def _as3(arr: np.ndarray, k: int, lead_at: int) -> np.ndarray | None:
+    """A view of ``arr`` with its lead axes (before the ``k`` tiled ones, from ``lead_at``)
+    as one, and unit axes so that three are tiled; None where a view cannot be had."""
+    lead = arr.shape[lead_at : arr.ndim - k]
+    shape = (*arr.shape[:lead_at], math.prod(lead), *(1,) * (3 - k), *arr.shape[arr.ndim - k :])
+    try:
+        return np.reshape(arr, shape, copy=False)  # raises rather than copying
+    except ValueError:
+        return None
+    except TypeError:  # NumPy < 2.1: no copy=
+        view = arr.reshape(shape)
+        return view if np.may_share_memory(view, arr) else None
+
+
+def serves_batch(acc: Any, batch: Any, axes: tuple[int, ...], n_patches: int) -> bool:
+    """Whether :func:`add_batch` takes this batch: float arrays of one dtype, the tiled axes
+    last, patches of ``MIN_PATCH`` bytes and rows of ``MIN_ROW`` voxels or more, and
+    ``MIN_BYTES`` of patches in the whole merge of ``n_patches`` (the kernels load only for
+    large jobs)."""
+    if not isinstance(acc, np.ndarray) or not isinstance(batch, np.ndarray) or not len(batch):
+        return False
+    each = batch.nbytes // len(batch)
+    k = len(axes)
+    ndim = acc.ndim
+    return (
+        acc.dtype == batch.dtype
+        and acc.dtype in (np.float32, np.float64)
+        and 1 <= k <= 3
+        and axes == tuple(range(ndim - k, ndim))
+        and batch.ndim == ndim + 1
+        and batch.shape[-1] >= MIN_ROW
+        and each >= MIN_PATCH
+        and each * n_patches >= MIN_BYTES
+        and acc.flags.writeable
+        and available()
+    )
+
+
+def add_batch(
+    acc: np.ndarray, batch: np.ndarray, starts: np.ndarray, weight: np.ndarray | None
+) -> bool:
+    """``acc[patch i's place] += batch[i] * weight`` for a batch ``(B, *lead, *size)`` whose
+    patches start at ``starts`` ``(B, k)`` (in ``acc``'s coordinates), plane by plane on all
+    cores. Patches of one batch may overlap. False (nothing done) where the arrays cannot be
+    seen as the kernel's (lead axes that do not flatten into a view)."""
+    k = starts.shape[1]
+    acc4 = _as3(acc, k, 0)
+    patches5 = _as3(batch, k, 1)
+    if acc4 is None or patches5 is None:
+        return False
+    cols = [np.zeros(len(starts), np.intp)] * (3 - k)
+    s0, s1, s2 = cols + [np.ascontiguousarray(starts[:, j], np.intp) for j in range(k)]
+    size3 = patches5.shape[2:]
+    if weight is None:
+        w = np.ones((1, 1, 1), acc.dtype)
+    else:
+        w = np.ascontiguousarray(np.asarray(weight).reshape(size3), dtype=acc.dtype)
+    _kernels()[1](acc4, patches5, s0, s1, s2, w, weight is not None)
+    return True
+
+
+def divide(acc: np.ndarray, k: int, profiles: list[np.ndarray]) -> bool:
+    """``acc /= outer(*profiles)`` over its last ``k`` axes (zeros already made ones), on all
+    cores; False (nothing done) where ``acc`` cannot be seen as the kernel's array."""
+    acc4 = _as3(acc, k, 0)
+    if acc4 is None:
+        return False
+    profs = [np.ones(1)] * (3 - k) + [np.asarray(p, np.float64) for p in profiles]
+    _kernels()[2](acc4, *profs)
+    return True
+
+
+def gather(out: np.ndarray, image: np.ndarray, starts: np.ndarray) -> bool:
+    """``out[i] = image[patch i's place]`` for patches ``(B, *lead, *size)`` starting at
+    ``starts`` ``(B, k)``, on all cores; False (nothing done) where the arrays cannot be seen
+    as the kernel's."""
+    k = starts.shape[1]
+    if not (
+        isinstance(image, np.ndarray)
+        and image.dtype == out.dtype
+        and out.dtype in (np.float32, np.float64)
+        and out.shape[-1] >= MIN_ROW
+    ):
+        return False
+    image4 = _as3(image, k, 0)
+    out5 = _as3(out, k, 1)
+    if image4 is None or out5 is None:
+        return False
+    cols = [np.zeros(len(starts), np.intp)] * (3 - k)
+    s0, s1, s2 = cols + [np.ascontiguousarray(starts[:, j], np.intp) for j in range(k)]
+    _kernels()[3](out5, image4, s0, s1, s2)
+    return True
+
+
+def warm() -> bool:
+    """Load the kernels and their float32/float64 versions now, on tiny arrays, so that the
+    first large call does not pay for it (a process pays it once: the benchmarks do this
+    before measuring, as they import the modules a case needs). False without numba."""
+    if not available():
+        return False
+    for dtype in (np.float32, np.float64):
+        acc = np.zeros((1, 2, 2, MIN_ROW), dtype)
+        batch = np.ones((1, 1, 1, 1, MIN_ROW), dtype)
+        starts = np.zeros((1, 3), np.intp)
+        add_batch(acc, batch, starts, np.ones((1, 1, MIN_ROW), dtype))
+        divide(acc, 3, [np.ones(2), np.ones(2), np.ones(MIN_ROW)])
+        gather(batch, acc, starts)
+    return True

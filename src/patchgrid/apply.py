@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import sys
 import threading
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, _kernels
+from . import _checks, _fast, _kernels
 from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor
 from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
@@ -394,6 +395,20 @@ def apply(
     dtype_in = xp.dtype(image) if xp.name == "torch" else image.dtype
 
     pool = _Pool((batch_size, *in_shape), dtype_in, xp, image)
+    k = len(grid.axes)
+    source = _fast.host(reader.image)
+    each = math.prod(in_shape) * source.itemsize if source is not None else 0
+    # Large patches of an image in memory (an ndarray, a CPU tensor), cut by the compiled
+    # kernel on all cores.
+    compiled = (
+        source is not None
+        and all(m is None for m in reader.maps)
+        and grid.axes == tuple(range(len(shape) - k, len(shape)))
+        and each >= _fast.MIN_PATCH
+        and each * len(grid) >= _fast.MIN_BYTES
+        and _fast.available()
+    )
+    corners = grid.starts() if compiled else None
 
     def load(ids: np.ndarray) -> tuple[np.ndarray, Any]:
         rows = (
@@ -402,6 +417,10 @@ def apply(
         batch = pool.take() if len(rows) == batch_size else None
         if batch is None:
             batch = xp.empty((len(rows), *in_shape), dtype_in, image)
+        if corners is not None and source is not None:
+            into = _fast.host(batch)
+            if into is not None and _fast.gather(into, source, corners[rows]):
+                return ids, batch
         done = np.zeros(len(rows), dtype=bool)
         last = grid.axes[-1]
         # A stretch of a row in one read: for small patches (no Python step per patch), and for
@@ -424,7 +443,7 @@ def apply(
         batches = map(load, (ids[i : i + batch_size] for i in range(0, len(ids), batch_size)))
         # A reader thread helps NumPy; once torch is loaded, its fused adds already use the
         # cores, and the thread only costs memory.
-        ahead = xp is NUMPY and sys.modules.get("torch") is None
+        ahead = xp is NUMPY and sys.modules.get("torch") is None and not compiled
         at = 0
         for ids_, batch in _prefetch(batches) if ahead else batches:
             result = fn(batch)

@@ -47,8 +47,6 @@ class Backend:
         return np.empty(tuple(shape), dtype=dtype)
 
     def full(self, shape: Any, value: Any, dtype: Any, like: Any) -> Any:
-        if isinstance(value, (int, float)) and value == 0:
-            return np.zeros(tuple(shape), dtype=dtype)  # pages come zeroed, on first touch
         return np.full(tuple(shape), value, dtype=dtype)
 
     def constant(self, array: np.ndarray, dtype: Any, like: Any) -> Any:
@@ -248,14 +246,15 @@ class TorchBackend(Backend):
 
     def full(self, shape: Any, value: Any, dtype: Any, like: Any) -> Any:
         dt = self.as_dtype(dtype)
-        if isinstance(value, (int, float)) and value == 0 and like.device.type == "cpu":
+        if like.device.type == "cpu":
             try:
                 np_dtype = np.dtype(str(dt).replace("torch.", ""))
             except TypeError:  # bfloat16 and the like
                 np_dtype = None
             if np_dtype is not None:
-                # Pages that come zeroed on first touch, as NumPy's zeros: no pass to fill them.
-                return self.torch.from_numpy(np.zeros(tuple(shape), dtype=np_dtype))
+                # NumPy fills in one pass that also faults the pages in, on one thread; left
+                # to torch's threads, first touches of fresh pages contend and cost ~5x more.
+                return self.torch.from_numpy(np.full(tuple(shape), value, dtype=np_dtype))
         return self.torch.full(tuple(shape), value, dtype=dt, device=like.device)
 
     def constant(self, array: np.ndarray, dtype: Any, like: Any) -> Any:

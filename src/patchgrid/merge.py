@@ -56,6 +56,17 @@ def _divide_by_profiles(
     """
     ndim = acc.ndim
     safe = [np.where(p > 0, p, 1) for p in profs]
+    k = len(axes)
+    host = _fast.host(acc) if _fast.loaded() else None
+    if (
+        host is not None
+        and host.nbytes >= _fast.MIN_DIVIDE
+        and host.dtype in (np.float32, np.float64)
+        and tuple(axes) == tuple(range(ndim - k, ndim))
+        and host.flags.writeable
+        and _fast.divide(host, k, safe)
+    ):
+        return  # a large merge has the compiled kernels loaded: divide on all cores
     rest = np.ones([1] * ndim)
     for a, p in zip(axes[1:], safe[1:]):
         rest = rest * _shaped(p, a, ndim)
@@ -188,6 +199,7 @@ class Merger:
         self._patch_shape: tuple[int, ...] | None = None
         self._result: Any = None
         self._starts0 = grid.axis_starts(0)
+        self._starts_all: np.ndarray | None = None  # every patch's corner, once needed
 
     @property
     def missing(self) -> np.ndarray:
@@ -413,6 +425,10 @@ class Merger:
         rows = np.unravel_index(idx, grid.counts)[0]
         self._ensure(int(self._starts0[rows].max()) + grid.size[0])
         xp, op, weight = self._xp, self._op(), self._weight()
+        if self._add_compiled(arr, idx, op, weight):
+            seen[idx] = True
+            self._flush()
+            return
         scratch: list[Any] = []
         done = np.zeros(len(idx), dtype=bool)
         # Small patches cost a Python step each; large ones are better one by one (torch's
@@ -436,6 +452,23 @@ class Merger:
             # known as added, and adding them again raises instead of counting them twice.
             seen[i] = True
         self._flush()
+
+    def _add_compiled(self, arr: Any, idx: np.ndarray, op: str, weight: Any) -> bool:
+        """A batch of large patches through the compiled kernel, if it serves: NumPy floats,
+        an adding reduction, a separable window (no weight volume to keep), a large job."""
+        grid = self.grid
+        if not (op == "add" and self._wacc is None):
+            return False
+        acc, patches = _fast.host(self._acc), _fast.host(arr)
+        if acc is None or patches is None:
+            return False
+        if not _fast.serves_batch(acc, patches, grid.axes, len(grid)):
+            return False
+        if self._starts_all is None:
+            self._starts_all = grid.starts()
+        starts = self._starts_all[idx]
+        starts[:, 0] -= self._lo
+        return _fast.add_batch(acc, patches, starts, None if weight is None else _fast.host(weight))
 
     def _add_run(
         self, patches: Any, first: int, op: str, weight: Any, scratch: list[Any], seen: Any
