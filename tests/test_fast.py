@@ -285,3 +285,48 @@ def test_the_batch_kernels_need_a_large_job():
     # 27 such patches are 3.4 MiB: NumPy's job; 1,000 of them, the kernel's.
     assert not _fast.serves_batch(image, batch, (1, 2, 3), 27)
     assert _fast.serves_batch(image, batch, (1, 2, 3), 1000) == _fast.available()
+
+
+@settings(SETTINGS, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                          HealthCheck.too_slow])  # fmt: skip
+@given(
+    case=cases(),
+    dtype=st.sampled_from(["float32", "float64"]),
+    into=st.sampled_from(["copy", "out", "flat out", "offset out"]),
+    seed=st.integers(0, 2**16),
+)
+def test_compiled_extract_cuts_as_the_loop(batched, case, dtype, into, seed):
+    shape, axes, size, stride, edge = case
+    grid = pg.PatchGrid(shape, size, stride, axes=axes, edge=edge)
+    image = np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+    expected = Layout(shape, axes, size, stride, edge).extract(image)
+    before = len(batched["gather"])
+    if into == "copy":
+        got = pg.extract(image, grid, copy=True)
+    else:
+        full = (*grid.counts, *grid.patch_shape)
+        wanted = full if into == "out" else (len(grid), *grid.patch_shape)
+        n = int(np.prod(wanted))
+        # "offset out" starts 4 bytes into its memory: never 16-byte aligned, so the copy
+        # takes the kernel's plain stores rather than its streaming ones.
+        base = np.full(n + 1, np.nan, dtype)
+        out = (base[1:] if into == "offset out" else base[:n]).reshape(wanted)
+        got = pg.extract(image, grid, out=out)
+        assert got is out
+    np.testing.assert_array_equal(got.reshape(expected.shape), expected)
+    assert len(batched["gather"]) - before == 1
+
+
+def test_compiled_extract_casts_with_numpy_and_writes_strided_outs(batched):
+    image = np.random.default_rng(8).random((20, 24, 32)).astype(np.float32)
+    grid = pg.PatchGrid(image.shape, (8, 8, 16), (4, 4, 8), edge="shift")
+    out = np.zeros((*grid.counts, *grid.patch_shape), np.float64)  # a cast: NumPy's job
+    pg.extract(image, grid, out=out)
+    assert batched["gather"] == []
+    strided = np.zeros((len(grid) * 2, *grid.patch_shape), np.float32)[::2]
+    pg.extract(image, grid, out=strided)  # the kernel, with plain stores
+    assert len(batched["gather"]) == 1
+    reference = Layout(image.shape, (0, 1, 2), grid.size, grid.stride, ("shift",) * 3)
+    expected = reference.extract(image)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(strided, expected.reshape(strided.shape))
