@@ -238,7 +238,7 @@ def child(case: str, side: int, size: int, stride: int) -> None:
     # Loading the compiled kernels (numba and LLVM, and each kernel's types on first use) is a
     # cost of the process, once, like importing NumPy; it is reported beside the table, not
     # counted in each call. A small merge of the same kinds of arrays loads it all.
-    if _fast.available() and case.startswith("merge"):
+    if _fast.warm() and case.startswith("merge"):
         small = Workload("warm", 4 * stride, size, stride)
         warm_patches = distinct_patches(image(small), small)
         saved, _fast.MIN_BYTES = _fast.MIN_BYTES, 0
@@ -370,14 +370,20 @@ def run_workload(w: Workload, repeats: int, rows: list[Row], log: Callable[[str]
     del ref
     out_buf.fill(1)
 
+    # Large patches are copied by the compiled kernel where numba is installed.
+    compiled = _fast.available() and p**3 * x.itemsize >= _fast.MIN_PATCH
     t = best_of_each(
         {
             "numpy": partial(numpy_extract, x, p, s),
             "copy": partial(pg.extract, x, p, s, copy=True),
             "out": partial(pg.extract, x, p, s, out=out_buf),
+            **({
+                "copy numpy": partial(numpy_path, pg.extract, x, p, s, copy=True),
+                "out numpy": partial(numpy_path, pg.extract, x, p, s, out=out_buf),
+            } if compiled else {}),
         },
         repeats,
-    )
+    )  # fmt: skip
     t_np, t_ours, t_out = t["numpy"], t["copy"], t["out"]
     t_view = best_of(partial(pg.extract, x, p, s), max(repeats, 20))
     del out_buf
@@ -408,6 +414,11 @@ def run_workload(w: Workload, repeats: int, rows: list[Row], log: Callable[[str]
         row.target = f">= {goal['extract_out']:.0%} of copyto"
         row.met = yes(f_out >= goal["extract_out"])
     rows.append(row)
+    if compiled:
+        for name, ref, bw in (("copy=True", "copy", bw_copy), ("out=buf", "copyto", bw_copyto)):
+            tn = t[f"{name.split('=')[0]} numpy"]
+            label = f"extract: pg {name}, NumPy path (no numba)"
+            rows.append(Row(W, label, ms(tn), f"{gbs(tn):.2f}", f"{gbs(tn) / bw:.0%} of {ref}"))
     rows.append(Row(W, "extract: pg view (zero-copy)", ms(t_view), "-", "no data moved"))
 
     # 3. merge ----------------------------------------------------------------------
@@ -578,14 +589,15 @@ def kernels() -> str:
 
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); from _memory import peak_rss; "
-        "from patchgrid import _fast; b = peak_rss(True); _fast._kernels(); "
+        "from patchgrid import _fast; b = peak_rss(True); _fast.warm(); "
         "print(peak_rss() - b)"
     )
     here = os.path.dirname(os.path.abspath(__file__))
     run = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True)
     load = int(run.stdout.strip() or 0) / MiB
     return (
-        f"numba {numba.__version__} (merge; NumPy path shown beside it); loading the "
+        f"numba {numba.__version__} (extract and merge of large patches; NumPy path shown "
+        f"beside it); loading the "
         f"kernels costs a process {load:.0f} MiB once (not counted in the calls below)"
     )
 

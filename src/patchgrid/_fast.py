@@ -82,15 +82,16 @@ def _kernels() -> Any:
                         z0 = starts2[i2]
                         src = patches[i0, i1, i2, r]
                         for a in range(p1):
-                            row = plane[y0 + a]
+                            # A row as a slice: the loops below then vectorise.
+                            row = plane[y0 + a, z0 : z0 + p2]
                             s = src[a]
                             if weighted:
                                 w = weight[r, a]
                                 for b in range(p2):
-                                    row[z0 + b] += s[b] * w[b]
+                                    row[b] += s[b] * w[b]
                             else:
                                 for b in range(p2):
-                                    row[z0 + b] += s[b]
+                                    row[b] += s[b]
             if normalise:
                 divisor = np.empty(n_z, dtype=acc.dtype)
                 for y in range(n_y):
