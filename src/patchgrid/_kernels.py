@@ -210,6 +210,9 @@ def accumulate(
     # NumPy runs strided in-place operations through buffers of up to 8192 items per operand;
     # beside a small output, smaller calls keep those (and ours) small too.
     budget = min(CHUNK_BYTES, max(span_all // 4, 1 << 12))
+    # Threads pay for large patches and for weighted tiny ones; unweighted tiny ones are
+    # bound by the memory already, and each thread would only hold its own buffers.
+    threaded = not (small and weight is None)
 
     def run(chunk: tuple[int, ...]) -> None:
         scratch: list[Any] = []
@@ -264,7 +267,13 @@ def accumulate(
                     xp.inplace(op, tgt, src, order)
 
     chunks = list(itertools.product(*ranges))
-    if xp is NUMPY and THREADS > 1 and len(chunks) > 1 and patches.nbytes >= THREADED_BYTES:
+    if (
+        threaded
+        and xp is NUMPY
+        and THREADS > 1
+        and len(chunks) > 1
+        and patches.nbytes >= THREADED_BYTES
+    ):
         # Chunks write to disjoint blocks of the output, and NumPy lets go of the GIL in its
         # loops, so threads share the work safely.
         with ThreadPoolExecutor(min(THREADS, len(chunks))) as pool:
