@@ -468,6 +468,7 @@ def child_measure(job: Job, peer: str, op: str, repeats: int) -> dict[str, Any]:
         # too, which the small warm-up volume reaches only with the threshold lifted. (Small
         # jobs never load them, so their warm-up does not either.)
         fast.MIN_BYTES = 0
+        fast.warm()  # every kernel and dtype, the batch kernels of apply and extract included
     try:
         r = make(peer, op, volume(warm), warm)()  # imports, lazy initialisation
     finally:
