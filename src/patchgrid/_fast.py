@@ -29,9 +29,10 @@ MIN_BYTES = 1 << 25
 MIN_PATCH = 1 << 16
 # The least bytes of output rows worth dividing by the coverage in the kernel.
 MIN_DIVIDE = 1 << 20
-# The shortest patch row (voxels along the last tiled axis) the kernel serves; shorter rows
-# are NumPy's fast path (rows copied as opaque items).
-MIN_ROW = 16
+# The shortest patch row (voxels along the last tiled axis) the kernels serve; shorter rows
+# are NumPy's fast path (rows copied as opaque items). Rows of 4 (128^3, 4^3 patches) merge
+# about 1.7x (uniform) and 2.4x (gaussian) faster in the kernel than in NumPy.
+MIN_ROW = 4
 
 
 @cache
