@@ -330,3 +330,14 @@ def test_compiled_extract_casts_with_numpy_and_writes_strided_outs(batched):
     expected = reference.extract(image)
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(strided, expected.reshape(strided.shape))
+
+
+def test_fresh_outputs_are_plain_empty_arrays(monkeypatch):
+    monkeypatch.setattr(_fast, "PREFAULT_BYTES", 0)
+    a = _fast.fresh((3, 1000, 7), np.float32)  # mapped up front where the OS allows
+    assert a.shape == (3, 1000, 7)
+    assert a.dtype == np.float32
+    assert a.flags.c_contiguous
+    assert a.flags.writeable
+    a[...] = 2.5
+    assert float(a.sum()) == 2.5 * a.size

@@ -232,6 +232,36 @@ def available() -> bool:
     return _kernels() is not None
 
 
+# Outputs this large that a kernel will write are given their pages up front.
+PREFAULT_BYTES = 1 << 22
+_MADV_POPULATE_WRITE = 23  # Linux 5.14 and newer
+
+
+def fresh(shape: Any, dtype: Any) -> np.ndarray:
+    """``np.empty``, with its pages mapped before the kernels' threads write them.
+
+    Fresh pages are faulted in on first touch; when both threads of a kernel touch them at
+    once, the faults contend (on a 2-core VM a 64 MiB merge took 89-143 ms instead of 34).
+    ``madvise(MADV_POPULATE_WRITE)`` maps them in one call on Linux, a few ms for 64 MiB;
+    elsewhere, or on older kernels, this is ``np.empty``.
+    """
+    out = np.empty(shape, dtype)
+    if out.nbytes >= PREFAULT_BYTES:
+        from .io import _libc
+
+        libc = _libc()
+        if libc is not None and hasattr(libc, "madvise"):
+            import ctypes
+
+            start = out.ctypes.data & ~4095  # madvise takes whole pages
+            libc.madvise(
+                ctypes.c_void_p(start),
+                ctypes.c_size_t(out.ctypes.data + out.nbytes - start),
+                ctypes.c_int(_MADV_POPULATE_WRITE),
+            )  # a failure leaves the pages to be faulted in later: the same result
+    return out
+
+
 def host(x: Any) -> np.ndarray | None:
     """The kernels' view of ``x``: an ndarray itself; a CPU float tensor that needs no grad
     seen through NumPy (the tensor's own memory, no copy: the kernels write into it); else

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -294,12 +295,14 @@ def extract(
         )
         view = xp.readonly(view)
         return view.reshape(flat_shape) if flatten else view
+    compiled = _compiled(src, grid)
     if out is None:
+        # Left to be faulted in by the copy (mapping them up front measured slower here).
         target = xp.empty(shape, xp.dtype(arr), arr)
     else:
         # Splitting the leading axis of a flat out into the counts is always a view.
         target = out.view(shape) if xp.name == "torch" else out.reshape(shape)
-    if _compiled_copy(src, target, grid, stream=out is not None):
+    if compiled and _compiled_copy(src, target, grid, stream=out is not None):
         return out if out is not None else (target.reshape(flat_shape) if flatten else target)
     for sub in _kernels.subgrids(grid):
         pick = tuple(slice(i0, i0 + n) for i0, n, _, _ in sub)
@@ -318,20 +321,28 @@ def extract(
     return target.reshape(flat_shape) if flatten else target
 
 
+def _compiled(src: Any, grid: PatchGrid) -> bool:
+    """Whether the compiled kernel copies these patches: large ones, of an in-memory NumPy
+    array (or a CPU tensor) whose tiled axes are its last, in a job of ``MIN_BYTES`` or more."""
+    image = _fast.host(src)
+    if image is None:
+        return False
+    k = len(grid.axes)
+    each = math.prod(grid.patch_shape) * image.itemsize
+    return (
+        grid.axes == tuple(range(image.ndim - k, image.ndim))
+        and each >= _fast.MIN_PATCH
+        and each * len(grid) >= _fast.MIN_BYTES
+        and _fast.available()
+    )
+
+
 def _compiled_copy(src: Any, target: Any, grid: PatchGrid, stream: bool) -> bool:
-    """Large patches of an image in memory copied by the compiled kernel on all cores; into a
-    caller's buffer (``stream``), past the caches. False where it does not serve."""
+    """The patches copied by the compiled kernel on all cores; into a caller's buffer
+    (``stream``), past the caches. False (nothing done) where the arrays do not serve."""
     k = len(grid.axes)
     image, into = _fast.host(src), _fast.host(target)
     if image is None or into is None or image.dtype != into.dtype:
-        return False
-    each = into.nbytes // max(len(grid), 1)
-    if not (
-        grid.axes == tuple(range(image.ndim - k, image.ndim))
-        and each >= _fast.MIN_PATCH
-        and into.nbytes >= _fast.MIN_BYTES
-        and _fast.available()
-    ):
         return False
     flat = _fast.reshaped(into, (len(grid), *into.shape[k:]))
     return flat is not None and _fast.gather(flat, image, grid.starts(), stream=stream)

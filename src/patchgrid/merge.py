@@ -571,7 +571,7 @@ class Merger:
             return False
         acc = self._sink
         if acc is None:
-            acc = np.empty(self._out_shape, self._acc_dtype)
+            acc = _fast.fresh(self._out_shape, self._acc_dtype)
         if not _fast.serves(acc, arr, grid.ndim, grid.axes):
             return False
         profiles = None
