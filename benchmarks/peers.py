@@ -958,6 +958,7 @@ def write_markdown(
             if info.get("redone")
             else []
         ),
+        *([f"- {info['note']}"] if info.get("note") else []),
         "- 'Time / pg', 'Mem / pg': the peer over patchgrid with the same placement (shift, drop "
         "or pad); above 1 patchgrid is faster or leaner",
         "- extract: the patches as one C-contiguous array (peers that return views are copied); "
