@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a 128 MiB volume")
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     parser.add_argument("--shape", help="the volume as D,H,W (default 1024,512,512)")
+    parser.add_argument(
+        "--chunks", default="128,256", help="Dask chunk sides to run, comma-separated"
+    )
     args = parser.parse_args(argv)
 
     import dask.array as da
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                                dashboard_address=None, silence_logs=50)  # fmt: skip
         client = Client(cluster)
         grid = pg.PatchGrid(shape, 64, 32, edge="shift")
-        for chunk in (128, 256):
+        for chunk in (int(c) for c in args.chunks.split(",")):
             # Each Dask chunk reads its zarr chunks itself: no rechunk tasks in the graph.
             lazy_in = da.from_zarr(src, chunks=(chunk, chunk, chunk))
             out_path = os.path.join(tmp, f"out{chunk}.zarr")
