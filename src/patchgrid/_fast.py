@@ -284,6 +284,19 @@ def host(x: Any) -> np.ndarray | None:
     return view
 
 
+def takes(image: np.ndarray | None, axes: tuple[int, ...], patch_bytes: int, n: int) -> bool:
+    """Whether the batch kernels take ``n`` patches of ``patch_bytes`` cut from ``image`` (a
+    :func:`host` view) along ``axes``: the tiled axes last, large patches, a large job."""
+    k = len(axes)
+    return (
+        image is not None
+        and axes == tuple(range(image.ndim - k, image.ndim))
+        and patch_bytes >= MIN_PATCH
+        and patch_bytes * n >= MIN_BYTES
+        and available()
+    )
+
+
 def loaded() -> bool:
     """Whether the kernels are loaded already (asking never loads them)."""
     return _kernels.cache_info().currsize > 0 and _kernels() is not None

@@ -395,18 +395,12 @@ def apply(
     dtype_in = xp.dtype(image) if xp.name == "torch" else image.dtype
 
     pool = _Pool((batch_size, *in_shape), dtype_in, xp, image)
-    k = len(grid.axes)
     source = _fast.host(reader.image)
     each = math.prod(in_shape) * source.itemsize if source is not None else 0
     # Large patches of an image in memory (an ndarray, a CPU tensor), cut by the compiled
-    # kernel on all cores.
-    compiled = (
-        source is not None
-        and all(m is None for m in reader.maps)
-        and grid.axes == tuple(range(len(shape) - k, len(shape)))
-        and each >= _fast.MIN_PATCH
-        and each * len(grid) >= _fast.MIN_BYTES
-        and _fast.available()
+    # kernel on all cores; padding is read by the gathers below.
+    compiled = all(m is None for m in reader.maps) and _fast.takes(
+        source, grid.axes, each, len(grid)
     )
     corners = grid.starts() if compiled else None
 

@@ -322,19 +322,10 @@ def extract(
 
 
 def _compiled(src: Any, grid: PatchGrid) -> bool:
-    """Whether the compiled kernel copies these patches: large ones, of an in-memory NumPy
-    array (or a CPU tensor) whose tiled axes are its last, in a job of ``MIN_BYTES`` or more."""
+    """Whether the compiled kernel copies these patches (see :func:`_fast.takes`)."""
     image = _fast.host(src)
-    if image is None:
-        return False
-    k = len(grid.axes)
-    each = math.prod(grid.patch_shape) * image.itemsize
-    return (
-        grid.axes == tuple(range(image.ndim - k, image.ndim))
-        and each >= _fast.MIN_PATCH
-        and each * len(grid) >= _fast.MIN_BYTES
-        and _fast.available()
-    )
+    each = math.prod(grid.patch_shape) * image.itemsize if image is not None else 0
+    return _fast.takes(image, grid.axes, each, len(grid))
 
 
 def _compiled_copy(src: Any, target: Any, grid: PatchGrid, stream: bool) -> bool:

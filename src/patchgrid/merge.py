@@ -460,7 +460,8 @@ class Merger:
         if not (op == "add" and self._wacc is None):
             return False
         acc, patches = _fast.host(self._acc), _fast.host(arr)
-        if acc is None or patches is None:
+        w = None if weight is None else _fast.host(weight)
+        if acc is None or patches is None or (weight is not None and w is None):
             return False
         if not _fast.serves_batch(acc, patches, grid.axes, len(grid)):
             return False
@@ -468,7 +469,7 @@ class Merger:
             self._starts_all = grid.starts()
         starts = self._starts_all[idx]
         starts[:, 0] -= self._lo
-        return _fast.add_batch(acc, patches, starts, None if weight is None else _fast.host(weight))
+        return _fast.add_batch(acc, patches, starts, w)
 
     def _add_run(
         self, patches: Any, first: int, op: str, weight: Any, scratch: list[Any], seen: Any
