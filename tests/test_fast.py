@@ -188,7 +188,9 @@ def test_batch_kernel_merges_as_the_loop(batched, case, dtype, window, reduce, b
     rtol = 1e-4 if dtype == "float32" else 1e-10
     np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
     assert got.dtype == np.dtype(dtype)
-    assert len(batched["add_batch"]) - before == -(-len(order) // batch)
+    # One call a batch at least (a batch in grid order reaching into the next row of patches
+    # is added row by row).
+    assert len(batched["add_batch"]) - before >= -(-len(order) // batch)
 
 
 def _merge_in_batches(image, grid, window):

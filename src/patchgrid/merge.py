@@ -330,12 +330,8 @@ class Merger:
         if rows <= have:
             return
         if have == 0:
-            # Room for a patch and the step to the next row at once, so that a batch reaching
-            # into the next row of patches does not make the accumulator grow (and, while it
-            # grows, exist twice).
-            steps = np.diff(self._starts0)
-            reach = grid.size[0] + (int(steps.max()) if len(steps) else 0)
-            rows = max(rows, min(reach, grid.padded_shape[a0] - self._lo))
+            # Room for one patch: batches in grid order come row by row (see add).
+            rows = max(rows, min(grid.size[0], grid.padded_shape[a0] - self._lo))
         shape = list(grid.padded_shape)
         for a in range(grid.ndim):
             if a not in grid.axes:
@@ -421,8 +417,15 @@ class Merger:
             raise PatchgridError(f"patch {i} (position {grid.position(i)}) was already added")
         if not len(idx):
             return
-        self._start(arr, tuple(arr.shape[1:]))
         rows = np.unravel_index(idx, grid.counts)[0]
+        if rows[0] != rows[-1] and not self._direct and (np.diff(rows) >= 0).all():
+            # A batch in grid order that reaches into the next rows of patches: row by row,
+            # so that a row finishes and leaves the accumulator before the next needs room
+            # (the accumulator stays one patch thick instead of a patch and a step).
+            for b0, b1 in itertools.pairwise([0, *(np.flatnonzero(np.diff(rows)) + 1), len(idx)]):
+                self.add(arr[b0:b1], idx[b0:b1])
+            return
+        self._start(arr, tuple(arr.shape[1:]))
         self._ensure(int(self._starts0[rows].max()) + grid.size[0])
         xp, op, weight = self._xp, self._op(), self._weight()
         if self._add_compiled(arr, idx, op, weight):
