@@ -1,5 +1,7 @@
 """The optional compiled overlap-add (numba) against the plain-loop reference and NumPy's path."""
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -343,3 +345,22 @@ def test_fresh_outputs_are_plain_empty_arrays(monkeypatch):
     assert a.flags.writeable
     a[...] = 2.5
     assert float(a.sum()) == 2.5 * a.size
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_out_of_core_work_never_loads_the_kernels(batched, monkeypatch, tmp_path, loaded):
+    """Files bound the work, memory is the budget: tiles take the kernels only if loaded."""
+    apply_module = importlib.import_module("patchgrid.apply")
+    merge_module = importlib.import_module("patchgrid.merge")
+
+    monkeypatch.setattr(apply_module, "TILE_BYTES", 40_000)
+    monkeypatch.setattr(merge_module, "TILE_BYTES", 40_000)
+    monkeypatch.setattr(_fast, "loaded", lambda: loaded)
+    image = np.random.default_rng(9).random((1, 16, 40, 48)).astype(np.float32)
+    out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.float32,
+                                    shape=image.shape)  # fmt: skip
+    kw = dict(axes=(1, 2, 3), batch_size=3, progress=False)
+    pg.apply(lambda b: 2 * b, image, (8, 8, 16), (4, 4, 8), out=out, **kw)
+    assert bool(batched["add_batch"]) == loaded
+    assert bool(batched["gather"]) == loaded
+    np.testing.assert_allclose(out, 2 * image, rtol=1e-6)

@@ -399,8 +399,10 @@ def apply(
     each = math.prod(in_shape) * source.itemsize if source is not None else 0
     # Large patches of an image in memory (an ndarray, a CPU tensor), cut by the compiled
     # kernel on all cores; padding is read by the gathers below.
-    compiled = all(m is None for m in reader.maps) and _fast.takes(
-        source, grid.axes, each, len(grid)
+    compiled = (
+        all(m is None for m in reader.maps)
+        and (not tiles or _fast.loaded())  # out of core: not worth loading them (see Merger)
+        and _fast.takes(source, grid.axes, each, len(grid))
     )
     corners = grid.starts() if compiled else None
 
@@ -463,6 +465,7 @@ def apply(
                 assert tile.grid is not None
                 merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
                                 out=tile.sink(out))  # fmt: skip
+                merger._load_kernels = False
                 run(merger, *tile.ids())
                 release_memory()
             return out

@@ -200,6 +200,9 @@ class Merger:
         self._result: Any = None
         self._starts0 = grid.axis_starts(0)
         self._starts_all: np.ndarray | None = None  # every patch's corner, once needed
+        # Out-of-core work is bound by its files, and its budget is memory: there the kernels
+        # serve only if the process has loaded them already (loading costs about 65 MiB).
+        self._load_kernels = True
 
     @property
     def missing(self) -> np.ndarray:
@@ -461,6 +464,8 @@ class Merger:
         an adding reduction, a separable window (no weight volume to keep), a large job."""
         grid = self.grid
         if not (op == "add" and self._wacc is None):
+            return False
+        if not (self._load_kernels or _fast.loaded()):
             return False
         acc, patches = _fast.host(self._acc), _fast.host(arr)
         w = None if weight is None else _fast.host(weight)
@@ -1143,6 +1148,7 @@ def merge_tiled(
         assert tile.grid is not None
         merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill,
                         dtype=probe._out_dtype, out=tile.sink(out))  # fmt: skip
+        merger._load_kernels = False
         # Runs of patches contiguous in grid order, read a batch at most at a time.
         for lo, first_id, count in tile.runs():
             for c in range(0, count, batch):
