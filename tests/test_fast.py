@@ -347,14 +347,13 @@ def test_fresh_outputs_are_plain_empty_arrays(monkeypatch):
     assert float(a.sum()) == 2.5 * a.size
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("loaded", [False, True])
-def test_out_of_core_work_never_loads_the_kernels(batched, monkeypatch, tmp_path, loaded):
-    """Files bound the work, memory is the budget: tiles take the kernels only if loaded."""
-    apply_module = importlib.import_module("patchgrid.apply")
-    merge_module = importlib.import_module("patchgrid.merge")
-
-    monkeypatch.setattr(apply_module, "TILE_BYTES", 40_000)
-    monkeypatch.setattr(merge_module, "TILE_BYTES", 40_000)
+def test_out_of_core_work_never_loads_the_kernels(batched, monkeypatch, tmp_path, loaded, tiled):
+    """Files bound the work, memory is the budget: an ``out`` on disk, in tiles or not, takes
+    the kernels only if the process has loaded them."""
+    if tiled:
+        monkeypatch.setattr(importlib.import_module("patchgrid.apply"), "TILE_BYTES", 40_000)
     monkeypatch.setattr(_fast, "loaded", lambda: loaded)
     image = np.random.default_rng(9).random((1, 16, 40, 48)).astype(np.float32)
     out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.float32,

@@ -384,6 +384,7 @@ def apply(
                                 dtype=dtype, fill=fill), out)  # fmt: skip
     reader = _Reader(image, grid, margins, xp)
     tiles = _tiles(out, out_grid, reduce)
+    on_disk = out is not None and type(out) is not np.ndarray and not is_tensor(out)
     in_shape = reader.patch_shape(shape)
     full = [p * f for p, f in zip(reader.size, _factors(out_grid, grid))]
     step, close = _progress(progress, sum(t.reads for t in tiles) if tiles else len(grid))
@@ -401,7 +402,7 @@ def apply(
     # kernel on all cores; padding is read by the gathers below.
     compiled = (
         all(m is None for m in reader.maps)
-        and (not tiles or _fast.loaded())  # out of core: not worth loading them (see Merger)
+        and (not on_disk or _fast.loaded())  # out of core: not worth loading them (Merger)
         and _fast.takes(source, grid.axes, each, len(grid))
     )
     corners = grid.starts() if compiled else None
@@ -455,6 +456,7 @@ def apply(
                 everything = np.arange(len(grid))
                 merger = Merger(out_grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
                                 out=out)  # fmt: skip
+                merger._load_kernels = not on_disk
                 return run(merger, everything, everything)
             a0 = out_grid.axes[0]
             for tile in tiles:
