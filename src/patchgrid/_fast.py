@@ -37,194 +37,22 @@ MIN_ROW = 4
 
 @cache
 def _kernels() -> Any:
-    """Compile (or load from numba's cache) the kernels; None when numba cannot be had."""
+    """Load the kernels (compiled once, then from numba's on-disk cache); None when numba
+    cannot be had."""
     if os.environ.get("PATCHGRID_NUMBA", "1") == "0":
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import numba
+            from . import _numba
     except ImportError:
         return None
-
-    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
-    def overlap_add3(  # pragma: no cover - compiled
-        acc: Any,
-        patches: Any,
-        starts0: Any,
-        starts1: Any,
-        starts2: Any,
-        lo0: Any,
-        hi0: Any,
-        weight: Any,
-        weighted: bool,
-        init: bool,
-        prof0: Any,
-        prof1: Any,
-        prof2: Any,
-        normalise: bool,
-    ) -> None:
-        n_x = acc.shape[0]
-        n_y = acc.shape[1]
-        n_z = acc.shape[2]
-        p1 = patches.shape[4]
-        p2 = patches.shape[5]
-        c1 = patches.shape[1]
-        c2 = patches.shape[2]
-        for x in numba.prange(n_x):
-            plane = acc[x]
-            if init:
-                plane[:, :] = 0
-            for i0 in range(lo0[x], hi0[x]):
-                r = x - starts0[i0]
-                for i1 in range(c1):
-                    y0 = starts1[i1]
-                    for i2 in range(c2):
-                        z0 = starts2[i2]
-                        src = patches[i0, i1, i2, r]
-                        for a in range(p1):
-                            # A row as a slice: the loops below then vectorise.
-                            row = plane[y0 + a, z0 : z0 + p2]
-                            s = src[a]
-                            if weighted:
-                                w = weight[r, a]
-                                for b in range(p2):
-                                    row[b] += s[b] * w[b]
-                            else:
-                                for b in range(p2):
-                                    row[b] += s[b]
-            if normalise:
-                divisor = np.empty(n_z, dtype=acc.dtype)
-                for y in range(n_y):
-                    # The same rounding as the NumPy path: the float64 product of the
-                    # profiles, cast to the accumulator's dtype, then one division.
-                    for z in range(n_z):
-                        divisor[z] = prof0[x] * (prof1[y] * prof2[z])
-                    row = plane[y]
-                    for z in range(n_z):
-                        row[z] = row[z] / divisor[z]
-
-    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
-    def add_batch3(  # pragma: no cover - compiled
-        acc: Any, patches: Any, s0: Any, s1: Any, s2: Any, weight: Any, weighted: bool
-    ) -> None:
-        n_lead = acc.shape[0]
-        n_b = patches.shape[0]
-        p0 = patches.shape[2]
-        p1 = patches.shape[3]
-        p2 = patches.shape[4]
-        lo = s0.min()
-        for x in numba.prange(lo, s0.max() + p0):
-            for b in range(n_b):
-                r = x - s0[b]
-                if r < 0 or r >= p0:
-                    continue
-                y0 = s1[b]
-                z0 = s2[b]
-                for c in range(n_lead):
-                    plane = acc[c, x]
-                    src = patches[b, c, r]
-                    for a in range(p1):
-                        # A row as a slice: the loop below then vectorises.
-                        row = plane[y0 + a, z0 : z0 + p2]
-                        s = src[a]
-                        if weighted:
-                            w = weight[r, a]
-                            for i in range(p2):
-                                row[i] += s[i] * w[i]
-                        else:
-                            for i in range(p2):
-                                row[i] += s[i]
-
-    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
-    def divide3(  # pragma: no cover - compiled
-        acc: Any, prof0: Any, prof1: Any, prof2: Any
-    ) -> None:
-        n_lead = acc.shape[0]
-        n_y = acc.shape[2]
-        n_z = acc.shape[3]
-        for x in numba.prange(acc.shape[1]):
-            divisor = np.empty(n_z, dtype=acc.dtype)
-            for y in range(n_y):
-                # The NumPy path's rounding: the float64 product, cast, then one division.
-                for z in range(n_z):
-                    divisor[z] = prof0[x] * (prof1[y] * prof2[z])
-                for c in range(n_lead):
-                    row = acc[c, x, y]
-                    for z in range(n_z):
-                        row[z] = row[z] / divisor[z]
-
-    stream16, fence = _streaming(numba)
-
-    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
-    def gather3(  # pragma: no cover - compiled
-        out: Any, image: Any, s0: Any, s1: Any, s2: Any, stream: bool
-    ) -> None:
-        n_lead = out.shape[1]
-        p0 = out.shape[2]
-        p1 = out.shape[3]
-        p2 = out.shape[4]
-        step = 16 // out.itemsize
-        for t in numba.prange(out.shape[0] * p0):
-            b = t // p0
-            r = t - b * p0
-            y0 = s1[b]
-            z0 = s2[b]
-            for c in range(n_lead):
-                src = image[c, s0[b] + r]
-                dst = out[b, c, r]
-                for a in range(p1):
-                    d = dst[a]
-                    row = src[y0 + a, z0 : z0 + p2]
-                    if stream:
-                        for i in range(0, p2, step):
-                            stream16(d, i, row, i)
-                    else:
-                        for i in range(p2):
-                            d[i] = row[i]
-            if stream:
-                fence()  # streamed stores are weakly ordered: done before the caller reads
-
     return SimpleNamespace(
-        overlap_add3=overlap_add3, add_batch3=add_batch3, divide3=divide3, gather3=gather3
+        overlap_add3=_numba.overlap_add3,
+        add_batch3=_numba.add_batch3,
+        divide3=_numba.divide3,
+        gather3=_numba.gather3,
     )
-
-
-def _streaming(numba: Any) -> tuple[Any, Any]:
-    """Two LLVM intrinsics for numba: a 16-byte copy whose store bypasses the caches (a
-    non-temporal store, as large ``memcpy`` calls make: the line is written without being read
-    first, which cuts the memory traffic of a copy by a third), and a full fence."""
-    from llvmlite import ir
-    from numba.extending import intrinsic
-
-    @intrinsic  # type: ignore[untyped-decorator]
-    def stream16(typingctx: Any, dst: Any, i: Any, src: Any, j: Any) -> Any:
-        sig = numba.types.void(dst, numba.types.intp, src, numba.types.intp)
-
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            dty, _, sty, _ = signature.args
-            d = context.make_array(dty)(context, builder, args[0])
-            s = context.make_array(sty)(context, builder, args[2])
-            elt = context.get_data_type(dty.dtype)
-            size = context.get_abi_sizeof(elt)
-            vec = ir.VectorType(elt, 16 // size)
-            source = builder.bitcast(builder.gep(s.data, [args[3]]), vec.as_pointer())
-            target = builder.bitcast(builder.gep(d.data, [args[1]]), vec.as_pointer())
-            store = builder.store(builder.load(source, align=size), target, align=16)
-            store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic  # type: ignore[untyped-decorator]
-    def fence(typingctx: Any) -> Any:
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            builder.fence("seq_cst")
-            return context.get_dummy_value()
-
-        return numba.types.void(), codegen
-
-    return stream16, fence
 
 
 def available() -> bool:
