@@ -100,10 +100,24 @@ def test_fn_only_sees_full_batches_on_dask():
     assert set(seen) == {4}
 
 
-def test_apply_on_dask_refuses_out():
+def test_apply_on_dask_refuses_an_out_that_is_not_zarr():
     x = da.zeros((1, 16, 16), chunks=8)
-    with pytest.raises(ValueError, match="out= is not taken"):
+    with pytest.raises(TypeError, match="out= with a Dask image takes a zarr array"):
         pg.apply(_double, x, 8, axes=(1, 2), out=np.empty((1, 16, 16)), progress=False)
+
+
+def test_apply_on_dask_refuses_a_zarr_out_of_the_wrong_shape_or_chunks(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    x = da.zeros((1, 16, 24), chunks=(1, 8, 12), dtype=np.float32)
+    wrong = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=(1, 16, 20), chunks=(1, 8, 4),
+                            dtype="f4")  # fmt: skip
+    with pytest.raises(ValueError, match=r"out has shape \(1, 16, 20\)"):
+        pg.apply(_double, x, 8, axes=(1, 2), out=wrong, progress=False)
+    # Zarr chunks of 8 along the last axis straddle the Dask chunks of 12: refused, not raced.
+    across = zarr.open_array(str(tmp_path / "b.zarr"), mode="w", shape=(1, 16, 24),
+                             chunks=(1, 8, 8), dtype="f4")  # fmt: skip
+    with pytest.raises(ValueError, match="two tasks would write one zarr chunk"):
+        pg.apply(_double, x, 8, axes=(1, 2), out=across, progress=False)
 
 
 def test_apply_on_dask_refuses_a_whole_image_pad_mode():
@@ -112,23 +126,30 @@ def test_apply_on_dask_refuses_a_whole_image_pad_mode():
         pg.apply(_double, x, 8, axes=(1, 2), margin=1, pad_mode="mean", progress=False)
 
 
-def test_redundancy_is_the_halo_volume_over_the_output():
+def test_redundancy_counts_repeated_patches_and_carried_sums():
     grid = pg.PatchGrid((40, 30), 8, 4, edge="shift")
     chunks = ((10, 10, 10, 10), (15, 15))
     starts0, starts1 = grid.axis_starts(0), grid.axis_starts(1)
-    # Each chunk's own patches are those starting in it; their bounding box is its halo region.
-    total = 0
-    for lo0, hi0 in itertools.pairwise(np.cumsum([0, *chunks[0]])):
-        own0 = starts0[(starts0 >= lo0) & (starts0 < hi0)]
-        for lo1, hi1 in itertools.pairwise(np.cumsum([0, *chunks[1]])):
-            own1 = starts1[(starts1 >= lo1) & (starts1 < hi1)]
-            if len(own0) and len(own1):
-                total += (own0.max() + 8 - own0.min()) * (own1.max() + 8 - own1.min())
+    # Axis 0 has the most chunks: one chain, each patch run once, sums passed down the chain.
+    # Axis 1: each chunk runs every patch that touches it.
+    touching1 = sum(
+        sum(1 for s in starts1 if s < hi and s + 8 > lo)
+        for lo, hi in itertools.pairwise(np.cumsum([0, *chunks[1]]))
+    )
+    reach = 0
+    for lo, hi in itertools.pairwise(np.cumsum([0, *chunks[0]])):
+        end = max([hi] + [s + 8 for s in starts0 if s < hi])
+        reach += min(end, 40) - lo
     redundancy = sys.modules["patchgrid.dask"].redundancy
-    assert redundancy(grid, chunks) == pytest.approx(total / (40 * 30) - 1)
+    got = redundancy(grid, chunks, threads=1)
+    assert got.calls == pytest.approx(len(starts0) * touching1 / len(grid) - 1)
+    assert got.sums == pytest.approx(reach / 40 - 1)
+    # More threads than chains: the chain is cut in two, and the cut repeats patches too.
+    assert redundancy(grid, chunks, threads=2).calls > got.calls
 
 
-def test_fn_runs_once_per_patch_on_dask():
+@pytest.mark.parametrize("chunks", [(1, 9, 11, 7), (1, 29, 5, 23), (1, 29, 34, 23)])
+def test_fn_calls_on_dask_are_what_redundancy_says(chunks):
     calls = []
 
     def record(batch):
@@ -136,12 +157,15 @@ def test_fn_runs_once_per_patch_on_dask():
         return batch
 
     x = _volume()
-    lazy = pg.apply(record, da.from_array(x, chunks=(1, 9, 11, 7)), 10, 6, axes=(1, 2, 3),
+    lazy = pg.apply(record, da.from_array(x, chunks=chunks), 10, 6, axes=(1, 2, 3),
                     batch_size=1, progress=False)  # fmt: skip
     probe_calls = len(calls)
     lazy.compute(scheduler="synchronous")
     grid = pg.PatchGrid(x.shape, 10, 6, axes=(1, 2, 3), edge="shift")
-    assert len(calls) - probe_calls == len(grid)
+    extra = sys.modules["patchgrid.dask"].redundancy(grid, lazy.chunks).calls
+    assert len(calls) - probe_calls == round(len(grid) * (1 + extra))
+    if chunks == (1, 29, 34, 23):  # one chunk: every patch once
+        assert len(calls) - probe_calls == len(grid)
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +214,83 @@ def test_to_zarr_streams_the_result_to_disk(client, tmp_path):
     np.testing.assert_allclose(zarr.open_array(path, mode="r")[...],
                                pg.apply(_double, x, 8, 6, axes=(1, 2, 3), progress=False),
                                rtol=1e-6)  # fmt: skip
+
+
+def _zarr_volume(tmp_path, shape=(1, 29, 34, 23), chunks=(1, 8, 8, 8)):
+    zarr = pytest.importorskip("zarr")
+    x = _volume(shape)
+    z = zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=x.shape, chunks=chunks,
+                        dtype=x.dtype)  # fmt: skip
+    z[...] = x
+    return x, z
+
+
+def test_tasks_read_their_regions_from_the_store(tmp_path):
+    x, z = _zarr_volume(tmp_path)
+    find = sys.modules["patchgrid.dask"]._store
+    assert find(da.from_zarr(z, chunks=(1, 9, 11, 7))) is not None
+    assert find(da.from_array(x, chunks=(1, 9, 11, 7))) is None  # chunks are data already
+    assert find(da.from_zarr(z) + 1) is None  # a graph that computes something
+    kw = dict(axes=(1, 2, 3), edge="shift", margin=1, pad_mode="reflect", progress=False)
+    lazy = pg.apply(_double, da.from_zarr(z, chunks=(1, 9, 11, 7)), 10, 6, **kw)
+    np.testing.assert_allclose(lazy.compute(), pg.apply(_double, x, 10, 6, **kw), rtol=1e-6)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "argmax"])
+@pytest.mark.parametrize("chunks", [(1, 9, 11, 7), (1, 5, 7, 6)], ids=["bigger", "smaller"])
+def test_apply_on_dask_writes_out_equal_to_in_memory(tmp_path, chunks, reduce):
+    zarr = pytest.importorskip("zarr")
+    x, z = _zarr_volume(tmp_path)
+    fn = _three_classes if reduce == "argmax" else _double
+    kw = dict(axes=(1, 2, 3), edge="shift", window="gaussian", batch_size=3, reduce=reduce,
+              progress=False)  # fmt: skip
+    want = pg.apply(fn, x, 10, 6, **kw)
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=want.shape,
+                          chunks=chunks[1:] if reduce == "argmax" else chunks,
+                          dtype=want.dtype)  # fmt: skip
+    got = pg.apply(fn, da.from_zarr(z, chunks=chunks), 10, 6, out=out, **kw)
+    assert got is out
+    np.testing.assert_allclose(out[...], want, rtol=1e-6)
+
+
+def test_out_runs_whole_chains_and_calls_fn_as_redundancy_says(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    calls = []
+
+    def record(batch):
+        calls.append(batch.shape[0])
+        return batch
+
+    x, z = _zarr_volume(tmp_path)
+    kw = dict(axes=(1, 2, 3), batch_size=1, progress=False)
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=x.shape,
+                          chunks=(1, 5, 7, 6), dtype="f4")  # fmt: skip
+    lazy_in = da.from_zarr(z, chunks=(1, 5, 7, 6))
+    with sys.modules["dask"].config.set(scheduler="synchronous"):
+        pg.apply(record, lazy_in, 10, 6, out=out, **kw)
+    grid = pg.PatchGrid(x.shape, 10, 6, axes=(1, 2, 3), edge="shift")
+    red = sys.modules["patchgrid.dask"].redundancy
+    extra = red(grid, lazy_in.chunks, out=True).calls
+    assert len(calls) - 1 == round(len(grid) * (1 + extra))  # one call probes the output
+    assert extra < red(grid, lazy_in.chunks).calls  # lazy results cut their runs at RUN
+
+
+def test_out_on_a_local_cluster(client, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    x, z = _zarr_volume(tmp_path, (1, 40, 36, 30), (1, 10, 9, 10))
+    kw = dict(axes=(1, 2, 3), edge="shift", window="gaussian", batch_size=4, progress=False)
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=x.shape,
+                          chunks=(1, 10, 9, 10), dtype="f4")  # fmt: skip
+    pg.apply(_double, da.from_zarr(z, chunks=(1, 20, 18, 10)), 12, 8, out=out, **kw)
+    np.testing.assert_allclose(out[...], pg.apply(_double, x, 12, 8, **kw), rtol=1e-6)
+
+
+def test_out_shows_progress(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    x, z = _zarr_volume(tmp_path)
+    seen = []
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=x.shape,
+                          chunks=(1, 9, 11, 7), dtype="f4")  # fmt: skip
+    pg.apply(_double, da.from_zarr(z, chunks=(1, 9, 11, 7)), 10, 6, axes=(1, 2, 3), out=out,
+             progress=lambda done, total: seen.append((done, total)))  # fmt: skip
+    assert seen and seen[-1][0] == seen[-1][1] >= len(pg.PatchGrid(x.shape, 10, 6, axes=(1, 2, 3)))

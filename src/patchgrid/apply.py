@@ -381,7 +381,7 @@ def apply(
         return _apply_dask(fn, image, grid, out_grid, margins, size, stride, probe.axes,
                            dict(edge=edge, pad_mode=pad_mode, pad_value=pad_value, window=window,
                                 reduce=reduce, batch_size=batch_size, margin=margin, scale=scale,
-                                dtype=dtype, fill=fill), out)  # fmt: skip
+                                dtype=dtype, fill=fill, progress=progress), out)  # fmt: skip
     reader = _Reader(image, grid, margins, xp)
     tiles = _tiles(out, out_grid, reduce)
     on_disk = out is not None and type(out) is not np.ndarray and not is_tensor(out)
@@ -504,13 +504,9 @@ def _apply_dask(
     margins: Sequence[int], size: Any, stride: Any, axes: Sequence[int], kw: dict[str, Any],
     out: Any,
 ) -> Any:  # fmt: skip
-    """apply on a Dask array: a lazy Dask array, one task per output chunk."""
+    """apply on a Dask array: a lazy Dask array, or the result written into ``out`` (zarr)."""
     from .dask import apply_dask
 
-    if out is not None:
-        raise PatchgridError(
-            "out= is not taken with a Dask image; store the result with .to_zarr()"
-        )
     padded = any(m for m in margins) or any(after for _, after in grid.pad_width)
     if padded and grid.pad_mode not in INDEX_MODES:
         raise PatchgridError(
@@ -523,11 +519,11 @@ def _apply_dask(
         corner[a] = slice(0, min(p, grid.shape[a]))
     sample = np.asarray(image[tuple(corner)])
     edge = "pad" if sample.shape != grid.shape else kw["edge"]
-    probe = apply(fn, sample, size, stride, axes=axes, progress=False, pad_batch=True,
-                  **{**kw, "edge": edge})  # fmt: skip
+    probe = apply(fn, sample, size, stride, axes=axes, pad_batch=True,
+                  **{**kw, "edge": edge, "progress": False})  # fmt: skip
     return apply_dask(fn, image, grid, out_grid, margins, window=kw["window"],
                       reduce=kw["reduce"], batch_size=kw["batch_size"], dtype=probe.dtype,
-                      fill=kw["fill"], probe=probe)  # fmt: skip
+                      fill=kw["fill"], probe=probe, out=out, progress=kw["progress"])  # fmt: skip
 
 
 def _factors(out_grid: PatchGrid, grid: PatchGrid) -> list[float]:

@@ -12,8 +12,11 @@ float rounding. The halos are the only extra work; :func:`redundancy` measures t
 from __future__ import annotations
 
 import itertools
+import os
+import sys
+import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,7 +24,11 @@ from ._checks import PatchgridError
 from .backends import NUMPY, is_dask
 from .grid import PatchGrid, _restore
 
-__all__ = ["apply_dask", "extract_dask", "is_dask", "redundancy"]
+#: Most chunks one task finishes for a lazy result: they wait in the worker's memory until
+#: Dask stores them. Longer runs of chunks are cut, and each cut repeats some patches.
+RUN = 4
+
+__all__ = ["Redundancy", "apply_dask", "extract_dask", "is_dask", "redundancy"]
 
 
 def _sub_grid(grid: PatchGrid, picks: Sequence[range], shape: Sequence[int],
@@ -83,44 +90,145 @@ def _extract_block(region: np.ndarray, grid: PatchGrid, extract: Callable[..., A
     return extract(np.asarray(region), grid, copy=True)
 
 
-def _owned(starts: np.ndarray, edges: np.ndarray, b: int) -> range:
-    """Indices of the patches (sorted ``starts``) that start in chunk ``b`` (``edges``)."""
-    first = int(np.searchsorted(starts, edges[b], side="left"))
-    last = int(np.searchsorted(starts, edges[b + 1], side="left"))
-    return range(first, last)
+class Redundancy(NamedTuple):
+    """The Dask path's extra work over the in-memory one (shares, 0.25 is 25%)."""
+
+    calls: float
+    """Extra ``fn`` calls: patches run twice because they cross a border between chains."""
+    sums: float
+    """Extra voxels summed: the partial sums each chunk keeps past its end and passes on."""
 
 
-def _halo(grid: PatchGrid, chunks: Sequence[Sequence[int]]) -> list[list[tuple[int, int]]]:
-    """Per tiled axis and chunk, the region ``[lo, hi)`` its own patches cover (empty: 0, 0)."""
-    out = []
-    for j, a in enumerate(grid.axes):
-        starts = grid.axis_starts(j)
-        edges = np.cumsum([0, *chunks[a]])
-        spans = []
-        for b in range(len(chunks[a])):
-            own = _owned(starts, edges, b)
-            if len(own):
-                spans.append((int(starts[own.start]), int(starts[own.stop - 1]) + grid.size[j]))
-            else:
-                spans.append((0, 0))
-        out.append(spans)
-    return out
+class _Axis:
+    """The plan along one tiled axis (output coordinates).
 
-
-def redundancy(grid: PatchGrid, chunks: Sequence[Sequence[int]]) -> float:
-    """Extra work of the Dask path over the in-memory one: the halos, as a share of the output.
-
-    ``fn`` runs once per patch, as in memory. What the chunking adds is that each chunk's
-    patches reach past it: the partial sums over those halos are computed, sent to the
-    neighbouring chunks and added there. This returns the voxels of all partial sums over the
-    voxels of the output, minus one. Per axis, with chunks of ``c``, patches of ``p`` and
-    stride ``s``, a chunk's patches cover about ``c + p - s``; the factors multiply over the
-    chunked axes. ``chunks`` are the output's chunks along each axis (Dask's ``.chunks``).
+    The chunks form runs of consecutive chunks. Inside a run a chunk runs the patches that start
+    in it, sums them over ``[lo, reach)`` and passes the part past its end to the next chunk of
+    the run. The first chunk of a run also runs the patches that start before the run and reach
+    into it (they are run again there: the repeated work); no sum leaves its run.
     """
-    total = 1.0
-    for a, spans in zip(grid.axes, _halo(grid, chunks)):
-        total *= sum(hi - lo for lo, hi in spans) / max(sum(chunks[a]), 1)
-    return total - 1.0
+
+    def __init__(self, starts: np.ndarray, size: int, chunks: Sequence[int],
+                 runs: Sequence[tuple[int, int]]) -> None:  # fmt: skip
+        self.edges = [int(e) for e in np.cumsum([0, *chunks])]
+        self.head: list[int] = []
+        self.tail: list[int] = []
+        self.first: list[int] = []
+        self.last: list[int] = []
+        self.reach: list[int] = []
+        for g0, g1 in runs:
+            for b in range(g0, g1 + 1):
+                lo, hi = self.edges[b], self.edges[b + 1]
+                if b == g0:
+                    first = int(np.searchsorted(starts, lo - size, side="right"))
+                else:
+                    first = int(np.searchsorted(starts, lo, side="left"))
+                last = max(first, int(np.searchsorted(starts, hi, side="left")))
+                reach = max(hi, int(starts[last - 1]) + size if last > first else hi)
+                if b > g0:
+                    reach = max(reach, self.reach[-1])
+                self.head.append(g0)
+                self.tail.append(g1)
+                self.first.append(first)
+                self.last.append(last)
+                self.reach.append(min(reach, self.edges[g1 + 1]))
+
+    def core(self, b: int) -> tuple[int, int]:
+        return self.edges[b], self.edges[b + 1]
+
+
+def _threads() -> int:
+    """Threads of the Dask client in use, else this machine's cores."""
+    if "distributed" in sys.modules:
+        try:
+            from distributed import default_client
+
+            return max(1, sum(default_client().nthreads().values()))
+        except (ImportError, ValueError):
+            pass
+    return os.cpu_count() or 1
+
+
+def _plan(grid: PatchGrid, chunks: Sequence[Sequence[int]], threads: int,
+          run: int | None) -> tuple[list[_Axis], int]:  # fmt: skip
+    """Runs of chunks along each tiled axis (``chunks``: the chunks of the tiled axes), and
+    the chained axis.
+
+    The axis with the most chunks is chained: one task takes a run of its chunks in order and
+    passes each one's partial sums on to the next, so their patches run once. Along the other
+    axes every chunk is a run of its own and runs again the patches that reach into it from its
+    neighbours: tasks share nothing, so none waits on another and holds memory meanwhile. Runs
+    are at most ``run`` chunks long (None: any), and cut shorter when there would be fewer than
+    two tasks per thread.
+    """
+    counts = [len(c) for c in chunks]
+    chained = int(np.argmax(counts))
+    others = int(np.prod(counts)) // max(counts[chained], 1)
+    pieces = min(counts[chained], max(1, -(-2 * threads // max(others, 1))))
+    if run is not None:
+        pieces = max(pieces, -(-counts[chained] // run))
+    plan = []
+    for j, n in enumerate(counts):
+        if j == chained:
+            cuts = np.linspace(0, n, pieces + 1).round().astype(int)
+            runs = [(int(a), int(b) - 1) for a, b in itertools.pairwise(cuts) if b > a]
+        else:
+            runs = [(b, b) for b in range(n)]
+        plan.append(_Axis(grid.axis_starts(j), grid.size[j], chunks[j], runs))
+    return plan, chained
+
+
+def redundancy(
+    grid: PatchGrid, chunks: Sequence[Sequence[int]], threads: int | None = None,
+    out: bool = False,
+) -> Redundancy:  # fmt: skip
+    """Extra work of :func:`apply` on a Dask array chunked as ``chunks`` (Dask's ``.chunks``).
+
+    ``calls``: patches run more than once over patches. With chunks of ``c`` along an axis that
+    is not chained, patches of ``p`` at stride ``s``, a chunk runs about ``(c + p - s) / s``
+    patches where ``c / s`` start in it: ``1 + (p - s) / c`` per such axis; the factors multiply.
+    ``sums``: voxels summed over voxels of the output, minus one (the chained axis keeps
+    ``p - s`` voxels past each chunk). ``threads``: of the cluster (by default the client's);
+    ``out``: for ``apply(..., out=zarr_array)``, whose runs of chunks are not cut at ``RUN``.
+    """
+    k = len(grid.axes)
+    plan, _ = _plan(grid, [chunks[a] for a in grid.axes], threads or _threads(),
+                    None if out else RUN)  # fmt: skip
+    runs = np.prod([sum(last - first for first, last in zip(ax.first, ax.last)) for ax in plan])
+    sums = 1.0
+    for ax in plan:
+        sums *= sum(r - lo for r, lo in zip(ax.reach, ax.edges)) / max(ax.edges[-1], 1)
+    return Redundancy(float(runs) / max(len(grid), 1) - 1.0 if k else 0.0, sums - 1.0)
+
+
+def _store(image: Any) -> Any:
+    """The array a Dask array reads its chunks from, if reading is all its graph does.
+
+    ``da.from_zarr`` and ``da.from_array`` of a lazy array build one read per chunk. Tasks
+    that read their own regions from that array hold no input chunk that another task waits
+    for; None when the graph computes anything else.
+    """
+    from dask.array.core import getter
+
+    try:
+        graph = image.__dask_graph__()
+        layers = dict(graph.layers)
+        if set(layers) - {image.name} - {n for n in layers if n.startswith("original-")}:
+            return None
+        task = graph[(image.name,) + (0,) * image.ndim]
+        if getattr(task, "func", None) is not getter:
+            return None
+        source = task.args[0]
+        if hasattr(source, "key"):
+            source = graph[source.key]
+        source = getattr(source, "value", source)
+        if tuple(source.shape) != tuple(image.shape) or np.dtype(source.dtype) != image.dtype:
+            return None
+        if isinstance(source, np.ndarray) or not hasattr(source, "__getitem__"):
+            return None
+        return source
+    except Exception:  # any graph this does not recognise is computed as Dask builds it
+        return None
 
 
 class _Window:
@@ -151,8 +259,11 @@ def apply_dask(
     dtype: Any,
     fill: Any,
     probe: np.ndarray,
+    out: Any = None,
+    progress: Any = None,
 ) -> Any:
-    """The lazy result of :func:`apply` on a Dask array (see the module's notes).
+    """The result of :func:`apply` on a Dask array (see the module's notes): lazy, or written
+    into ``out`` (a zarr array) by the tasks themselves and ``out`` returned.
 
     ``probe`` is the result over one patch: it gives the output's dtype and free axes' sizes.
     """
@@ -179,77 +290,116 @@ def apply_dask(
     probe_shape = list(probe.shape)
     if class_axis is not None:
         probe_shape.insert(class_axis, 1)
-    bounds = {a: np.cumsum([0, *out_chunks[a]]) for a in grid.axes}
-    halos = _halo(out_grid, out_chunks)
-    counts = [len(out_chunks[a]) for a in grid.axes]
-    # Layer 1: each chunk's own patches, run once, summed over the chunk and its halo.
-    parts: dict[tuple[int, ...], list[Any]] = {}
-    for bid in itertools.product(*[range(c) for c in counts]):
-        own = [_owned(out_grid.axis_starts(j), bounds[a], b) for j, (a, b) in
-               enumerate(zip(grid.axes, bid))]  # fmt: skip
-        if any(len(r) == 0 for r in own):
-            continue
-        region = [slice(None)] * grid.ndim
-        origin = [0] * grid.ndim
-        for j, a in enumerate(grid.axes):
-            s = grid.axis_starts(j)
-            first = int(s[own[j].start])
-            last = int(s[own[j].stop - 1]) + grid.size[j] + 2 * margin[j]
-            ids = maps[j][first:last]
-            ids = ids[ids >= 0]
-            src_lo, src_hi = (int(ids.min()), int(ids.max()) + 1) if len(ids) else (0, 0)
-            region[a] = slice(src_lo, src_hi)
-            origin[a] = src_lo
-        # The chunks this chunk's patches spill into, and the piece of the sums for each:
-        # separate results, so a neighbour holds only its small piece until it is done.
-        near = [[n for n, (s, e) in enumerate(zip(bounds[a][:-1], bounds[a][1:]))
-                 if s < halos[j][bid[j]][1] and e > halos[j][bid[j]][0]]
-                for j, a in enumerate(grid.axes)]  # fmt: skip
-        targets = list(itertools.product(*near))
-        cuts = []
-        for t in targets:
-            cut = []
-            for j, a in enumerate(grid.axes):
-                first = max(int(bounds[a][t[j]]), halos[j][bid[j]][0])
-                stop = min(int(bounds[a][t[j] + 1]), halos[j][bid[j]][1])
-                cut.append((first, stop))
-            cuts.append(cut)
-        pieces = dask.delayed(_partial, pure=True, nout=len(targets))(
-            fn, image[tuple(region)], origin, tuple(image.shape), grid, out_grid, own, margin,
-            window, reduce, batch_size, cuts,
-        )  # fmt: skip
-        for t, cut, piece in zip(targets, cuts, pieces):
-            parts.setdefault(t, []).append((piece, [c[0] for c in cut]))
-    # Layer 2: each chunk adds what its own and its neighbours' patches put in it, and finishes.
+    if out is not None:
+        _check_out(out, probe, probe_shape, out_chunks, class_axis, dtype)
+    tiled = [out_chunks[a] for a in grid.axes]
+    plan, chained = _plan(out_grid, tiled, _threads(), None if out is not None else RUN)
+    store = _store(image)
+    name = f"patchgrid-apply-{uuid.uuid4().hex}"
+    fn_key = dask.delayed(fn, name=f"{name}-fn", traverse=False)
+    source = None if store is None else dask.delayed(store, name=f"{name}-source", traverse=False)
+    target = None if out is None else dask.delayed(out, name=f"{name}-out", traverse=False)
+    spec = _Spec(grid, out_grid, tuple(margin), tuple(image.shape), window, reduce, batch_size,
+                 fill, np.dtype(dtype), tuple(probe_shape), class_axis)  # fmt: skip
+    ax_c = plan[chained]
+    runs = sorted({(g0, g1) for g0, g1 in zip(ax_c.head, ax_c.tail)})
+    others = [range(len(ax.first)) if j != chained else [0] for j, ax in enumerate(plan)]
     blocks: dict[tuple[int, ...], Any] = {}
-    for bid in itertools.product(*[range(c) for c in counts]):
-        lo = [int(bounds[a][b]) for a, b in zip(grid.axes, bid)]
-        hi = [int(bounds[a][b + 1]) for a, b in zip(grid.axes, bid)]
-        sources = parts.get(bid, [])
-        shape = list(probe_shape)
-        for a, l_, h in zip(grid.axes, lo, hi):
-            shape[a] = h - l_
-        if class_axis is not None:
-            shape.pop(class_axis)
-        task = dask.delayed(_finish, pure=True)(
-            sources,
-            lo,
-            hi,
-            out_grid,
-            window,
-            reduce,
-            fill,
-            probe.dtype,
-            probe_shape,
-            class_axis,
+    tasks, patches = [], []
+    for rest in itertools.product(*others):
+        for g0, g1 in runs:
+            steps, datas, ids = [], [], []
+            for b in range(g0, g1 + 1):
+                bid = (*rest[:chained], b, *rest[chained + 1 :])
+                step = _step(grid, plan, maps, margin, bid, chained, class_axis)
+                steps.append(step)
+                ids.append(bid)
+                empty = any(not len(r) for r in step.picks)
+                datas.append(None if empty or source is not None else image[step.region])
+            task = dask.delayed(_run, pure=False, nout=None if out is not None else len(steps))(
+                fn_key, source, datas, steps, spec, target,
+                dask_key_name=(name, *ids[0]),
+            )  # fmt: skip
+            tasks.append(task)
+            patches.append(sum(int(np.prod([len(r) for r in s.picks])) for s in steps))
+            if out is not None:
+                continue
+            for i, (bid, step) in enumerate(zip(ids, steps)):
+                shape = list(probe_shape)
+                for a, (lo, hi) in zip(grid.axes, step.cores):
+                    shape[a] = hi - lo
+                if class_axis is not None:
+                    shape.pop(class_axis)
+                full_key = [0] * grid.ndim
+                for a, b in zip(grid.axes, bid):
+                    full_key[a] = b
+                blocks[tuple(full_key)] = da.from_delayed(task[i], tuple(shape), np.dtype(dtype))
+    if out is None:
+        return da.block(_nest(blocks, [len(c) for c in out_chunks], class_axis))
+    _compute(tasks, patches, progress)
+    return out
+
+
+def _check_out(out: Any, probe: np.ndarray, probe_shape: Sequence[int],
+               out_chunks: Sequence[Sequence[int]], class_axis: int | None, dtype: Any) -> None:  # fmt: skip
+    """``out`` must be a zarr array of the result's shape whose chunks no two tasks share."""
+    if not type(out).__module__.startswith("zarr"):
+        raise TypeError(
+            f"out= with a Dask image takes a zarr array that the workers write into, got "
+            f"{type(out).__name__}; or leave out= out and store the lazy result with .to_zarr()"
         )
-        key = list(bid)
-        full_key = [0] * grid.ndim
-        for a, b in zip(grid.axes, key):
-            full_key[a] = b
-        blocks[tuple(full_key)] = da.from_delayed(task, tuple(shape), probe.dtype)
-    nested = _nest(blocks, [len(c) for c in out_chunks], class_axis)
-    return da.block(nested)
+    chunks = [c for a, c in enumerate(out_chunks) if a != class_axis]
+    shape = tuple(sum(c) for c in chunks)
+    if tuple(out.shape) != shape:
+        raise PatchgridError(f"out has shape {tuple(out.shape)}; the result's shape is {shape}")
+    for a, (mine, theirs) in enumerate(zip(chunks, out.chunks)):
+        edges = np.cumsum(mine)[:-1]
+        if np.any(edges % int(theirs)):
+            raise PatchgridError(
+                f"out's chunks {tuple(out.chunks)} cut across the Dask chunks {tuple(mine)} of "
+                f"axis {a}: two tasks would write one zarr chunk; give out chunks that divide "
+                f"the Dask chunks (e.g. chunks={tuple(int(c[0]) for c in chunks)})"
+            )
+
+
+def _compute(tasks: Sequence[Any], patches: Sequence[int], progress: Any) -> None:
+    """Run the tasks that write ``out``: on the Dask client in use unless a scheduler is set in
+    Dask's config, else on Dask's scheduler."""
+    import dask
+
+    from .apply import _progress
+
+    step, close = _progress(progress, sum(patches))
+    try:
+        client = None
+        chosen = dask.config.get("scheduler", None)
+        if "distributed" in sys.modules and chosen in (None, "dask.distributed", "distributed"):
+            from distributed import as_completed, default_client
+
+            try:
+                client = default_client()
+            except ValueError:
+                client = None
+        if client is not None:
+            futures = client.compute(list(tasks))
+            count = {f.key: n for f, n in zip(futures, patches)}
+            for future in as_completed(futures):
+                future.result()  # raises the task's error here
+                step(count[future.key])
+            return
+        from dask.callbacks import Callback
+
+        count = {t.key: n for t, n in zip(tasks, patches)}
+
+        class _Step(Callback):
+            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+                if key in count:
+                    step(count[key])
+
+        with _Step():
+            dask.compute(*tasks)
+    finally:
+        close()
 
 
 def _nest(blocks: dict[tuple[int, ...], Any], counts: Sequence[int], drop: int | None) -> Any:
@@ -267,136 +417,221 @@ def _nest(blocks: dict[tuple[int, ...], Any], counts: Sequence[int], drop: int |
     return level((), 0)
 
 
-def _partial(
-    fn: Callable[[Any], Any], data: Any, origin: Sequence[int], shape: Sequence[int],
-    grid: PatchGrid, out_grid: PatchGrid, own: Sequence[range], margin: Sequence[int],
-    window: Any, reduce: str, batch_size: int, cuts: Sequence[Sequence[tuple[int, int]]],
-) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:  # fmt: skip
-    """A chunk's own patches, run once in fixed batches, summed (weighted) over their region.
+class _Spec(NamedTuple):
+    """What every chunk's task shares."""
 
-    Returns, for each ``cuts`` entry (a ``[start, stop)`` per tiled axis, in output
-    coordinates), a copy of the sums over it and, for an array window, of the summed weights
-    (None otherwise).
+    grid: PatchGrid
+    out_grid: PatchGrid
+    margin: tuple[int, ...]
+    shape: tuple[int, ...]
+    window: Any
+    reduce: str
+    batch_size: int
+    fill: Any
+    dtype: np.dtype
+    probe_shape: tuple[int, ...]
+    class_axis: int | None
+
+
+class _Step(NamedTuple):
+    """One chunk of a run: its patches, its input region, its core and how far its sums reach."""
+
+    picks: list[range]
+    region: tuple[slice, ...]
+    origin: list[int]
+    cores: list[tuple[int, int]]
+    reach: list[int]
+    send: list[bool]
+    target: tuple[slice, ...]
+
+
+def _step(grid: PatchGrid, plan: Sequence[_Axis], maps: Sequence[np.ndarray],
+          margin: Sequence[int], bid: Sequence[int], chained: int,
+          class_axis: int | None) -> _Step:  # fmt: skip
+    """The :class:`_Step` of chunk ``bid`` (a chunk index per tiled axis)."""
+    picks = [range(ax.first[b], ax.last[b]) for ax, b in zip(plan, bid)]
+    region: list[slice] = [slice(None)] * grid.ndim
+    origin = [0] * grid.ndim
+    for j, (a, r) in enumerate(zip(grid.axes, picks)):
+        if not len(r):
+            continue
+        s = grid.axis_starts(j)
+        ids = maps[j][int(s[r.start]) : int(s[r.stop - 1]) + grid.size[j] + 2 * margin[j]]
+        ids = ids[ids >= 0]
+        lo, hi = (int(ids.min()), int(ids.max()) + 1) if len(ids) else (0, 0)
+        region[a], origin[a] = slice(lo, hi), lo
+    cores = [ax.core(b) for ax, b in zip(plan, bid)]
+    target: list[slice] = [slice(None)] * grid.ndim
+    for a, (lo, hi) in zip(grid.axes, cores):
+        target[a] = slice(lo, hi)
+    if class_axis is not None:
+        target.pop(class_axis)
+    return _Step(picks, tuple(region), origin, cores, [ax.reach[b] for ax, b in zip(plan, bid)],
+                 [j == chained and b < ax.tail[b] for j, (ax, b) in enumerate(zip(plan, bid))],
+                 tuple(target))  # fmt: skip
+
+
+Carry = tuple[np.ndarray, "np.ndarray | None"] | None
+
+
+def _run(fn: Callable[[Any], Any], source: Any, datas: Sequence[Any], steps: Sequence[_Step],
+         spec: _Spec, out: Any) -> Any:  # fmt: skip
+    """A run of chunks along the chained axis, in order, each passing its partial sums past its
+    end to the next. Returns the finished chunks, or writes them into ``out`` (and returns how
+    many it wrote)."""
+    carry: list[Carry] = [None] * len(spec.grid.axes)
+    done = []
+    for step, data in zip(steps, datas):
+        if data is None and source is not None and all(len(r) for r in step.picks):
+            data = source[step.region]  # this chunk's region of the store, nothing else
+        core, *carry = _chunk(fn, data, step, spec, carry)
+        if out is not None:
+            out[step.target] = core
+        else:
+            done.append(core)
+    return len(steps) if out is not None else tuple(done)
+
+
+def _chunk(
+    fn: Callable[[Any], Any], data: Any, step: _Step, spec: _Spec, incoming: Sequence[Carry],
+) -> tuple[Any, ...]:
+    """One output chunk: its patches run in fixed batches and summed over ``[lo, reach)``, the
+    partial sums its run's earlier chunks passed on added, the chunk finished (normalised,
+    reduced, cast), and the sums past its end cut out for the next chunk along each axis.
+
+    Returns the finished chunk and, per tiled axis, the partial sums for the next chunk (None
+    when there is no next chunk in the run or nothing to pass on).
     """
     from . import windows
     from .apply import _core, _Reader
 
-    source = _Window(np.asarray(data), origin, shape)
-    reader = _Reader(source, grid, margin, NUMPY)
-    axes = grid.axes
-    base = [int(out_grid.axis_starts(j)[r.start]) for j, r in enumerate(own)]
-    ext = [int(out_grid.axis_starts(j)[r.stop - 1]) + out_grid.size[j] - b
-           for j, (r, b) in enumerate(zip(own, base))]  # fmt: skip
-    op = {"max": np.maximum, "min": np.minimum}.get(reduce, np.add)
-    weighted = reduce in ("mean", "sum", "argmax")
-    wshape = [1] * grid.ndim
-    for a, p in zip(axes, out_grid.size):
-        wshape[a] = p
-    w = windows.as_window_array(window, out_grid.size).reshape(wshape) if weighted else None
-    array_window = weighted and windows.profiles(window, out_grid.size) is None
-    full = [
-        p * f for p, f in zip(reader.size, [po / pi for po, pi in zip(out_grid.size, grid.size)])
-    ]
-    in_shape = reader.patch_shape(shape)
-    positions = np.stack([m.ravel() for m in np.meshgrid(*[np.arange(r.start, r.stop) for r in own],
-                                                           indexing="ij")], axis=-1)  # fmt: skip
+    grid, out_grid, axes = spec.grid, spec.out_grid, spec.grid.axes
+    picks, cores, reach, send = step.picks, step.cores, step.reach, step.send
+    lo = [c[0] for c in cores]
+    ext = [r - c[0] for r, c in zip(reach, cores)]
+    op = {"max": np.maximum, "min": np.minimum}.get(spec.reduce, np.add)
+    weighted = spec.reduce in ("mean", "sum", "argmax")
+    array_window = weighted and windows.profiles(spec.window, out_grid.size) is None
     acc: np.ndarray | None = None
     wacc: np.ndarray | None = None
-    for first in range(0, len(positions), batch_size):
-        chunk = positions[first : first + batch_size]
-        rows = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-        batch = np.empty((batch_size, *in_shape), dtype=source.dtype)
-        for b, pos in enumerate(rows):
-            batch[b] = reader.read(grid.index(pos))
-        result = np.asarray(fn(batch))
-        if result.shape[0] != batch_size:
-            raise PatchgridError(
-                f"fn returned shape {result.shape} for a batch of shape {batch.shape}"
-            )
-        result = _core(result[: len(chunk)], out_grid, full)
+
+    def start(like: np.ndarray, kind_dtype: np.dtype) -> None:
+        nonlocal acc, wacc
+        shape = list(like.shape)
+        for a, e in zip(axes, ext):
+            shape[a] = e
+        first = (0 if spec.reduce not in ("max", "min")
+                 else NUMPY.extreme(kind_dtype, spec.reduce == "min"))  # fmt: skip
+        acc = np.full(shape, first, dtype=kind_dtype)
+        if array_window:
+            wacc = np.zeros([ext[axes.index(a)] if a in axes else 1 for a in range(grid.ndim)])
+
+    if data is not None:
+        source = _Window(np.asarray(data), step.origin, spec.shape)
+        reader = _Reader(source, grid, spec.margin, NUMPY)
+        wshape = [1] * grid.ndim
+        for a, p in zip(axes, out_grid.size):
+            wshape[a] = p
+        w = windows.as_window_array(spec.window, out_grid.size).reshape(wshape) if weighted else None
+        full = [p * f for p, f in zip(reader.size,
+                                      [po / pi for po, pi in zip(out_grid.size, grid.size)])]  # fmt: skip
+        in_shape = reader.patch_shape(spec.shape)
+        positions = np.stack(
+            [m.ravel() for m in np.meshgrid(*[np.arange(r.start, r.stop) for r in picks],
+                                            indexing="ij")], axis=-1)  # fmt: skip
+        out_starts = [out_grid.axis_starts(j) for j in range(len(axes))]
+        size = spec.batch_size
+        for at in range(0, len(positions), size):
+            chunk = positions[at : at + size]
+            rows = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+            batch = np.empty((size, *in_shape), dtype=source.dtype)
+            for b, pos in enumerate(rows):
+                batch[b] = reader.read(grid.index(pos))
+            result = np.asarray(fn(batch))
+            if result.shape[0] != size:
+                raise PatchgridError(
+                    f"fn returned shape {result.shape} for a batch of shape {batch.shape}"
+                )
+            result = _core(result[: len(chunk)], out_grid, full)
+            if acc is None:
+                kind = result.dtype.kind
+                start(result[0], result.dtype if spec.reduce in ("max", "min")
+                      else np.result_type(result.dtype, np.float32) if kind in "fc"
+                      else np.dtype(np.float64))  # fmt: skip
+            assert acc is not None
+            for patch, pos in zip(result, chunk):
+                dst: list[Any] = [slice(None)] * grid.ndim
+                src: list[Any] = [slice(None)] * grid.ndim
+                for j, a in enumerate(axes):
+                    s = int(out_starts[j][pos[j]]) - lo[j]
+                    d0, d1 = max(s, 0), min(s + out_grid.size[j], ext[j])
+                    dst[a], src[a] = slice(d0, d1), slice(d0 - s, d1 - s)
+                target = acc[tuple(dst)]
+                piece = patch[tuple(src)]
+                op(target, piece if w is None else piece * w[tuple(src)], out=target)
+                if wacc is not None and w is not None:
+                    wacc[tuple(dst)] += w[tuple(src)]
+    for carry in incoming:
+        if carry is None:
+            continue
+        part, wpart = carry
         if acc is None:
-            acc_shape = list(result.shape[1:])
-            for a, e in zip(axes, ext):
-                acc_shape[a] = e
-            kind = result.dtype.kind
-            acc_dtype = (result.dtype if reduce in ("max", "min")
-                         else np.result_type(result.dtype, np.float32) if kind in "fc"
-                         else np.dtype(np.float64))  # fmt: skip
-            start = 0 if reduce not in ("max", "min") else NUMPY.extreme(acc_dtype, reduce == "min")
-            acc = np.full(acc_shape, start, dtype=acc_dtype)
-            if array_window:
+            start(part, part.dtype)
+        assert acc is not None
+        dst = tuple(slice(0, part.shape[a]) if a in axes else slice(None)
+                    for a in range(grid.ndim))  # fmt: skip
+        op(acc[dst], part, out=acc[dst])
+        if wpart is not None:
+            if wacc is None:
                 wacc = np.zeros([ext[axes.index(a)] if a in axes else 1 for a in range(grid.ndim)])
-        for patch, pos in zip(result, chunk):
-            sl: list[Any] = [slice(None)] * grid.ndim
-            for j, a in enumerate(axes):
-                s = int(out_grid.axis_starts(j)[pos[j]]) - base[j]
-                sl[a] = slice(s, s + out_grid.size[j])
-            target = acc[tuple(sl)]
-            op(target, patch if w is None else patch * w, out=target)
-            if wacc is not None and w is not None:
-                wacc[tuple(sl)] += w
-    assert acc is not None
-    out = []
-    for cut in cuts:
-        piece: list[Any] = [slice(None)] * grid.ndim
-        for j, a in enumerate(axes):
-            piece[a] = slice(cut[j][0] - base[j], cut[j][1] - base[j])
-        wsl = tuple(p if a in axes else slice(None) for a, p in enumerate(piece))
-        out.append((acc[tuple(piece)].copy(), None if wacc is None else wacc[wsl].copy()))
-    return tuple(out)
+            wacc[dst] += wpart
+    carries: list[Carry] = []
+    for j, go in enumerate(send):
+        size_j = cores[j][1] - cores[j][0]
+        if not go or acc is None or ext[j] <= size_j:
+            carries.append(None)
+            continue
+        cut: list[Any] = [slice(None)] * grid.ndim
+        for i, a in enumerate(axes):
+            if i == j:
+                cut[a] = slice(size_j, ext[i])
+            elif i > j:
+                cut[a] = slice(0, cores[i][1] - cores[i][0])
+        wcut = tuple(c if a in axes else slice(None) for a, c in enumerate(cut))
+        carries.append((acc[tuple(cut)].copy(), None if wacc is None else wacc[wcut].copy()))
+    return (_finish(acc, wacc, cores, spec), *carries)
 
 
-def _finish(
-    sources: Sequence[tuple[tuple[np.ndarray, np.ndarray | None], Sequence[int]]],
-    lo: Sequence[int], hi: Sequence[int], out_grid: PatchGrid, window: Any, reduce: str,
-    fill: Any, dtype: Any, probe_shape: Sequence[int], class_axis: int | None,
-) -> np.ndarray:  # fmt: skip
-    """One output chunk: the partial sums that reach it, added, normalised, reduced, cast."""
+def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
+            cores: Sequence[tuple[int, int]], spec: _Spec) -> np.ndarray:  # fmt: skip
+    """A chunk's complete sums (the corner of ``acc``) normalised, reduced and cast."""
     from . import windows
     from .merge import _divide_by_profiles, _profile_sum
 
-    axes = out_grid.axes
-    free_shape = list(probe_shape)
-    if not sources:
-        shape = list(free_shape)
-        for a, l_, h in zip(axes, lo, hi):
-            shape[a] = h - l_
-        if class_axis is not None:
-            shape.pop(class_axis)
-        return np.full(shape, fill, dtype=dtype)
-    acc0 = sources[0][0][0]
-    shape = list(acc0.shape)
-    for a, l_, h in zip(axes, lo, hi):
-        shape[a] = h - l_
-    start = 0 if reduce not in ("max", "min") else NUMPY.extreme(acc0.dtype, reduce == "min")
-    acc = np.full(shape, start, acc0.dtype)
-    wacc = None
-    for (part, wpart), base in sources:
-        dst: list[Any] = [slice(None)] * out_grid.ndim
-        src: list[Any] = [slice(None)] * out_grid.ndim
-        for j, a in enumerate(axes):
-            s, e = max(lo[j], base[j]), min(hi[j], base[j] + part.shape[a])
-            dst[a], src[a] = slice(s - lo[j], e - lo[j]), slice(s - base[j], e - base[j])
-        piece = part[tuple(src)]
-        op = {"max": np.maximum, "min": np.minimum}.get(reduce, np.add)
-        op(acc[tuple(dst)], piece, out=acc[tuple(dst)])
-        if wpart is not None:
-            if wacc is None:
-                wacc = np.zeros([s if a in axes else 1 for a, s in enumerate(shape)])
-            wacc[tuple(dst)] += wpart[tuple(src)]
-    ones = reduce != "mean"
-    profs = windows.profiles(None if ones else window, out_grid.size)
+    out_grid, axes = spec.out_grid, spec.out_grid.axes
+    if acc is None:  # no patch touches this chunk
+        shape = list(spec.probe_shape)
+        for a, (lo, hi) in zip(axes, cores):
+            shape[a] = hi - lo
+        if spec.class_axis is not None:
+            shape.pop(spec.class_axis)
+        return np.full(shape, spec.fill, dtype=spec.dtype)
+    core = tuple(slice(0, hi - lo) if a in axes else slice(None)
+                 for a, (lo, hi) in zip(range(acc.ndim), _per_axis(cores, axes, acc.ndim)))  # fmt: skip
+    acc = acc[core]
+    ones = spec.reduce != "mean"
     uncovered: list[Any] = []
     if wacc is not None and not ones:
-        cov = wacc
+        cov = wacc[core]
         np.divide(acc, np.where(cov > 0, cov, 1), out=acc, casting="unsafe")
         uncovered.append(np.broadcast_to(cov == 0, acc.shape))
     else:
+        profs = windows.profiles(None if ones else spec.window, out_grid.size)
         assert profs is not None
         sliced = []
-        for j, a in enumerate(axes):
+        for j, (a, (lo, hi)) in enumerate(zip(axes, cores)):
             prof = _profile_sum(out_grid.axis_starts(j), profs[j], out_grid.padded_shape[a])
-            sliced.append(prof[lo[j] : hi[j]])
+            sliced.append(prof[lo:hi])
         if not ones:
             _divide_by_profiles(acc, axes, sliced)
         for a, prof in zip(axes, sliced):
@@ -405,19 +640,25 @@ def _finish(
                 shape1[a] = len(prof)
                 uncovered.append(np.broadcast_to((prof == 0).reshape(shape1), acc.shape))
     mask = np.logical_or.reduce(uncovered) if uncovered else None
-    if class_axis is not None:
-        result = np.argmax(acc, axis=class_axis)
+    if spec.class_axis is not None:
+        result = np.argmax(acc, axis=spec.class_axis)
         if mask is not None:
-            mask = mask.take(0, axis=class_axis)
+            mask = mask.take(0, axis=spec.class_axis)
     else:
         result = acc
-        if (
-            np.dtype(dtype).kind in "iub"
-            and result.dtype.kind in "fc"
-            and reduce in ("mean", "sum")
-        ):
+        if (np.dtype(spec.dtype).kind in "iub" and result.dtype.kind in "fc"
+                and spec.reduce in ("mean", "sum")):  # fmt: skip
             result = np.rint(result)
-    result = result.astype(dtype, copy=False)
+    result = result.astype(spec.dtype, copy=False)
     if mask is not None:
-        result = np.where(mask, np.array(fill, dtype=dtype), result)
+        result = np.where(mask, np.array(spec.fill, dtype=spec.dtype), result)
     return np.ascontiguousarray(result)
+
+
+def _per_axis(cores: Sequence[tuple[int, int]], axes: Sequence[int],
+              ndim: int) -> list[tuple[int, int]]:  # fmt: skip
+    """``cores`` (per tiled axis) spread over all ``ndim`` axes, ``(0, 0)`` on free ones."""
+    out = [(0, 0)] * ndim
+    for a, c in zip(axes, cores):
+        out[a] = c
+    return out
