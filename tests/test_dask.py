@@ -130,22 +130,29 @@ def test_redundancy_counts_repeated_patches_and_carried_sums():
     grid = pg.PatchGrid((40, 30), 8, 4, edge="shift")
     chunks = ((10, 10, 10, 10), (15, 15))
     starts0, starts1 = grid.axis_starts(0), grid.axis_starts(1)
-    # Axis 0 has the most chunks: one chain, each patch run once, sums passed down the chain.
-    # Axis 1: each chunk runs every patch that touches it.
-    touching1 = sum(
-        sum(1 for s in starts1 if s < hi and s + 8 > lo)
-        for lo, hi in itertools.pairwise(np.cumsum([0, *chunks[1]]))
-    )
+
+    def touching(starts, sizes):  # patches run by chunks that run every patch touching them
+        return sum(
+            sum(1 for s in starts if s < hi and s + 8 > lo)
+            for lo, hi in itertools.pairwise(np.cumsum([0, *sizes]))
+        )
+
+    redundancy = sys.modules["patchgrid.dask"].redundancy
+    # A lazy result: every chunk is a task of its own and runs every patch touching it.
+    lazy = redundancy(grid, chunks, threads=1)
+    assert lazy.calls == pytest.approx(touching(starts0, chunks[0]) * touching(starts1, chunks[1])
+                                       / len(grid) - 1)  # fmt: skip
+    assert lazy.sums == 0
+    # out=: axis 0 has the most chunks and is one chain (each patch run once, sums passed down).
     reach = 0
     for lo, hi in itertools.pairwise(np.cumsum([0, *chunks[0]])):
         end = max([hi] + [s + 8 for s in starts0 if s < hi])
         reach += min(end, 40) - lo
-    redundancy = sys.modules["patchgrid.dask"].redundancy
-    got = redundancy(grid, chunks, threads=1)
-    assert got.calls == pytest.approx(len(starts0) * touching1 / len(grid) - 1)
-    assert got.sums == pytest.approx(reach / 40 - 1)
+    chained = redundancy(grid, chunks, threads=1, out=True)
+    assert chained.calls == pytest.approx(len(starts0) * touching(starts1, chunks[1]) / len(grid) - 1)
+    assert chained.sums == pytest.approx(reach / 40 - 1)
     # More threads than chains: the chain is cut in two, and the cut repeats patches too.
-    assert redundancy(grid, chunks, threads=2).calls > got.calls
+    assert chained.calls < redundancy(grid, chunks, threads=2, out=True).calls < lazy.calls
 
 
 @pytest.mark.parametrize("chunks", [(1, 9, 11, 7), (1, 29, 5, 23), (1, 29, 34, 23)])

@@ -288,9 +288,10 @@ def apply(
         kind (a NumPy array for a NumPy image, a tensor for a tensor). It may change the sizes
         of the axes that are not tiled (one channel in, five classes out), and, with
         ``margin`` and ``scale``, the tiled ones.
-    image : array_like or torch.Tensor
+    image : array_like, torch.Tensor or dask.array.Array
         NumPy array, memmap, zarr array, h5py dataset or tensor (CPU or CUDA; batches stay on
-        its device). Only the regions the patches need are read.
+        its device). Only the regions the patches need are read. A Dask array gives a lazy
+        Dask array with the same chunks (see :mod:`patchgrid.dask`).
     size : int or sequence of int
         Input patch size per tiled axis (the size ``fn`` sees).
     stride : int or sequence of int, optional
@@ -318,6 +319,8 @@ def apply(
         for an encoder that downsamples by 4. The output and every position are scaled.
     out : array-like, optional
         Where to write the result (ndarray, ``np.memmap``, zarr array, h5py dataset, tensor).
+        For a Dask image, a zarr array whose chunks divide the Dask chunks: the tasks write
+        into it, on the client in use, and it is returned once written.
     progress : bool, callable or None
         A tqdm bar over patches: shown by default when stderr is a terminal, never with
         ``False``, always with ``True``. A callable gets ``(done, total)`` instead.

@@ -1,12 +1,18 @@
 """The distributed path: extract and apply on Dask arrays, equal to the in-memory results.
 
-:func:`apply` runs in two layers of tasks. Every patch belongs to the output chunk where it
-starts; one task per chunk reads the input its patches need, runs ``fn`` on them once, in
-fixed-shape batches, and adds up their weighted outputs over the chunk and the halo the patches
-reach past it. A second task per chunk adds the halos that its neighbours' patches spilled into
-it, divides by the weights (per-axis profiles of the whole grid, as in memory), reduces and
-casts. So ``fn`` runs exactly once per patch, and each chunk equals the in-memory result to
-float rounding. The halos are the only extra work; :func:`redundancy` measures them.
+:func:`apply` on a Dask array runs tasks that share nothing. A task takes a block of chunks and
+goes through them in order: each chunk runs the patches that start in it, in fixed-shape
+batches, sums their weighted outputs over the chunk and the part they reach past it, adds what
+the chunks before it in the block passed on, finishes (divides by the weights of the whole
+grid, reduces, casts) and passes its own spill on. At a block's borders the patches that reach
+in from outside run again, summed only over the chunk: that is the repeated work, measured by
+:func:`redundancy`, and the price of tasks that never wait for one another, so a worker's
+memory is bounded by the chunks its running task holds, never by the volume. A lazy result
+takes blocks of one chunk (Dask stores finished chunks late: blocks of 2 or 4 chunks left
+270-1070 MiB of them waiting per worker); ``out=`` a zarr array takes a whole run along the
+axis with the most chunks and up to ``SECOND`` along the next, and the tasks write their chunks
+themselves. Tasks read their input regions straight from the array behind ``da.from_zarr`` (or
+``da.from_array`` of a lazy array).
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ from ._checks import PatchgridError
 from .backends import NUMPY, is_dask
 from .grid import PatchGrid, _restore
 
-#: Most chunks one task finishes for a lazy result: they wait in the worker's memory until
-#: Dask stores them. Longer runs of chunks are cut, and each cut repeats some patches.
-RUN = 4
+#: Most chunks along the second chained axis of a task's block (``out=``): the task keeps the
+#: partial sums for the next row of its block, one chunk's face each.
+SECOND = 4
 
 __all__ = ["Redundancy", "apply_dask", "extract_dask", "is_dask", "redundancy"]
 
@@ -150,32 +156,36 @@ def _threads() -> int:
 
 
 def _plan(grid: PatchGrid, chunks: Sequence[Sequence[int]], threads: int,
-          run: int | None) -> tuple[list[_Axis], int]:  # fmt: skip
-    """Runs of chunks along each tiled axis (``chunks``: the chunks of the tiled axes), and
-    the chained axis.
+          chained: bool) -> list[_Axis]:  # fmt: skip
+    """Runs of chunks along each tiled axis (``chunks``: the chunks of the tiled axes).
 
-    The axis with the most chunks is chained: one task takes a run of its chunks in order and
-    passes each one's partial sums on to the next, so their patches run once. Along the other
-    axes every chunk is a run of its own and runs again the patches that reach into it from its
-    neighbours: tasks share nothing, so none waits on another and holds memory meanwhile. Runs
-    are at most ``run`` chunks long (None: any), and cut shorter when there would be fewer than
-    two tasks per thread.
+    Not ``chained`` (a lazy result): every chunk is a run of its own, a task of its own. Chained
+    (``out=``): a task takes a block of chunks, a whole run along the axis with the most chunks
+    and up to ``SECOND`` along the next, and passes partial sums on inside it, so their patches
+    run once; the rest of the axes take runs of one. Runs are halved, the second axis's first,
+    while there are fewer than two tasks per thread.
     """
     counts = [len(c) for c in chunks]
-    chained = int(np.argmax(counts))
-    others = int(np.prod(counts)) // max(counts[chained], 1)
-    pieces = min(counts[chained], max(1, -(-2 * threads // max(others, 1))))
-    if run is not None:
-        pieces = max(pieces, -(-counts[chained] // run))
+    lengths = [1] * len(counts)
+    order = sorted(range(len(counts)), key=lambda j: -counts[j])
+    if chained and counts:
+        lengths[order[0]] = counts[order[0]]
+        if len(order) > 1:
+            lengths[order[1]] = min(counts[order[1]], SECOND)
+
+    def tasks() -> int:
+        return int(np.prod([-(-n // max(length, 1)) for n, length in zip(counts, lengths)]))
+
+    while tasks() < 2 * threads and any(length > 1 for length in lengths):
+        j = order[1] if len(order) > 1 and lengths[order[1]] > 1 else order[0]
+        lengths[j] = -(-lengths[j] // 2)
     plan = []
-    for j, n in enumerate(counts):
-        if j == chained:
-            cuts = np.linspace(0, n, pieces + 1).round().astype(int)
-            runs = [(int(a), int(b) - 1) for a, b in itertools.pairwise(cuts) if b > a]
-        else:
-            runs = [(b, b) for b in range(n)]
+    for j, (n, length) in enumerate(zip(counts, lengths)):
+        pieces = -(-n // length)
+        cuts = np.linspace(0, n, pieces + 1).round().astype(int)
+        runs = [(int(lo), int(hi) - 1) for lo, hi in itertools.pairwise(cuts) if hi > lo]
         plan.append(_Axis(grid.axis_starts(j), grid.size[j], chunks[j], runs))
-    return plan, chained
+    return plan
 
 
 def redundancy(
@@ -189,11 +199,10 @@ def redundancy(
     patches where ``c / s`` start in it: ``1 + (p - s) / c`` per such axis; the factors multiply.
     ``sums``: voxels summed over voxels of the output, minus one (the chained axis keeps
     ``p - s`` voxels past each chunk). ``threads``: of the cluster (by default the client's);
-    ``out``: for ``apply(..., out=zarr_array)``, whose runs of chunks are not cut at ``RUN``.
+    ``out``: for ``apply(..., out=zarr_array)``, whose tasks take blocks of chunks.
     """
     k = len(grid.axes)
-    plan, _ = _plan(grid, [chunks[a] for a in grid.axes], threads or _threads(),
-                    None if out else RUN)  # fmt: skip
+    plan = _plan(grid, [chunks[a] for a in grid.axes], threads or _threads(), out)
     runs = np.prod([sum(last - first for first, last in zip(ax.first, ax.last)) for ax in plan])
     sums = 1.0
     for ax in plan:
@@ -292,8 +301,7 @@ def apply_dask(
         probe_shape.insert(class_axis, 1)
     if out is not None:
         _check_out(out, probe, probe_shape, out_chunks, class_axis, dtype)
-    tiled = [out_chunks[a] for a in grid.axes]
-    plan, chained = _plan(out_grid, tiled, _threads(), None if out is not None else RUN)
+    plan = _plan(out_grid, [out_chunks[a] for a in grid.axes], _threads(), out is not None)
     store = _store(image)
     name = f"patchgrid-apply-{uuid.uuid4().hex}"
     fn_key = dask.delayed(fn, name=f"{name}-fn", traverse=False)
@@ -301,39 +309,30 @@ def apply_dask(
     target = None if out is None else dask.delayed(out, name=f"{name}-out", traverse=False)
     spec = _Spec(grid, out_grid, tuple(margin), tuple(image.shape), window, reduce, batch_size,
                  fill, np.dtype(dtype), tuple(probe_shape), class_axis)  # fmt: skip
-    ax_c = plan[chained]
-    runs = sorted({(g0, g1) for g0, g1 in zip(ax_c.head, ax_c.tail)})
-    others = [range(len(ax.first)) if j != chained else [0] for j, ax in enumerate(plan)]
     blocks: dict[tuple[int, ...], Any] = {}
     tasks, patches = [], []
-    for rest in itertools.product(*others):
-        for g0, g1 in runs:
-            steps, datas, ids = [], [], []
-            for b in range(g0, g1 + 1):
-                bid = (*rest[:chained], b, *rest[chained + 1 :])
-                step = _step(grid, plan, maps, margin, bid, chained, class_axis)
-                steps.append(step)
-                ids.append(bid)
-                empty = any(not len(r) for r in step.picks)
-                datas.append(None if empty or source is not None else image[step.region])
-            task = dask.delayed(_run, pure=False, nout=None if out is not None else len(steps))(
-                fn_key, source, datas, steps, spec, target,
-                dask_key_name=(name, *ids[0]),
-            )  # fmt: skip
-            tasks.append(task)
-            patches.append(sum(int(np.prod([len(r) for r in s.picks])) for s in steps))
-            if out is not None:
-                continue
-            for i, (bid, step) in enumerate(zip(ids, steps)):
-                shape = list(probe_shape)
-                for a, (lo, hi) in zip(grid.axes, step.cores):
-                    shape[a] = hi - lo
-                if class_axis is not None:
-                    shape.pop(class_axis)
-                full_key = [0] * grid.ndim
-                for a, b in zip(grid.axes, bid):
-                    full_key[a] = b
-                blocks[tuple(full_key)] = da.from_delayed(task[i], tuple(shape), np.dtype(dtype))
+    for block in itertools.product(*[sorted(set(zip(ax.head, ax.tail))) for ax in plan]):
+        ids = list(itertools.product(*[range(g0, g1 + 1) for g0, g1 in block]))
+        steps = [_step(grid, plan, maps, margin, bid, class_axis) for bid in ids]
+        datas = [None if any(not len(r) for r in step.picks) or source is not None
+                 else image[step.region] for step in steps]  # fmt: skip
+        task = dask.delayed(_run, pure=False, nout=None if out is not None else len(steps))(
+            fn_key, source, datas, steps, spec, target, dask_key_name=(name, *ids[0]),
+        )  # fmt: skip
+        tasks.append(task)
+        patches.append(sum(int(np.prod([len(r) for r in s.picks])) for s in steps))
+        if out is not None:
+            continue
+        for i, step in enumerate(steps):
+            shape = list(probe_shape)
+            for a, (lo, hi) in zip(grid.axes, step.cores):
+                shape[a] = hi - lo
+            if class_axis is not None:
+                shape.pop(class_axis)
+            full_key = [0] * grid.ndim
+            for a, b in zip(grid.axes, step.bid):
+                full_key[a] = b
+            blocks[tuple(full_key)] = da.from_delayed(task[i], tuple(shape), np.dtype(dtype))
     if out is None:
         return da.block(_nest(blocks, [len(c) for c in out_chunks], class_axis))
     _compute(tasks, patches, progress)
@@ -434,8 +433,9 @@ class _Spec(NamedTuple):
 
 
 class _Step(NamedTuple):
-    """One chunk of a run: its patches, its input region, its core and how far its sums reach."""
+    """One chunk of a block: its patches, its input region, its core and how far its sums reach."""
 
+    bid: tuple[int, ...]
     picks: list[range]
     region: tuple[slice, ...]
     origin: list[int]
@@ -446,8 +446,7 @@ class _Step(NamedTuple):
 
 
 def _step(grid: PatchGrid, plan: Sequence[_Axis], maps: Sequence[np.ndarray],
-          margin: Sequence[int], bid: Sequence[int], chained: int,
-          class_axis: int | None) -> _Step:  # fmt: skip
+          margin: Sequence[int], bid: Sequence[int], class_axis: int | None) -> _Step:  # fmt: skip
     """The :class:`_Step` of chunk ``bid`` (a chunk index per tiled axis)."""
     picks = [range(ax.first[b], ax.last[b]) for ax, b in zip(plan, bid)]
     region: list[slice] = [slice(None)] * grid.ndim
@@ -466,9 +465,9 @@ def _step(grid: PatchGrid, plan: Sequence[_Axis], maps: Sequence[np.ndarray],
         target[a] = slice(lo, hi)
     if class_axis is not None:
         target.pop(class_axis)
-    return _Step(picks, tuple(region), origin, cores, [ax.reach[b] for ax, b in zip(plan, bid)],
-                 [j == chained and b < ax.tail[b] for j, (ax, b) in enumerate(zip(plan, bid))],
-                 tuple(target))  # fmt: skip
+    return _Step(tuple(bid), picks, tuple(region), origin, cores,
+                 [ax.reach[b] for ax, b in zip(plan, bid)],
+                 [b < ax.tail[b] for ax, b in zip(plan, bid)], tuple(target))  # fmt: skip
 
 
 Carry = tuple[np.ndarray, "np.ndarray | None"] | None
@@ -476,17 +475,24 @@ Carry = tuple[np.ndarray, "np.ndarray | None"] | None
 
 def _run(fn: Callable[[Any], Any], source: Any, datas: Sequence[Any], steps: Sequence[_Step],
          spec: _Spec, out: Any) -> Any:  # fmt: skip
-    """A run of chunks along the chained axis, in order, each passing its partial sums past its
-    end to the next. Returns the finished chunks, or writes them into ``out`` (and returns how
-    many it wrote)."""
-    carry: list[Carry] = [None] * len(spec.grid.axes)
+    """A block of chunks in C order, each passing its partial sums past its end on to the next
+    chunk along each axis of the block. Returns the finished chunks, or writes them into
+    ``out`` (and returns how many it wrote)."""
+    k = len(spec.grid.axes)
+    pending: dict[tuple[int, ...], list[Carry]] = {}
     done = []
     for step, data in zip(steps, datas):
         if data is None and source is not None and all(len(r) for r in step.picks):
             data = source[step.region]  # this chunk's region of the store, nothing else
-        core, *carry = _chunk(fn, data, step, spec, carry)
+        core, *carries = _chunk(fn, data, step, spec, pending.pop(step.bid, [None] * k))
+        data = None
+        for j, carry in enumerate(carries):
+            if carry is not None:
+                nxt = (*step.bid[:j], step.bid[j] + 1, *step.bid[j + 1 :])
+                pending.setdefault(nxt, [None] * k)[j] = carry
         if out is not None:
             out[step.target] = core
+            del core  # a view of the chunk's sums: let them go before the next chunk's
         else:
             done.append(core)
     return len(steps) if out is not None else tuple(done)
