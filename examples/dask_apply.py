@@ -39,8 +39,10 @@ grid = pg.PatchGrid(volume.shape, 16, 8, edge="shift")
 seen = sum(calls) - probed
 extra = redundancy(grid, lazy.chunks)
 runs = round(len(grid) * (1 + extra.calls))
-print(f"{len(grid)} patches, {runs} runs of them ({extra.calls:.0%} more, at chunk borders);"
-      f" fn saw {seen} in batches of {set(calls)}")
+print(
+    f"{len(grid)} patches, {runs} runs of them ({extra.calls:.0%} more, at chunk borders);"
+    f" fn saw {seen} in batches of {set(calls)}"
+)
 print("(each task's last batch is padded to batch_size: fixed shapes for the model)")
 assert runs <= seen < runs + 8 * lazy.npartitions
 
@@ -50,13 +52,16 @@ except ImportError:
     zarr = None
 if zarr is not None:
     with tempfile.TemporaryDirectory() as tmp:
-        out = zarr.open_array(f"{tmp}/out.zarr", mode="w", shape=volume.shape, chunks=32,
-                              dtype="float32")
+        out = zarr.open_array(
+            f"{tmp}/out.zarr", mode="w", shape=volume.shape, chunks=32, dtype="float32"
+        )
         pg.apply(model, chunked, size=16, stride=8, batch_size=8, out=out, progress=False)
         assert np.allclose(out[...], expected, atol=1e-5)
         chained = redundancy(grid, chunked.chunks, out=True)
-        print(f"out=zarr: {chained.calls:.0%} more patch runs, partial sums over "
-              f"{chained.sums:.0%} more voxels passed between chunks")
+        print(
+            f"out=zarr: {chained.calls:.0%} more patch runs, partial sums over "
+            f"{chained.sums:.0%} more voxels passed between chunks"
+        )
 
 patches = pg.extract(chunked, size=16, stride=8)  # lazy too
 assert np.array_equal(patches[1, 2, 3].compute(), volume[8:24, 16:32, 24:40])

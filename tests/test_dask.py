@@ -5,6 +5,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import patchgrid as pg
 
@@ -149,7 +151,9 @@ def test_redundancy_counts_repeated_patches_and_carried_sums():
         end = max([hi] + [s + 8 for s in starts0 if s < hi])
         reach += min(end, 40) - lo
     chained = redundancy(grid, chunks, threads=1, out=True)
-    assert chained.calls == pytest.approx(len(starts0) * touching(starts1, chunks[1]) / len(grid) - 1)
+    assert chained.calls == pytest.approx(
+        len(starts0) * touching(starts1, chunks[1]) / len(grid) - 1
+    )
     assert chained.sums == pytest.approx(reach / 40 - 1)
     # More threads than chains: the chain is cut in two, and the cut repeats patches too.
     assert chained.calls < redundancy(grid, chunks, threads=2, out=True).calls < lazy.calls
@@ -300,4 +304,54 @@ def test_out_shows_progress(tmp_path):
                           chunks=(1, 9, 11, 7), dtype="f4")  # fmt: skip
     pg.apply(_double, da.from_zarr(z, chunks=(1, 9, 11, 7)), 10, 6, axes=(1, 2, 3), out=out,
              progress=lambda done, total: seen.append((done, total)))  # fmt: skip
-    assert seen and seen[-1][0] == seen[-1][1] >= len(pg.PatchGrid(x.shape, 10, 6, axes=(1, 2, 3)))
+    grid = pg.PatchGrid(x.shape, 10, 6, axes=(1, 2, 3), edge="shift")
+    runs = round(
+        len(grid)
+        * (
+            1
+            + sys.modules["patchgrid.dask"]
+            .redundancy(grid, ((1,), (9, 9, 9, 2), (11, 11, 11, 1), (7, 7, 7, 2)), out=True)
+            .calls
+        )
+    )
+    done = [d for d, _ in seen]
+    assert done == sorted(done)
+    assert seen[-1] == (runs, runs)  # every patch run counted, the repeated ones too
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_dask_apply_equals_in_memory_for_any_grid_and_chunking(data):
+    """Lazy and out= results against the in-memory apply: shapes, patch sizes, strides (gaps
+    too), edge policies, windows, margins, scales and chunkings (smaller than the patch too),
+    1-D to 3-D."""
+    zarr = pytest.importorskip("zarr")
+    ndim = data.draw(st.integers(1, 3), label="ndim")
+    shape = tuple(data.draw(st.integers(3, 18)) for _ in range(ndim))
+    margin = data.draw(st.integers(0, 1), label="margin")
+    size = tuple(data.draw(st.integers(1 + 2 * margin, s + 2 * margin)) for s in shape)
+    stride = tuple(data.draw(st.integers(1, p - 2 * margin + 1)) for p in size)
+    scale = data.draw(st.sampled_from([1, 2]), label="scale")
+    chunks = tuple(data.draw(st.integers(1, s)) for s in shape)
+    kw = dict(
+        edge=data.draw(st.sampled_from(["shift", "pad", "even", "drop"]), label="edge"),
+        window=data.draw(st.sampled_from(["uniform", "gaussian", "hann"]), label="window"),
+        batch_size=data.draw(st.integers(1, 3), label="batch_size"),
+        margin=margin, pad_mode="reflect", scale=scale, progress=False,
+    )  # fmt: skip
+
+    def fn(batch):
+        core = batch[(slice(None), *[slice(margin, b - margin) for b in batch.shape[1:]])]
+        for a in range(1, batch.ndim):
+            core = core.repeat(scale, axis=a)
+        return 2 * core
+
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    want = pg.apply(fn, x, size, stride, **kw)
+    with sys.modules["dask"].config.set(scheduler="synchronous"):
+        lazy = pg.apply(fn, da.from_array(x, chunks=chunks), size, stride, **kw)
+        np.testing.assert_allclose(lazy.compute(), want, rtol=1e-5, atol=1e-6)
+        out = zarr.create_array(store=zarr.storage.MemoryStore(), shape=want.shape,
+                                chunks=tuple(c * scale for c in chunks), dtype="f4")  # fmt: skip
+        pg.apply(fn, da.from_array(x, chunks=chunks), size, stride, out=out, **kw)
+        np.testing.assert_allclose(out[...], want, rtol=1e-5, atol=1e-6)

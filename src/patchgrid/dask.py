@@ -300,7 +300,7 @@ def apply_dask(
     if class_axis is not None:
         probe_shape.insert(class_axis, 1)
     if out is not None:
-        _check_out(out, probe, probe_shape, out_chunks, class_axis, dtype)
+        _check_out(out, out_chunks, class_axis)
     plan = _plan(out_grid, [out_chunks[a] for a in grid.axes], _threads(), out is not None)
     store = _store(image)
     name = f"patchgrid-apply-{uuid.uuid4().hex}"
@@ -339,8 +339,7 @@ def apply_dask(
     return out
 
 
-def _check_out(out: Any, probe: np.ndarray, probe_shape: Sequence[int],
-               out_chunks: Sequence[Sequence[int]], class_axis: int | None, dtype: Any) -> None:  # fmt: skip
+def _check_out(out: Any, out_chunks: Sequence[Sequence[int]], class_axis: int | None) -> None:
     """``out`` must be a zarr array of the result's shape whose chunks no two tasks share."""
     if not type(out).__module__.startswith("zarr"):
         raise TypeError(
@@ -499,7 +498,11 @@ def _run(fn: Callable[[Any], Any], source: Any, datas: Sequence[Any], steps: Seq
 
 
 def _chunk(
-    fn: Callable[[Any], Any], data: Any, step: _Step, spec: _Spec, incoming: Sequence[Carry],
+    fn: Callable[[Any], Any],
+    data: Any,
+    step: _Step,
+    spec: _Spec,
+    incoming: Sequence[Carry],
 ) -> tuple[Any, ...]:
     """One output chunk: its patches run in fixed batches and summed over ``[lo, reach)``, the
     partial sums its run's earlier chunks passed on added, the chunk finished (normalised,
@@ -538,9 +541,13 @@ def _chunk(
         wshape = [1] * grid.ndim
         for a, p in zip(axes, out_grid.size):
             wshape[a] = p
-        w = windows.as_window_array(spec.window, out_grid.size).reshape(wshape) if weighted else None
-        full = [p * f for p, f in zip(reader.size,
-                                      [po / pi for po, pi in zip(out_grid.size, grid.size)])]  # fmt: skip
+        w = (
+            windows.as_window_array(spec.window, out_grid.size).reshape(wshape)
+            if weighted
+            else None
+        )
+        factors = [po / pi for po, pi in zip(out_grid.size, grid.size)]
+        full = [p * f for p, f in zip(reader.size, factors)]
         in_shape = reader.patch_shape(spec.shape)
         positions = np.stack(
             [m.ravel() for m in np.meshgrid(*[np.arange(r.start, r.stop) for r in picks],
@@ -622,8 +629,10 @@ def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
         if spec.class_axis is not None:
             shape.pop(spec.class_axis)
         return np.full(shape, spec.fill, dtype=spec.dtype)
-    core = tuple(slice(0, hi - lo) if a in axes else slice(None)
-                 for a, (lo, hi) in zip(range(acc.ndim), _per_axis(cores, axes, acc.ndim)))  # fmt: skip
+    spans = _per_axis(cores, axes, acc.ndim)
+    core = tuple(
+        slice(0, hi - lo) if a in axes else slice(None) for a, (lo, hi) in enumerate(spans)
+    )
     acc = acc[core]
     ones = spec.reduce != "mean"
     uncovered: list[Any] = []
