@@ -247,18 +247,18 @@ def test_tasks_read_their_regions_from_the_store(tmp_path):
     np.testing.assert_allclose(lazy.compute(), pg.apply(_double, x, 10, 6, **kw), rtol=1e-6)
 
 
-@pytest.mark.parametrize("reduce", ["mean", "argmax"])
+@pytest.mark.parametrize("reduce", ["mean", "argmax", "classes"])
 @pytest.mark.parametrize("chunks", [(1, 9, 11, 7), (1, 5, 7, 6)], ids=["bigger", "smaller"])
 def test_apply_on_dask_writes_out_equal_to_in_memory(tmp_path, chunks, reduce):
     zarr = pytest.importorskip("zarr")
     x, z = _zarr_volume(tmp_path)
-    fn = _three_classes if reduce == "argmax" else _double
-    kw = dict(axes=(1, 2, 3), edge="shift", window="gaussian", batch_size=3, reduce=reduce,
-              progress=False)  # fmt: skip
+    fn = _double if reduce == "mean" else _three_classes  # "classes": 3 channels out, averaged
+    kw = dict(axes=(1, 2, 3), edge="shift", window="gaussian", batch_size=3,
+              reduce="mean" if reduce == "classes" else reduce, progress=False)  # fmt: skip
     want = pg.apply(fn, x, 10, 6, **kw)
+    zchunks = {"mean": chunks, "argmax": chunks[1:], "classes": (3, *chunks[1:])}[reduce]
     out = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=want.shape,
-                          chunks=chunks[1:] if reduce == "argmax" else chunks,
-                          dtype=want.dtype)  # fmt: skip
+                          chunks=zchunks, dtype=want.dtype)  # fmt: skip
     got = pg.apply(fn, da.from_zarr(z, chunks=chunks), 10, 6, out=out, **kw)
     assert got is out
     np.testing.assert_allclose(out[...], want, rtol=1e-6)

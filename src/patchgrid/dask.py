@@ -281,6 +281,11 @@ def apply_dask(
 
     from .extract import index_map
 
+    free = [a for a in range(grid.ndim) if a not in grid.axes]
+    class_axis = free[-1] if reduce == "argmax" else None
+    probe_shape = list(probe.shape)
+    if class_axis is not None:
+        probe_shape.insert(class_axis, 1)
     factors = [po / pi for po, pi in zip(out_grid.size, grid.size)]
     out_chunks: list[tuple[int, ...]] = []
     for a in range(grid.ndim):
@@ -289,16 +294,11 @@ def apply_dask(
             edges = np.round(np.cumsum([0, *image.chunks[a]]) * f).astype(int)
             out_chunks.append(tuple(int(e) for e in np.diff(edges)))
         else:
-            out_chunks.append((out_grid.shape[a],))
+            out_chunks.append((probe_shape[a],))  # fn's size (a class axis: 1, dropped later)
     maps = []
     for j, a in enumerate(grid.axes):
         before, after = margin[j], margin[j] + grid.pad_width[a][1]
         maps.append(index_map(image.shape[a], before, after, grid.pad_mode))
-    free = [a for a in range(grid.ndim) if a not in grid.axes]
-    class_axis = free[-1] if reduce == "argmax" else None
-    probe_shape = list(probe.shape)
-    if class_axis is not None:
-        probe_shape.insert(class_axis, 1)
     if out is not None:
         _check_out(out, out_chunks, class_axis)
     plan = _plan(out_grid, [out_chunks[a] for a in grid.axes], _threads(), out is not None)
@@ -493,7 +493,7 @@ def _run(fn: Callable[[Any], Any], source: Any, datas: Sequence[Any], steps: Seq
             out[step.target] = core
             del core  # a view of the chunk's sums: let them go before the next chunk's
         else:
-            done.append(core)
+            done.append(np.ascontiguousarray(core))
     return len(steps) if out is not None else tuple(done)
 
 
@@ -667,7 +667,7 @@ def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
     result = result.astype(spec.dtype, copy=False)
     if mask is not None:
         result = np.where(mask, np.array(spec.fill, dtype=spec.dtype), result)
-    return np.ascontiguousarray(result)
+    return result  # may be a view of the sums (a zarr write needs no contiguous copy)
 
 
 def _per_axis(cores: Sequence[tuple[int, int]], axes: Sequence[int],
