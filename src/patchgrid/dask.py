@@ -149,7 +149,7 @@ def _threads() -> int:
         try:
             from distributed import default_client
 
-            return max(1, sum(default_client().nthreads().values()))
+            return max(1, int(sum(default_client().nthreads().values())))
         except (ImportError, ValueError):
             pass
     return os.cpu_count() or 1
@@ -389,12 +389,12 @@ def _compute(tasks: Sequence[Any], patches: Sequence[int], progress: Any) -> Non
 
         count = {t.key: n for t, n in zip(tasks, patches)}
 
-        class _Step(Callback):
+        class _Count(Callback):  # type: ignore[misc]
             def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
                 if key in count:
                     step(count[key])
 
-        with _Step():
+        with _Count():
             dask.compute(*tasks)
     finally:
         close()
@@ -591,13 +591,13 @@ def _chunk(
         if acc is None:
             start(part, part.dtype)
         assert acc is not None
-        dst = tuple(slice(0, part.shape[a]) if a in axes else slice(None)
-                    for a in range(grid.ndim))  # fmt: skip
-        op(acc[dst], part, out=acc[dst])
+        into = tuple(slice(0, part.shape[a]) if a in axes else slice(None)
+                     for a in range(grid.ndim))  # fmt: skip
+        op(acc[into], part, out=acc[into])
         if wpart is not None:
             if wacc is None:
                 wacc = np.zeros([ext[axes.index(a)] if a in axes else 1 for a in range(grid.ndim)])
-            wacc[dst] += wpart
+            wacc[into] += wpart
     carries: list[Carry] = []
     for j, go in enumerate(send):
         size_j = cores[j][1] - cores[j][0]
@@ -667,7 +667,7 @@ def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
     result = result.astype(spec.dtype, copy=False)
     if mask is not None:
         result = np.where(mask, np.array(spec.fill, dtype=spec.dtype), result)
-    return result  # may be a view of the sums (a zarr write needs no contiguous copy)
+    return np.asarray(result)  # may be a view of the sums: a zarr write needs no copy
 
 
 def _per_axis(cores: Sequence[tuple[int, int]], axes: Sequence[int],
