@@ -199,6 +199,15 @@ def test_apply_on_a_local_cluster_equals_in_memory(client):
     assert len(client.scheduler_info()["workers"]) == 2
 
 
+def test_out_in_this_process_memory_is_refused_with_a_cluster(client):
+    zarr = pytest.importorskip("zarr")
+    x = da.zeros((1, 16, 16), chunks=8, dtype=np.float32)
+    out = zarr.create_array(store=zarr.storage.MemoryStore(), shape=(1, 16, 16), chunks=(1, 8, 8),
+                            dtype="f4")  # fmt: skip
+    with pytest.raises(ValueError, match="their own copies"):
+        pg.apply(_double, x, 8, axes=(1, 2), out=out, progress=False)
+
+
 def test_a_torch_module_travels_to_the_workers(client):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -355,3 +364,47 @@ def test_dask_apply_equals_in_memory_for_any_grid_and_chunking(data):
                                 chunks=tuple(c * scale for c in chunks), dtype="f4")  # fmt: skip
         pg.apply(fn, da.from_array(x, chunks=chunks), size, stride, out=out, **kw)
         np.testing.assert_allclose(out[...], want, rtol=1e-5, atol=1e-6)
+
+
+def test_out_takes_its_integer_dtype_rounding_and_refuses_values_it_cannot_hold(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    x = (np.random.default_rng(3).random((20, 18)) * 100).astype(np.float32)
+    out = zarr.create_array(store=zarr.storage.MemoryStore(), shape=x.shape, chunks=(5, 6),
+                            dtype="int16")  # fmt: skip
+    kw = dict(window="hann", progress=False)
+    with sys.modules["dask"].config.set(scheduler="synchronous"):
+        pg.apply(_double, da.from_array(x, chunks=(5, 6)), 6, 4, out=out, **kw)
+        np.testing.assert_array_equal(out[...], pg.apply(_double, x, 6, 4, dtype=np.int16, **kw))
+        big = x.copy()
+        big[10:, 10:] += 200  # doubled: up to 600, past uint8
+        lazy = pg.apply(_double, da.from_array(big, chunks=8), 8, 4, dtype=np.uint8, **kw)
+        with pytest.raises(ValueError, match="dtype=uint8 cannot hold"):
+            lazy.compute()
+
+
+def test_out_refuses_shards_that_tasks_would_share_and_suggests_chunks_that_fit():
+    zarr = pytest.importorskip("zarr")
+    x = da.ones((40, 24), chunks=((8, 8, 24), (12, 12)), dtype=np.float32)
+    sharded = zarr.create_array(store=zarr.storage.MemoryStore(), shape=(40, 24),
+                                shards=(16, 24), chunks=(4, 4), dtype="f4")  # fmt: skip
+    with pytest.raises(ValueError, match=r"out's shards \(16, 24\) cut across") as info:
+        pg.apply(_double, x, 8, out=sharded, progress=False)
+    # The suggestion works.
+    assert "shards=(8, 12)" in str(info.value)
+    fits = zarr.create_array(store=zarr.storage.MemoryStore(), shape=(40, 24), shards=(8, 12),
+                             chunks=(4, 4), dtype="f4")  # fmt: skip
+    with sys.modules["dask"].config.set(scheduler="synchronous"):
+        pg.apply(_double, x, 8, out=fits, progress=False)
+    np.testing.assert_allclose(fits[...], 2.0)
+
+
+def test_reads_that_need_a_lock_go_through_dask(tmp_path):
+    _, z = _zarr_volume(tmp_path)
+    assert sys.modules["patchgrid.dask"]._store(da.from_array(z, chunks=9, lock=True)) is None
+
+
+def test_fn_returning_the_wrong_patch_shape_on_dask_says_so():
+    x = da.zeros((1, 16, 16), chunks=8, dtype=np.float32)
+    lazy_fn = lambda b: b[:, :, :4]  # noqa: E731
+    with pytest.raises(ValueError, match="returned shape"):
+        pg.apply(lazy_fn, x, 8, axes=(1, 2), progress=False)

@@ -524,8 +524,10 @@ def _apply_dask(
     edge = "pad" if sample.shape != grid.shape else kw["edge"]
     probe = apply(fn, sample, size, stride, axes=axes, pad_batch=True,
                   **{**kw, "edge": edge, "progress": False})  # fmt: skip
+    # As in memory: the result takes dtype=, else out's dtype, else fn's (cast by rounding).
+    dtype = kw["dtype"] if kw["dtype"] is not None else getattr(out, "dtype", probe.dtype)
     return apply_dask(fn, image, grid, out_grid, margins, window=kw["window"],
-                      reduce=kw["reduce"], batch_size=kw["batch_size"], dtype=probe.dtype,
+                      reduce=kw["reduce"], batch_size=kw["batch_size"], dtype=dtype,
                       fill=kw["fill"], probe=probe, out=out, progress=kw["progress"])  # fmt: skip
 
 

@@ -145,13 +145,9 @@ class _Axis:
 
 def _threads() -> int:
     """Threads of the Dask client in use, else this machine's cores."""
-    if "distributed" in sys.modules:
-        try:
-            from distributed import default_client
-
-            return max(1, int(sum(default_client().nthreads().values())))
-        except (ImportError, ValueError):
-            pass
+    client = _client()
+    if client is not None:
+        return max(1, int(sum(client.nthreads().values())))
     return os.cpu_count() or 1
 
 
@@ -227,6 +223,9 @@ def _store(image: Any) -> Any:
         task = graph[(image.name,) + (0,) * image.ndim]
         if getattr(task, "func", None) is not getter:
             return None
+        lock = task.kwargs.get("lock", task.args[3] if len(task.args) > 3 else None)
+        if getattr(lock, "value", lock):
+            return None  # reads that need a lock (HDF5) go through Dask's own tasks
         source = task.args[0]
         if hasattr(source, "key"):
             source = graph[source.key]
@@ -312,7 +311,11 @@ def apply_dask(
     blocks: dict[tuple[int, ...], Any] = {}
     tasks, patches = [], []
     for block in itertools.product(*[sorted(set(zip(ax.head, ax.tail))) for ax in plan]):
-        ids = list(itertools.product(*[range(g0, g1 + 1) for g0, g1 in block]))
+        # The longest run outermost: a chunk's partial sums wait for the next one along each
+        # axis only while the inner axes' runs go by (at most SECOND chunks), not a whole run.
+        outer = sorted(range(len(block)), key=lambda j: block[j][0] - block[j][1])
+        ids = sorted(itertools.product(*[range(g0, g1 + 1) for g0, g1 in block]),
+                     key=lambda bid: tuple(bid[j] for j in outer))  # fmt: skip
         steps = [_step(grid, plan, maps, margin, bid, class_axis) for bid in ids]
         datas = [None if any(not len(r) for r in step.picks) or source is not None
                  else image[step.region] for step in steps]  # fmt: skip
@@ -340,7 +343,8 @@ def apply_dask(
 
 
 def _check_out(out: Any, out_chunks: Sequence[Sequence[int]], class_axis: int | None) -> None:
-    """``out`` must be a zarr array of the result's shape whose chunks no two tasks share."""
+    """``out`` must be a zarr array of the result's shape, whose chunks (shards, if sharded) no
+    two tasks share, in a store that the workers reach."""
     if not type(out).__module__.startswith("zarr"):
         raise TypeError(
             f"out= with a Dask image takes a zarr array that the workers write into, got "
@@ -350,14 +354,40 @@ def _check_out(out: Any, out_chunks: Sequence[Sequence[int]], class_axis: int | 
     shape = tuple(sum(c) for c in chunks)
     if tuple(out.shape) != shape:
         raise PatchgridError(f"out has shape {tuple(out.shape)}; the result's shape is {shape}")
-    for a, (mine, theirs) in enumerate(zip(chunks, out.chunks)):
-        edges = np.cumsum(mine)[:-1]
-        if np.any(edges % int(theirs)):
+    shards = getattr(out, "shards", None)
+    units = tuple(shards if shards is not None else out.chunks)
+    what = "shards" if shards is not None else "chunks"
+    for a, (mine, theirs) in enumerate(zip(chunks, units)):
+        edges = [int(e) for e in np.cumsum(mine)[:-1]]
+        if any(e % int(theirs) for e in edges):
+            fits = tuple(int(np.gcd.reduce(np.cumsum(c)[:-1])) if len(c) > 1 else int(c[0])
+                         for c in chunks)  # fmt: skip
             raise PatchgridError(
-                f"out's chunks {tuple(out.chunks)} cut across the Dask chunks {tuple(mine)} of "
-                f"axis {a}: two tasks would write one zarr chunk; give out chunks that divide "
-                f"the Dask chunks (e.g. chunks={tuple(int(c[0]) for c in chunks)})"
+                f"out's {what} {units} cut across the Dask chunks {tuple(mine)} of axis {a}: "
+                f"two tasks would write one zarr {what[:-1]}; give out {what} that divide the "
+                f"Dask chunks (e.g. {what}={fits})"
             )
+    if type(getattr(out, "store", None)).__name__ == "MemoryStore" and _client() is not None:
+        raise PatchgridError(
+            "out is a zarr array in this process's memory (MemoryStore): the workers would "
+            "write into their own copies of it; give out a store on disk or shared storage"
+        )
+
+
+def _client() -> Any:
+    """The dask.distributed client that computes, unless Dask's config names a scheduler."""
+    import dask
+
+    if "distributed" not in sys.modules:
+        return None
+    if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed"):
+        return None
+    from distributed import default_client
+
+    try:
+        return default_client()
+    except ValueError:
+        return None
 
 
 def _compute(tasks: Sequence[Any], patches: Sequence[int], progress: Any) -> None:
@@ -369,16 +399,10 @@ def _compute(tasks: Sequence[Any], patches: Sequence[int], progress: Any) -> Non
 
     step, close = _progress(progress, sum(patches))
     try:
-        client = None
-        chosen = dask.config.get("scheduler", None)
-        if "distributed" in sys.modules and chosen in (None, "dask.distributed", "distributed"):
-            from distributed import as_completed, default_client
-
-            try:
-                client = default_client()
-            except ValueError:
-                client = None
+        client = _client()
         if client is not None:
+            from distributed import as_completed
+
             futures = client.compute(list(tasks))
             count = {f.key: n for f, n in zip(futures, patches)}
             for future in as_completed(futures):
@@ -512,7 +536,7 @@ def _chunk(
     when there is no next chunk in the run or nothing to pass on).
     """
     from . import windows
-    from .apply import _core, _Reader
+    from .apply import _check_output, _core, _Reader
 
     grid, out_grid, axes = spec.grid, spec.out_grid, spec.grid.axes
     picks, cores, reach, send = step.picks, step.cores, step.reach, step.send
@@ -560,11 +584,7 @@ def _chunk(
             batch = np.empty((size, *in_shape), dtype=source.dtype)
             for b, pos in enumerate(rows):
                 batch[b] = reader.read(grid.index(pos))
-            result = np.asarray(fn(batch))
-            if result.shape[0] != size:
-                raise PatchgridError(
-                    f"fn returned shape {result.shape} for a batch of shape {batch.shape}"
-                )
+            result = _check_output(fn(batch), batch, NUMPY, out_grid, full, fn)
             result = _core(result[: len(chunk)], out_grid, full)
             if acc is None:
                 kind = result.dtype.kind
@@ -664,6 +684,14 @@ def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
         if (np.dtype(spec.dtype).kind in "iub" and result.dtype.kind in "fc"
                 and spec.reduce in ("mean", "sum")):  # fmt: skip
             result = np.rint(result)
+    if np.dtype(spec.dtype).kind in "iu" and result.dtype.kind in "fc" and result.size:
+        low, high = float(result.min()), float(result.max())
+        info = np.iinfo(spec.dtype)
+        if low < info.min or high > info.max:
+            raise PatchgridError(
+                f"the merged values run from {low:g} to {high:g}, which dtype={spec.dtype} "
+                f"cannot hold ({info.min} to {info.max}); choose a wider dtype"
+            )
     result = result.astype(spec.dtype, copy=False)
     if mask is not None:
         result = np.where(mask, np.array(spec.fill, dtype=spec.dtype), result)
