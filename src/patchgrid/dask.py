@@ -196,6 +196,10 @@ def redundancy(
     ``sums``: voxels summed over voxels of the output, minus one (the chained axis keeps
     ``p - s`` voxels past each chunk). ``threads``: of the cluster (by default the client's);
     ``out``: for ``apply(..., out=zarr_array)``, whose tasks take blocks of chunks.
+
+    ``grid`` and ``chunks`` are the output's: with ``scale`` other than 1, pass
+    ``grid.scaled(scale)`` and the result's ``.chunks`` (rounded chunk edges move patches
+    between chunks). The padding of each task's last batch to ``batch_size`` is not counted.
     """
     k = len(grid.axes)
     plan = _plan(grid, [chunks[a] for a in grid.axes], threads or _threads(), out)
