@@ -346,7 +346,8 @@ def test_dask_apply_equals_in_memory_for_any_grid_and_chunking(data):
         edge=data.draw(st.sampled_from(["shift", "pad", "even", "drop"]), label="edge"),
         window=data.draw(st.sampled_from(["uniform", "gaussian", "hann"]), label="window"),
         batch_size=data.draw(st.integers(1, 3), label="batch_size"),
-        margin=margin, pad_mode="reflect", scale=scale, progress=False,
+        margin=margin, scale=scale, progress=False,
+        pad_mode=data.draw(st.sampled_from(["reflect", "wrap", "constant", "edge"]), label="pad"),
     )  # fmt: skip
 
     def fn(batch):
@@ -408,3 +409,32 @@ def test_fn_returning_the_wrong_patch_shape_on_dask_says_so():
     lazy_fn = lambda b: b[:, :, :4]  # noqa: E731
     with pytest.raises(ValueError, match="returned shape"):
         pg.apply(lazy_fn, x, 8, axes=(1, 2), progress=False)
+
+
+class _Recording:
+    """An array-like store that records the regions read from it."""
+
+    def __init__(self, data):
+        self.data, self.shape, self.dtype, self.ndim = data, data.shape, data.dtype, data.ndim
+        self.reads = []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.data[key]
+
+
+def test_a_wrapped_border_is_read_in_pieces_not_whole():
+    x = _volume((1, 100, 40))
+    store = _Recording(x)
+    kw = dict(axes=(1, 2), margin=2, pad_mode="wrap", edge="pad", progress=False)
+
+    def fn(b):
+        return 2 * b[:, :, 2:-2, 2:-2]
+
+    with sys.modules["dask"].config.set(scheduler="synchronous"):
+        lazy = pg.apply(fn, da.from_array(store, chunks=(1, 10, 40)), 12, 8, **kw)
+        store.reads.clear()
+        np.testing.assert_allclose(lazy.compute(), pg.apply(fn, x, 12, 8, **kw), rtol=1e-6)
+    spans = [k[1].stop - k[1].start for k in store.reads]
+    assert spans
+    assert max(spans) < 30  # a chunk of 10 and its patches' reach, never the 100 of the axis

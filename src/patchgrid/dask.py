@@ -244,18 +244,21 @@ def _store(image: Any) -> Any:
 
 
 class _Window:
-    """A NumPy region of a larger image, indexed with the larger image's coordinates."""
+    """Pieces of a larger image, indexed with the larger image's coordinates: ``spans`` gives,
+    per axis, the pieces ``(start, stop, local start)`` that ``data`` holds side by side."""
 
-    def __init__(self, data: np.ndarray, origin: Sequence[int], shape: Sequence[int]) -> None:
-        self.data, self.origin = data, list(origin)
+    def __init__(self, data: np.ndarray, spans: Sequence[Sequence[tuple[int, int, int]]],
+                 shape: Sequence[int]) -> None:  # fmt: skip
+        self.data, self.spans = data, spans
         self.shape, self.dtype, self.ndim = tuple(shape), data.dtype, len(shape)
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        local = tuple(
-            slice((k.start or 0) - o, (k.stop if k.stop is not None else n) - o)
-            for k, o, n in zip(key, self.origin, self.shape)
-        )
-        return self.data[local]
+        local = []
+        for k, pieces, n in zip(key, self.spans, self.shape):
+            start, stop = k.start or 0, k.stop if k.stop is not None else n
+            lo, _, at = next(p for p in pieces if p[0] <= start and stop <= p[1])
+            local.append(slice(start - lo + at, stop - lo + at))
+        return self.data[tuple(local)]
 
 
 def apply_dask(
@@ -322,7 +325,7 @@ def apply_dask(
                      key=lambda bid: tuple(bid[j] for j in outer))  # fmt: skip
         steps = [_step(grid, plan, maps, margin, bid, class_axis) for bid in ids]
         datas = [None if any(not len(r) for r in step.picks) or source is not None
-                 else image[step.region] for step in steps]  # fmt: skip
+                 else [image[region] for region, _ in step.reads] for step in steps]  # fmt: skip
         task = dask.delayed(_run, pure=False, nout=None if out is not None else len(steps))(
             fn_key, source, datas, steps, spec, target, dask_key_name=(name, *ids[0]),
         )  # fmt: skip
@@ -464,8 +467,9 @@ class _Step(NamedTuple):
 
     bid: tuple[int, ...]
     picks: list[range]
-    region: tuple[slice, ...]
-    origin: list[int]
+    reads: list[tuple[tuple[slice, ...], tuple[slice, ...]]]
+    local_shape: tuple[int, ...]
+    spans: list[list[tuple[int, int, int]]]
     cores: list[tuple[int, int]]
     reach: list[int]
     send: list[bool]
@@ -474,27 +478,55 @@ class _Step(NamedTuple):
 
 def _step(grid: PatchGrid, plan: Sequence[_Axis], maps: Sequence[np.ndarray],
           margin: Sequence[int], bid: Sequence[int], class_axis: int | None) -> _Step:  # fmt: skip
-    """The :class:`_Step` of chunk ``bid`` (a chunk index per tiled axis)."""
+    """The :class:`_Step` of chunk ``bid`` (a chunk index per tiled axis).
+
+    The input the chunk's patches need is read in pieces: along an axis, source indices far
+    apart (a wrapped border) are separate pieces, so no read spans the whole axis.
+    """
     picks = [range(ax.first[b], ax.last[b]) for ax, b in zip(plan, bid)]
-    region: list[slice] = [slice(None)] * grid.ndim
-    origin = [0] * grid.ndim
+    spans: list[list[tuple[int, int, int]]] = [[(0, n, 0)] for n in grid.shape]
     for j, (a, r) in enumerate(zip(grid.axes, picks)):
         if not len(r):
             continue
         s = grid.axis_starts(j)
-        ids = maps[j][int(s[r.start]) : int(s[r.stop - 1]) + grid.size[j] + 2 * margin[j]]
-        ids = ids[ids >= 0]
-        lo, hi = (int(ids.min()), int(ids.max()) + 1) if len(ids) else (0, 0)
-        region[a], origin[a] = slice(lo, hi), lo
+        reach = grid.size[j] + 2 * margin[j]
+        ids = maps[j][int(s[r.start]) : int(s[r.stop - 1]) + reach]
+        ids = np.unique(ids[ids >= 0])
+        if not len(ids):
+            spans[a] = [(0, 0, 0)]
+            continue
+        cuts = np.flatnonzero(np.diff(ids) > reach) + 1
+        pieces, at = [], 0
+        for part in np.split(ids, cuts):
+            lo, hi = int(part[0]), int(part[-1]) + 1
+            pieces.append((lo, hi, at))
+            at += hi - lo
+        spans[a] = pieces
+    reads = []
+    for combo in itertools.product(*spans):
+        reads.append((tuple(slice(lo, hi) for lo, hi, _ in combo),
+                      tuple(slice(at, at + hi - lo) for lo, hi, at in combo)))  # fmt: skip
+    local_shape = tuple(sum(hi - lo for lo, hi, _ in pieces) for pieces in spans)
     cores = [ax.core(b) for ax, b in zip(plan, bid)]
     target: list[slice] = [slice(None)] * grid.ndim
     for a, (lo, hi) in zip(grid.axes, cores):
         target[a] = slice(lo, hi)
     if class_axis is not None:
         target.pop(class_axis)
-    return _Step(tuple(bid), picks, tuple(region), origin, cores,
+    return _Step(tuple(bid), picks, reads, local_shape, spans, cores,
                  [ax.reach[b] for ax, b in zip(plan, bid)],
                  [b < ax.tail[b] for ax, b in zip(plan, bid)], tuple(target))  # fmt: skip
+
+
+def _assemble(parts: Sequence[Any], step: _Step) -> np.ndarray:
+    """The pieces a chunk reads, side by side in one array (one piece: as it is)."""
+    first = np.asarray(parts[0])
+    if len(parts) == 1:
+        return first
+    data = np.empty(step.local_shape, dtype=first.dtype)
+    for (_, local), part in zip(step.reads, parts):
+        data[local] = part
+    return data
 
 
 Carry = tuple[np.ndarray, "np.ndarray | None"] | None
@@ -509,8 +541,10 @@ def _run(fn: Callable[[Any], Any], source: Any, datas: Sequence[Any], steps: Seq
     pending: dict[tuple[int, ...], list[Carry]] = {}
     done = []
     for step, data in zip(steps, datas):
-        if data is None and source is not None and all(len(r) for r in step.picks):
-            data = source[step.region]  # this chunk's region of the store, nothing else
+        if all(len(r) for r in step.picks):
+            if data is None:  # this chunk's region of the store, nothing else
+                data = [source[region] for region, _ in step.reads]
+            data = _assemble(data, step)
         core, *carries = _chunk(fn, data, step, spec, pending.pop(step.bid, [None] * k))
         data = None
         for j, carry in enumerate(carries):
@@ -564,7 +598,7 @@ def _chunk(
             wacc = np.zeros([ext[axes.index(a)] if a in axes else 1 for a in range(grid.ndim)])
 
     if data is not None:
-        source = _Window(np.asarray(data), step.origin, spec.shape)
+        source = _Window(np.asarray(data), step.spans, spec.shape)
         reader = _Reader(source, grid, spec.margin, NUMPY)
         wshape = [1] * grid.ndim
         for a, p in zip(axes, out_grid.size):
