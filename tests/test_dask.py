@@ -1,5 +1,6 @@
 """The Dask path: lazy results equal to the in-memory ones, on a real distributed cluster too."""
 
+import importlib
 import itertools
 import sys
 
@@ -405,10 +406,41 @@ def test_reads_that_need_a_lock_go_through_dask(tmp_path):
 
 
 def test_fn_returning_the_wrong_patch_shape_on_dask_says_so():
+    calls = []
+
+    def fickle(batch):  # right on the probe, wrong in the tasks
+        calls.append(1)
+        return batch if len(calls) == 1 else batch[:, :, :4]
+
     x = da.zeros((1, 16, 16), chunks=8, dtype=np.float32)
-    lazy_fn = lambda b: b[:, :, :4]  # noqa: E731
+    lazy = pg.apply(fickle, x, 8, axes=(1, 2), progress=False)
     with pytest.raises(ValueError, match="returned shape"):
-        pg.apply(lazy_fn, x, 8, axes=(1, 2), progress=False)
+        lazy.compute(scheduler="synchronous")
+
+
+def test_a_block_runs_its_longest_run_outermost(monkeypatch, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    module = importlib.import_module("patchgrid.dask")
+    orders = []
+    run = module._run
+
+    def record(fn, source, datas, steps, spec, out):
+        orders.append([s.bid for s in steps])
+        return run(fn, source, datas, steps, spec, out)
+
+    monkeypatch.setattr(module, "_run", record)
+    monkeypatch.setattr(module, "_threads", lambda: 1)  # two blocks of 2 x 16 chunks
+    # The last axis has the most chunks (a whole run); the first takes up to SECOND.
+    x = _volume((16, 64))
+    out = zarr.create_array(store=zarr.storage.MemoryStore(), shape=x.shape, chunks=(4, 4),
+                            dtype="f4")  # fmt: skip
+    with sys.modules["dask"].config.set(scheduler="synchronous"):
+        pg.apply(_double, da.from_array(x, chunks=4), 4, 2, out=out, progress=False)
+    np.testing.assert_allclose(out[...], pg.apply(_double, x, 4, 2, progress=False), rtol=1e-6)
+    block = max(orders, key=len)
+    assert len({b[0] for b in block}) > 1 and len({b[1] for b in block}) > 1
+    # The long axis (1) changes slowest: each of its chunks is done before the next.
+    assert [b[1] for b in block] == sorted(b[1] for b in block)
 
 
 class _Recording:
