@@ -100,7 +100,7 @@ class Redundancy(NamedTuple):
     """The Dask path's extra work over the in-memory one (shares, 0.25 is 25%)."""
 
     calls: float
-    """Extra ``fn`` calls: patches run twice because they cross a border between chains."""
+    """Extra ``fn`` calls: patches run again because they reach into another block of chunks."""
     sums: float
     """Extra voxels summed: the partial sums each chunk keeps past its end and passes on."""
 
@@ -314,7 +314,8 @@ def apply_dask(
     source = None if store is None else dask.delayed(store, name=f"{name}-source", traverse=False)
     target = None if out is None else dask.delayed(out, name=f"{name}-out", traverse=False)
     spec = _Spec(grid, out_grid, tuple(margin), tuple(image.shape), window, reduce, batch_size,
-                 fill, np.dtype(dtype), tuple(probe_shape), class_axis)  # fmt: skip
+                 fill, np.dtype(dtype), tuple(probe_shape), class_axis,
+                 _coverage(out_grid, window, reduce))  # fmt: skip
     blocks: dict[tuple[int, ...], Any] = {}
     tasks, patches = [], []
     for block in itertools.product(*[sorted(set(zip(ax.head, ax.tail))) for ax in plan]):
@@ -460,6 +461,20 @@ class _Spec(NamedTuple):
     dtype: np.dtype
     probe_shape: tuple[int, ...]
     class_axis: int | None
+    coverage: tuple[np.ndarray, ...] | None  # per tiled axis, the whole grid's; see _coverage
+
+
+def _coverage(out_grid: PatchGrid, window: Any, reduce: str) -> tuple[np.ndarray, ...] | None:
+    """Per tiled axis, the sum of the window's profile over every patch of the whole grid
+    (ones for reductions that do not divide); None for a window that is not separable."""
+    from . import windows
+    from .merge import _profile_sum
+
+    profs = windows.profiles(None if reduce != "mean" else window, out_grid.size)
+    if profs is None:
+        return None
+    return tuple(_profile_sum(out_grid.axis_starts(j), prof, out_grid.padded_shape[a])
+                 for j, (a, prof) in enumerate(zip(out_grid.axes, profs)))  # fmt: skip
 
 
 class _Step(NamedTuple):
@@ -584,7 +599,8 @@ def _chunk(
     weighted = spec.reduce in ("mean", "sum", "argmax")
     array_window = weighted and windows.profiles(spec.window, out_grid.size) is None
     acc: np.ndarray | None = None
-    wacc: np.ndarray | None = None
+    wacc: np.ndarray | None = None  # the weights summed, for a window that is not separable
+    wshape_acc = [ext[axes.index(a)] if a in axes else 1 for a in range(grid.ndim)]
 
     def start(like: np.ndarray, kind_dtype: np.dtype) -> None:
         nonlocal acc, wacc
@@ -595,7 +611,7 @@ def _chunk(
                  else NUMPY.extreme(kind_dtype, spec.reduce == "min"))  # fmt: skip
         acc = np.full(shape, first, dtype=kind_dtype)
         if array_window:
-            wacc = np.zeros([ext[axes.index(a)] if a in axes else 1 for a in range(grid.ndim)])
+            wacc = np.zeros(wshape_acc)
 
     if data is not None:
         source = _Window(np.asarray(data), step.spans, spec.shape)
@@ -630,6 +646,8 @@ def _chunk(
                       else np.result_type(result.dtype, np.float32) if kind in "fc"
                       else np.dtype(np.float64))  # fmt: skip
             assert acc is not None
+            if w is not None:
+                result = result * w  # the whole batch weighted at once, not patch by patch
             for patch, pos in zip(result, chunk):
                 dst: list[Any] = [slice(None)] * grid.ndim
                 src: list[Any] = [slice(None)] * grid.ndim
@@ -638,8 +656,7 @@ def _chunk(
                     d0, d1 = max(s, 0), min(s + out_grid.size[j], ext[j])
                     dst[a], src[a] = slice(d0, d1), slice(d0 - s, d1 - s)
                 target = acc[tuple(dst)]
-                piece = patch[tuple(src)]
-                op(target, piece if w is None else piece * w[tuple(src)], out=target)
+                op(target, patch[tuple(src)], out=target)
                 if wacc is not None and w is not None:
                     wacc[tuple(dst)] += w[tuple(src)]
     for carry in incoming:
@@ -654,7 +671,7 @@ def _chunk(
         op(acc[into], part, out=acc[into])
         if wpart is not None:
             if wacc is None:
-                wacc = np.zeros([ext[axes.index(a)] if a in axes else 1 for a in range(grid.ndim)])
+                wacc = np.zeros(wshape_acc)
             wacc[into] += wpart
     carries: list[Carry] = []
     for j, go in enumerate(send):
@@ -676,10 +693,9 @@ def _chunk(
 def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
             cores: Sequence[tuple[int, int]], spec: _Spec) -> np.ndarray:  # fmt: skip
     """A chunk's complete sums (the corner of ``acc``) normalised, reduced and cast."""
-    from . import windows
-    from .merge import _divide_by_profiles, _profile_sum
+    from .merge import _divide_by_profiles, check_range
 
-    out_grid, axes = spec.out_grid, spec.out_grid.axes
+    axes = spec.out_grid.axes
     if acc is None:  # no patch touches this chunk
         shape = list(spec.probe_shape)
         for a, (lo, hi) in zip(axes, cores):
@@ -699,12 +715,8 @@ def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
         np.divide(acc, np.where(cov > 0, cov, 1), out=acc, casting="unsafe")
         uncovered.append(np.broadcast_to(cov == 0, acc.shape))
     else:
-        profs = windows.profiles(None if ones else spec.window, out_grid.size)
-        assert profs is not None
-        sliced = []
-        for j, (a, (lo, hi)) in enumerate(zip(axes, cores)):
-            prof = _profile_sum(out_grid.axis_starts(j), profs[j], out_grid.padded_shape[a])
-            sliced.append(prof[lo:hi])
+        assert spec.coverage is not None
+        sliced = [prof[lo:hi] for prof, (lo, hi) in zip(spec.coverage, cores)]
         if not ones:
             _divide_by_profiles(acc, axes, sliced)
         for a, prof in zip(axes, sliced):
@@ -722,14 +734,8 @@ def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
         if (np.dtype(spec.dtype).kind in "iub" and result.dtype.kind in "fc"
                 and spec.reduce in ("mean", "sum")):  # fmt: skip
             result = np.rint(result)
-    if np.dtype(spec.dtype).kind in "iu" and result.dtype.kind in "fc" and result.size:
-        low, high = float(result.min()), float(result.max())
-        info = np.iinfo(spec.dtype)
-        if low < info.min or high > info.max:
-            raise PatchgridError(
-                f"the merged values run from {low:g} to {high:g}, which dtype={spec.dtype} "
-                f"cannot hold ({info.min} to {info.max}); choose a wider dtype"
-            )
+    if np.dtype(spec.dtype).kind in "iu" and result.dtype.kind in "fc":
+        check_range(result, str(spec.dtype))
     result = result.astype(spec.dtype, copy=False)
     if mask is not None:
         result = np.where(mask, np.array(spec.fill, dtype=spec.dtype), result)

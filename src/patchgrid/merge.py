@@ -41,6 +41,18 @@ def _profile_sum(starts: np.ndarray, weights: np.ndarray, length: int) -> np.nda
     return out
 
 
+def check_range(values: Any, name: str) -> None:
+    """Refuse to cast ``values`` into the integer dtype ``name`` if it cannot hold them (no
+    wrapping)."""
+    low, high = (float(v) for v in (values.min(), values.max())) if values.size else (0, 0)
+    info = np.iinfo(np.dtype(name))
+    if low < info.min or high > info.max:
+        raise PatchgridError(
+            f"the merged values run from {low:g} to {high:g}, which dtype={name} cannot "
+            f"hold ({info.min} to {info.max}); choose a wider dtype"
+        )
+
+
 def _shaped(p: Any, a: int, ndim: int) -> Any:
     shape = [1] * ndim
     shape[a] = len(p)
@@ -710,15 +722,7 @@ class Merger:
         return labels
 
     def _check_range(self, values: Any) -> None:
-        """Refuse to cast values into an integer dtype that cannot hold them (no wrapping)."""
-        low, high = (float(v) for v in (values.min(), values.max())) if values.size else (0, 0)
-        name = str(self._out_dtype).replace("torch.", "")
-        info = np.iinfo(np.dtype(name))
-        if low < info.min or high > info.max:
-            raise PatchgridError(
-                f"the merged values run from {low:g} to {high:g}, which dtype={name} cannot "
-                f"hold ({info.min} to {info.max}); choose a wider dtype"
-            )
+        check_range(values, str(self._out_dtype).replace("torch.", ""))
 
     def _fill(self, result: Any, masks: list[tuple[int, Any]]) -> None:
         """Set ``fill`` where no patch covers."""
