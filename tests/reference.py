@@ -112,7 +112,9 @@ class Layout:
         for a, (_, after) in zip(range(ndim), self.pad_width):
             if a in self.axes:
                 full[a] = self.shape[a] + after
-        kind = np.complex128 if patches.dtype.kind == "c" else np.float64
+        # Sums in extended precision, as patchgrid's accumulators are wider than the patches;
+        # the result rounded once to float64 (complex128).
+        kind = np.clongdouble if patches.dtype.kind == "c" else np.longdouble
         w = np.ones(self.size) if weight is None else np.asarray(weight, dtype=np.float64)
         wshape = [1] * ndim
         for a, p in zip(self.axes, self.size):
@@ -141,7 +143,7 @@ class Layout:
         )
         out, count = out[crop], count[crop]
         out[count == 0] = fill
-        return out, count
+        return out.astype(np.complex128 if kind == np.clongdouble else np.float64), count
 
 
 def window_1d(name: str, n: int) -> list[float]:

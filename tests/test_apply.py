@@ -568,9 +568,9 @@ def test_merger_accumulator_stays_one_patch_thick(batching):
 
 def test_merger_accumulates_straight_into_the_output_when_nothing_needs_casting():
     grid = _tall_grid()
-    image = _image(TALL)
+    image = _image(TALL).astype(np.float32)
     patches = _patches(image, grid)
-    out = np.full(TALL, np.nan)
+    out = np.full(TALL, np.nan)  # float64: float32 patches' own accumulator dtype
     merger = pg.Merger(grid, window="hann", out=out)
     for ids in _row_batches(grid):
         merger.add(patches[ids], ids)

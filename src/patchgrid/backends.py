@@ -14,7 +14,7 @@ import numpy as np
 
 from ._checks import PatchgridError
 
-__all__ = ["Backend", "backend_of"]
+__all__ = ["Backend", "backend_of", "check_cast", "check_exact_sum", "lossless"]
 
 
 class Backend:
@@ -67,13 +67,19 @@ class Backend:
         return str(np.dtype(dtype).kind)
 
     def acc_dtype(self, dtype: Any, reduce: str) -> Any:
+        """The accumulator of a merge: the patches' dtype for ``max``/``min``; for sums, a
+        float with more mantissa bits than the patches carry, so that the sum of many equal
+        values divided by their count is that value exactly and no sum of finite values
+        overflows (float64 for float16/32 and integers up to 32 bits; the x87 extended
+        ``longdouble``, where the platform has one, for float64 and 64-bit integers)."""
         dtype = np.dtype(dtype)
         if reduce in ("max", "min"):
             return dtype
-        if dtype.kind == "f":
-            return np.result_type(dtype, np.float32)
         if dtype.kind == "c":
-            return np.result_type(dtype, np.complex64)
+            return np.dtype(np.clongdouble) if dtype.itemsize >= 16 and WIDE else np.dtype(
+                np.complex128)  # fmt: skip
+        if dtype.itemsize >= 8 and WIDE:
+            return np.dtype(np.longdouble)
         return np.dtype(np.float64)
 
     def out_dtype(self, dtype: Any, reduce: str) -> Any:
@@ -176,6 +182,17 @@ class Backend:
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
+
+    def numpy_dtype(self, dtype: Any) -> np.dtype:
+        """The NumPy dtype that stands for ``dtype`` in the cast rule."""
+        return np.dtype(dtype)
+
+    def value_range(self, x: Any) -> tuple[Any, Any]:
+        """``(min, max)`` of ``x`` as Python numbers (NaN if ``x`` holds a NaN)."""
+        return x.min().item(), x.max().item()
+
+    def count_inf(self, x: Any) -> int:
+        return int(np.isinf(x).sum())
 
 
 # The least items of an in-place add worth handing to torch (when the caller imported it).
@@ -281,15 +298,12 @@ class TorchBackend(Backend):
         )
 
     def acc_dtype(self, dtype: Any, reduce: str) -> Any:
+        # torch has no type wider than float64: 64-bit values are summed in float64 (exact
+        # for the integers :func:`check_exact_sum` lets through).
         t = self.torch
         if reduce in ("max", "min"):
             return dtype
-        kind = self.kind(dtype)
-        if kind == "f":
-            return t.promote_types(dtype, t.float32)
-        if kind == "c":
-            return t.promote_types(dtype, t.complex64)
-        return t.float64
+        return t.complex128 if self.kind(dtype) == "c" else t.float64
 
     def out_dtype(self, dtype: Any, reduce: str) -> Any:
         if reduce in ("max", "min") or self.kind(dtype) in "fc":
@@ -384,8 +398,150 @@ class TorchBackend(Backend):
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x.detach().cpu())
 
+    def numpy_dtype(self, dtype: Any) -> np.dtype:
+        dtype = self.as_dtype(dtype)
+        # bfloat16 has NumPy's float32 range (and fewer bits): it stands in for the rule.
+        return np.dtype(self._np_of.get(dtype, np.float32))
+
+    def value_range(self, x: Any) -> tuple[Any, Any]:
+        if self.kind(x.dtype) in "iu" and x.dtype not in (self.torch.uint8, self.torch.int8,
+                                                          self.torch.int16, self.torch.int32,
+                                                          self.torch.int64):  # fmt: skip
+            return Backend().value_range(self.to_numpy(x))  # uint16-64: few ops in torch
+        if x.dtype == self.torch.bool:
+            x = x.to(self.torch.uint8)
+        return x.min().item(), x.max().item()
+
+    def count_inf(self, x: Any) -> int:
+        return int(self.torch.isinf(x).sum().item())
+
 
 NUMPY = Backend()
+
+# Whether this platform's ``longdouble`` has more mantissa bits than float64 (x86's 80-bit
+# extended: 63 bits, every int64 and uint64 exactly; a quad on some others).
+WIDE = np.finfo(np.longdouble).nmant > np.finfo(np.float64).nmant
+
+
+def lossless(src: np.dtype, dst: np.dtype) -> bool:
+    """Whether every value of dtype ``src`` is held by ``dst`` (floats may round, but never
+    overflow; integers and booleans are held exactly)."""
+    src, dst = np.dtype(src), np.dtype(dst)
+    if src == dst or src.kind == "b":
+        return True
+    if dst.kind == "b":
+        return False
+    if src.kind in "iu" and dst.kind in "iu":
+        return bool(np.can_cast(src, dst, "safe"))
+    if src.kind in "iu" and dst.kind in "fc":
+        info = np.iinfo(src)
+        limit = 2 ** (np.finfo(dst).nmant + 1)
+        return info.max <= limit and info.min >= -limit
+    if src.kind == "f" and dst.kind in "fc" or src.kind == "c" and dst.kind == "c":
+        return bool(np.finfo(dst).max >= np.finfo(src).max)
+    return False
+
+
+def check_cast(
+    xp: Backend,
+    values: Any,
+    dtype: Any,
+    *,
+    src: Any = None,
+    force: bool = False,
+    what: str = "the result",
+    hint: str = "",
+) -> None:
+    """The one range-and-cast rule: refuse to cast ``values`` into ``dtype`` where a value
+    would not be held (no wrapping, no NaN turned into an integer, no overflow to inf, no
+    integer beyond the range a float holds exactly, no complex into real).
+
+    Every path that casts (merges in memory, out of core and on Dask, extract's ``out=``, NumPy
+    and torch) goes through this. Integer targets take values already rounded. The values are
+    looked at only where the dtypes alone do not settle it.
+
+    ``src`` is the dtype the values stand for when they are held in another (integer
+    patches averaged in a float accumulator); ``force`` looks at the values even where the
+    dtypes would settle it (sums, which may leave the range of what they add).
+    """
+    dst = xp.numpy_dtype(dtype)
+    src = xp.numpy_dtype(xp.dtype(values)) if src is None else xp.numpy_dtype(src)
+    if not force and lossless(src, dst):
+        return
+    tail = f"; {hint}" if hint else ""
+    if src.kind == "c" and dst.kind != "c":
+        raise PatchgridError(
+            f"{what} is complex ({src}) and dtype {dst} is not: the imaginary part would be "
+            f"dropped; take .real or .imag first, or use a complex dtype{tail}"
+        )
+    size = values.numel() if xp.name == "torch" else values.size
+    if not size:
+        return
+    lo, hi = xp.value_range(values)
+    if lo != lo or hi != hi:  # NaN
+        if dst.kind in "iub":
+            raise PatchgridError(
+                f"{what} holds NaN, which dtype {dst} cannot store; fill or mask the NaN "
+                f"first, or use a floating dtype{tail}"
+            )
+        return  # NaN stays NaN in a float
+    if dst.kind in "iub":
+        low, high = (0, 1) if dst.kind == "b" else (np.iinfo(dst).min, np.iinfo(dst).max)
+        if not (low <= lo and hi <= high):
+            raise PatchgridError(
+                f"{what} runs from {lo} to {hi}, which dtype={dst} cannot hold ({low} to "
+                f"{high}); values outside it would wrap{tail}"
+            )
+        return
+    if src.kind in "iub":
+        limit = 2 ** (np.finfo(dst).nmant + 1)
+        if lo < -limit or hi > limit:
+            raise PatchgridError(
+                f"{what} runs from {lo} to {hi}; dtype={dst} holds integers exactly only up to "
+                f"2**{np.finfo(dst).nmant + 1} in size, so these would be rounded{tail}"
+            )
+        return
+    big = float(np.finfo(dst).max)
+    if (abs(lo) > big and lo != -np.inf) or (abs(hi) > big and hi != np.inf) or (
+        (lo == -np.inf or hi == np.inf)
+        and xp.count_inf(xp.astype(values, dtype)) > xp.count_inf(values)
+    ):
+        raise PatchgridError(
+            f"{what} runs from {lo:g} to {hi:g}, beyond what dtype={dst} holds (largest "
+            f"{big:g}): values would overflow to inf{tail}"
+        )
+
+
+def check_exact_sum(
+    xp: Backend, values: Any, acc: Any, overlap: int, weighted: bool, *, what: str = "patches"
+) -> None:
+    """Refuse integer patches too large to be summed exactly in the accumulator ``acc``.
+
+    ``overlap`` patches at most meet at a voxel; their sum must stay within the integers the
+    accumulator holds exactly (with a window, whose weights are not integers, 2**10 less, so
+    that the rounded mean of equal values is that value).
+    """
+    src, dst = xp.numpy_dtype(xp.dtype(values)), xp.numpy_dtype(acc)
+    if src.kind not in "iu" or dst.kind not in "fc":
+        return
+    bits = np.finfo(dst).nmant + 1 - (10 if weighted else 0)
+    limit = 2**bits // max(overlap, 1)
+    info = np.iinfo(src)
+    if info.max <= limit and info.min >= -limit:
+        return
+    size = values.numel() if xp.name == "torch" else values.size
+    if not size:
+        return
+    lo, hi = xp.value_range(values)
+    if lo < -limit or hi > limit:
+        wide = "" if xp.name == "numpy" and WIDE else (
+            " (NumPy arrays on x86 sum in 80-bit extended precision, exact to 2**64)")  # fmt: skip
+        raise PatchgridError(
+            f"{what} run from {lo} to {hi}; up to {overlap} of them meet at a voxel, and their "
+            f"sum is exact in {dst} only for values up to {limit} in size{wide}. For labels or "
+            f"IDs use reduce='max' or 'min' (exact for every dtype), or patches that do not "
+            f"overlap"
+        )
 
 
 @lru_cache(maxsize=1)

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._checks import PatchgridError
-from .backends import NUMPY, is_dask
+from .backends import NUMPY, check_cast, check_exact_sum, is_dask, lossless
 from .grid import PatchGrid, _restore
 
 #: Most chunks along the second chained axis of a task's block (``out=``): the task keeps the
@@ -599,6 +599,7 @@ def _chunk(
     weighted = spec.reduce in ("mean", "sum", "argmax")
     array_window = weighted and windows.profiles(spec.window, out_grid.size) is None
     acc: np.ndarray | None = None
+    patch_dtype: np.dtype | None = None  # fn's output dtype, once seen
     wacc: np.ndarray | None = None  # the weights summed, for a window that is not separable
     wshape_acc = [ext[axes.index(a)] if a in axes else 1 for a in range(grid.ndim)]
 
@@ -641,11 +642,14 @@ def _chunk(
             result = _check_output(fn(batch), batch, NUMPY, out_grid, full, fn)
             result = _core(result[: len(chunk)], out_grid, full)
             if acc is None:
-                kind = result.dtype.kind
-                start(result[0], result.dtype if spec.reduce in ("max", "min")
-                      else np.result_type(result.dtype, np.float32) if kind in "fc"
-                      else np.dtype(np.float64))  # fmt: skip
+                patch_dtype = result.dtype
+                start(result[0], NUMPY.acc_dtype(result.dtype, "mean" if spec.reduce == "argmax"
+                                                 else spec.reduce))  # fmt: skip
             assert acc is not None
+            if spec.reduce not in ("max", "min") and result.dtype.kind in "iu":
+                uniform = spec.window is None or (
+                    isinstance(spec.window, str) and spec.window == "uniform")  # fmt: skip
+                check_exact_sum(NUMPY, result, acc.dtype, out_grid.overlap, not uniform)
             if w is not None:
                 result = result * w  # the whole batch weighted at once, not patch by patch
             for patch, pos in zip(result, chunk):
@@ -687,13 +691,16 @@ def _chunk(
                 cut[a] = slice(0, cores[i][1] - cores[i][0])
         wcut = tuple(c if a in axes else slice(None) for a, c in enumerate(cut))
         carries.append((acc[tuple(cut)].copy(), None if wacc is None else wacc[wcut].copy()))
-    return (_finish(acc, wacc, cores, spec), *carries)
+    return (_finish(acc, wacc, cores, spec, patch_dtype), *carries)
 
 
 def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
-            cores: Sequence[tuple[int, int]], spec: _Spec) -> np.ndarray:  # fmt: skip
-    """A chunk's complete sums (the corner of ``acc``) normalised, reduced and cast."""
-    from .merge import _divide_by_profiles, check_range
+            cores: Sequence[tuple[int, int]], spec: _Spec,
+            patch_dtype: np.dtype | None = None) -> np.ndarray:  # fmt: skip
+    """A chunk's complete sums (the corner of ``acc``) normalised, reduced and cast.
+
+    ``patch_dtype`` is fn's output dtype where this task saw one (else the sums' own)."""
+    from .merge import _divide_by_profiles, cast_hint
 
     axes = spec.out_grid.axes
     if acc is None:  # no patch touches this chunk
@@ -731,11 +738,15 @@ def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
             mask = mask.take(0, axis=spec.class_axis)
     else:
         result = acc
-        if (np.dtype(spec.dtype).kind in "iub" and result.dtype.kind in "fc"
-                and spec.reduce in ("mean", "sum")):  # fmt: skip
+        if np.dtype(spec.dtype).kind in "iub" and result.dtype.kind == "f":
             result = np.rint(result)
-    if np.dtype(spec.dtype).kind in "iu" and result.dtype.kind in "fc":
-        check_range(result, str(spec.dtype))
+        seen = result.dtype if patch_dtype is None else np.dtype(patch_dtype)
+        src = seen if seen.kind in "iub" else result.dtype
+        force = spec.reduce == "sum" or patch_dtype is None
+        if force or not lossless(seen, np.dtype(spec.dtype)):
+            check_cast(NUMPY, result, spec.dtype, src=src, force=force,
+                       what=f"the merged result (reduce={spec.reduce!r})",
+                       hint=cast_hint(spec.reduce))  # fmt: skip
     result = result.astype(spec.dtype, copy=False)
     if mask is not None:
         result = np.where(mask, np.array(spec.fill, dtype=spec.dtype), result)

@@ -363,6 +363,25 @@ class PatchGrid:
                 return False
         return True
 
+    @property
+    def overlap(self) -> int:
+        """The most patches that meet at one voxel (a product of per-axis counts).
+
+        Examples
+        --------
+        >>> import patchgrid as pg
+        >>> pg.PatchGrid((10, 10), size=4, stride=2, edge="shift").overlap
+        4
+        """
+        most = 1
+        for st, p in zip(self._starts, self.size):
+            starts = np.asarray(st)
+            # Patches over voxel x: start <= x < start + size; the most is reached at a start.
+            over = np.searchsorted(starts, starts, "right") - np.searchsorted(
+                starts + p, starts, "right")  # fmt: skip
+            most *= int(over.max()) if len(over) else 0
+        return most
+
     def axis_starts(self, j: int) -> np.ndarray:
         """Starts of the patches along the ``j``-th tiled axis (``j`` counts tiled axes only)."""
         return np.array(self._starts[j], dtype=np.intp)

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _checks, _fast, _kernels, windows
 from ._checks import PatchgridError
-from .backends import NUMPY, Backend, backend_of
+from .backends import NUMPY, Backend, backend_of, check_cast, check_exact_sum, lossless
 from .grid import PatchGrid, _restore
 
 __all__ = ["Merger", "coverage", "merge"]
@@ -41,16 +41,14 @@ def _profile_sum(starts: np.ndarray, weights: np.ndarray, length: int) -> np.nda
     return out
 
 
-def check_range(values: Any, name: str) -> None:
-    """Refuse to cast ``values`` into the integer dtype ``name`` if it cannot hold them (no
-    wrapping)."""
-    low, high = (float(v) for v in (values.min(), values.max())) if values.size else (0, 0)
-    info = np.iinfo(np.dtype(name))
-    if low < info.min or high > info.max:
-        raise PatchgridError(
-            f"the merged values run from {low:g} to {high:g}, which dtype={name} cannot "
-            f"hold ({info.min} to {info.max}); choose a wider dtype"
-        )
+def cast_hint(reduce: str) -> str:
+    """What to do instead, for an error of the cast rule in a merge."""
+    if reduce == "argmax":
+        return "give an out= or dtype= that holds every class number"
+    return (
+        "give a dtype= (or an out=) that holds the merged values, e.g. a wider integer or a "
+        "float"
+    )
 
 
 def _shaped(p: Any, a: int, ndim: int) -> Any:
@@ -212,6 +210,7 @@ class Merger:
         self._result: Any = None
         self._starts0 = grid.axis_starts(0)
         self._starts_all: np.ndarray | None = None  # every patch's corner, once needed
+        self._overlap: int | None = None  # the most patches over a voxel, once needed
         # Out-of-core work is bound by its files, and its budget is memory: there the kernels
         # serve only if the process has loaded them already (loading costs about 65 MiB).
         self._load_kernels = True
@@ -290,6 +289,8 @@ class Merger:
             self._acc_dtype = xp.acc_dtype(dtype, self.reduce)
             default = xp.out_dtype(dtype, self.reduce)
         self._out_shape = tuple(out_shape)
+        self._patch_dtype = dtype
+        self._n_classes = n_classes if self.reduce == "argmax" else 0
         if self._dtype is not None:
             default = self._dtype
         elif self._sink is not None:
@@ -303,6 +304,11 @@ class Merger:
                 f"{tuple(self._sink.shape)}"
             )
         self._check_fill()
+        if self.reduce == "argmax":
+            # The labels are known before any work: check them against the output now.
+            check_cast(NUMPY, np.arange(max(self._n_classes, 1)), xp.numpy_dtype(self._out_dtype),
+                       what=f"class numbers of {self._n_classes} classes",
+                       hint=cast_hint("argmax"))  # fmt: skip
         self._identity = (
             0 if self.reduce not in ("max", "min")
             else xp.extreme(self._acc_dtype, self.reduce == "min")
@@ -318,6 +324,14 @@ class Merger:
                 backend_of(sink) is xp and (isinstance(sink, np.ndarray) or xp.name == "torch")
                 and xp.dtype(sink) == self._acc_dtype and xp.writeable(sink)))
         )  # fmt: skip
+
+    def _check_sum(self, arr: Any) -> None:
+        """Integer patches: refuse values whose sums the accumulator cannot hold exactly."""
+        if self.reduce in ("max", "min") or self._xp.kind(self._patch_dtype) not in "iu":
+            return
+        if self._overlap is None:
+            self._overlap = self.grid.overlap
+        check_exact_sum(self._xp, arr, self._acc_dtype, self._overlap, not self._uniform)
 
     def _check_fill(self) -> None:
         if not self._xp.fits(self.fill, self._out_dtype):
@@ -441,6 +455,7 @@ class Merger:
                 self.add(arr[b0:b1], idx[b0:b1])
             return
         self._start(arr, tuple(arr.shape[1:]))
+        self._check_sum(arr)
         self._ensure(int(self._starts0[rows].max()) + grid.size[0])
         xp, op, weight = self._xp, self._op(), self._weight()
         if self._add_compiled(arr, idx, op, weight):
@@ -556,6 +571,7 @@ class Merger:
         if self._seen.any():
             raise PatchgridError("add_all needs a Merger that has no patches yet")
         self._start(arr, tuple(arr.shape[k:]))
+        self._check_sum(arr)
         xp = self._xp
         if self._add_all_compiled(arr):
             return
@@ -687,12 +703,10 @@ class Merger:
             return
         if self._class_axis is not None:
             result = self._labels(result)
-        elif self.reduce in ("mean", "sum") and (
-            xp.kind(self._out_dtype) in "iub" and xp.kind(xp.dtype(result)) in "fc"
-        ):
-            result = xp.round(result)  # an integer output takes the nearest value, not a floor
-        if xp.kind(self._out_dtype) in "iu" and xp.kind(xp.dtype(result)) in "fc":
-            self._check_range(result)
+        else:
+            if xp.kind(self._out_dtype) in "iub" and xp.kind(xp.dtype(result)) == "f":
+                result = xp.round(result)  # an integer output takes the nearest value
+            self._check_cast(result)
         result = xp.astype(result, self._out_dtype)
         self._fill(result, masks)
         if stop > 0:
@@ -721,8 +735,20 @@ class Merger:
                                                    self._out_dtype))  # fmt: skip
         return labels
 
-    def _check_range(self, values: Any) -> None:
-        check_range(values, str(self._out_dtype).replace("torch.", ""))
+    def _check_cast(self, values: Any, dtype: Any = None) -> None:
+        """The cast rule for finished values going to the output dtype (or ``dtype``).
+
+        A mean, max or min stays within the range of the patches, so only an output that
+        cannot hold the patches' dtype needs a look at the values; a sum always does.
+        """
+        xp = self._xp
+        dtype = self._out_dtype if dtype is None else dtype
+        src = self._patch_dtype if xp.kind(self._patch_dtype) in "iub" else xp.dtype(values)
+        force = self.reduce == "sum"
+        if not force and lossless(xp.numpy_dtype(self._patch_dtype), xp.numpy_dtype(dtype)):
+            return
+        check_cast(xp, values, dtype, src=src, force=force, what=f"the merged result "
+                   f"(reduce={self.reduce!r})", hint=cast_hint(self.reduce))  # fmt: skip
 
     def _fill(self, result: Any, masks: list[tuple[int, Any]]) -> None:
         """Set ``fill`` where no patch covers."""
@@ -752,6 +778,11 @@ class Merger:
         where: list[Any] = [slice(None)] * len(self._out_shape)
         where[axis] = slice(lo, hi)
         sink_xp = backend_of(self._sink)
+        into = sink_xp.numpy_dtype(self._sink.dtype) if sink_xp.name == "torch" else np.dtype(
+            self._sink.dtype)  # fmt: skip
+        if into != self._xp.numpy_dtype(self._out_dtype):
+            check_cast(self._xp, block, into, what=f"the merged result (dtype {self._out_dtype})",
+                       hint=f"out= has dtype {into}; " + cast_hint(self.reduce))  # fmt: skip
         if sink_xp.name == "torch":
             if sink_xp is not self._xp:
                 block = sink_xp.torch.from_numpy(np.ascontiguousarray(block))  # type: ignore[attr-defined]
