@@ -1,5 +1,9 @@
 """torch datasets: every grid patch of many volumes, and random patches drawn reproducibly."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -147,3 +151,150 @@ def test_random_dataset_applies_the_transform_to_image_and_label_together():
     for a, b in zip(plain, flipped):
         assert torch.equal(b["patch"], a["patch"].flip(0))
         assert torch.equal(b["label"], a["label"].flip(0))
+
+
+@pytest.mark.parametrize("size", [(1, 5, 6), (2, 3, 3)], ids=["contiguous", "strided"])
+def test_patch_dataset_items_are_copies_not_views_of_the_volume(size):
+    vol = np.zeros((4, 5, 6), dtype=np.float32)
+    labels = np.zeros((4, 5, 6), dtype=np.uint8)
+    item = pg.PatchDataset(vol, size=size, labels=labels)[0]
+    item["patch"].add_(1)
+    item["label"].add_(1)
+    assert not vol.any()
+    assert not labels.any()
+
+
+def test_patch_dataset_items_from_a_read_only_memmap_are_writable(tmp_path):
+    path = str(tmp_path / "v.npy")
+    pg.save(path, _volumes()[0])
+    item = pg.PatchDataset(np.load(path, mmap_mode="r"), size=(1, 12))[0]
+    item["patch"].mul_(0)
+    assert not item["patch"].any()
+    assert np.load(path)[0].all()
+
+
+def test_random_dataset_items_are_copies_not_views_of_the_volume():
+    vol = np.zeros((4, 6), dtype=np.float32)
+    for item in pg.RandomPatchDataset(vol, (1, 6), 5, labels=np.zeros((4, 6)), seed=0):
+        item["patch"].add_(1)
+        item["label"].add_(1)
+    assert not vol.any()
+
+
+def _epochs(ds, n=3, **loader):
+    if not loader:
+        return [[item["start"].tolist() for item in ds] for _ in range(n)]
+    dl = DataLoader(ds, batch_size=None, **loader)
+    return [[item["start"].tolist() for item in dl] for _ in range(n)]
+
+
+def test_random_dataset_draws_anew_each_epoch():
+    first, second, third = _epochs(pg.RandomPatchDataset(_volumes(), 4, 20, seed=3))
+    assert first != second
+    assert second != third
+
+
+def test_random_dataset_every_epoch_is_reproducible_from_the_seed():
+    assert _epochs(pg.RandomPatchDataset(_volumes(), 4, 20, seed=3)) == _epochs(
+        pg.RandomPatchDataset(_volumes(), 4, 20, seed=3)
+    )
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [{"num_workers": 2}, {"num_workers": 2, "persistent_workers": True}],
+    ids=["workers", "persistent-workers"],
+)
+def test_random_dataset_epochs_are_the_same_with_or_without_workers(loader):
+    alone = _epochs(pg.RandomPatchDataset(_volumes(), 4, 9, seed=3))
+    assert _epochs(pg.RandomPatchDataset(_volumes(), 4, 9, seed=3), **loader) == alone
+
+
+def test_random_dataset_set_epoch_replays_an_epoch():
+    ds = pg.RandomPatchDataset(_volumes(), 4, 20, seed=3)
+    epochs = _epochs(ds)
+    ds.set_epoch(1)
+    assert _epochs(ds, 2) == epochs[1:]
+
+
+def test_random_dataset_without_a_seed_follows_torch_manual_seed():
+    torch.manual_seed(1)
+    a = _epochs(pg.RandomPatchDataset(_volumes(), 4, 20), 2)
+    torch.manual_seed(1)
+    b = _epochs(pg.RandomPatchDataset(_volumes(), 4, 20), 2)
+    torch.manual_seed(2)
+    c = _epochs(pg.RandomPatchDataset(_volumes(), 4, 20), 2)
+    assert a == b
+    assert a != c
+    assert a[0] != a[1]
+
+
+def test_random_dataset_without_a_seed_in_workers_follows_the_loaders_generator():
+    def run():
+        gen = torch.Generator().manual_seed(7)
+        return _epochs(pg.RandomPatchDataset(_volumes(), 4, 9), 2, num_workers=2, generator=gen)
+
+    a = run()
+    assert a == run()
+    assert a[0] != a[1]
+
+
+def test_random_dataset_refuses_a_negative_seed():
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        pg.RandomPatchDataset(_volumes(), 4, 10, seed=-1)
+
+
+def test_random_dataset_labels_of_another_shape_raise():
+    vol = np.zeros((20, 30), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"labels\[0\] has shape \(30, 20\).*\(20, 30\)"):
+        pg.RandomPatchDataset(vol, 4, 10, labels=np.zeros((30, 20), dtype=np.uint8))
+
+
+def test_random_dataset_cannot_be_indexed():
+    ds = pg.RandomPatchDataset(_volumes(), 4, 10, seed=0)
+    with pytest.raises(TypeError, match="cannot be indexed: iterate over it"):
+        ds[0]
+
+
+@pytest.fixture
+def big_endian_nifti():
+    nib = pytest.importorskip("nibabel")
+    path = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
+    volume = np.asarray(nib.load(path).dataobj)
+    assert volume.dtype.byteorder == ">"
+    return path, volume
+
+
+@pytest.mark.parametrize("source", ["path", "array"])
+def test_patch_dataset_reads_a_big_endian_nifti(big_endian_nifti, source):
+    path, volume = big_endian_nifti
+    ds = pg.PatchDataset(path if source == "path" else volume, size=8)
+    grid = pg.PatchGrid(volume.shape, 8, edge="shift")
+    item = ds[len(ds) - 1]
+    assert item["patch"].dtype == torch.int16
+    np.testing.assert_array_equal(item["patch"].numpy(), volume[grid.slices(len(grid) - 1)])
+
+
+@pytest.mark.parametrize("source", ["path", "array"])
+def test_random_dataset_reads_a_big_endian_nifti(big_endian_nifti, source):
+    path, volume = big_endian_nifti
+    ds = pg.RandomPatchDataset(path if source == "path" else volume, 8, 4, seed=0, edge="drop")
+    for item in ds:
+        assert item["patch"].dtype == torch.int16
+        region = tuple(slice(s, s + 8) for s in item["start"].tolist())
+        np.testing.assert_array_equal(item["patch"].numpy(), volume[region])
+
+
+def test_datasets_without_torch_say_how_to_install_it():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import patchgrid as pg\n"
+        "try:\n"
+        "    pg.PatchDataset\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "pip install 'patchgrid[torch]'" in out

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import patchgrid as pg
 from patchgrid import _fast, backends
+from patchgrid.backends import WIDE
 from reference import Layout, window_nd
 
 pytest.importorskip("numba")
@@ -85,7 +86,9 @@ def test_compiled_merge_equals_the_loop(compiled, case, dtype, window, reduce, s
     np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
     assert got.dtype == np.dtype(dtype)
     padded = grid.padded_shape != grid.shape
-    assert len(compiled) - before == (0 if padded else 1)
+    # float64 patches sum in extended precision, which the kernels do not have.
+    served = not padded and (dtype == "float32" or not WIDE)
+    assert len(compiled) - before == (1 if served else 0)
 
 
 def test_compiled_merge_restores_the_image_exactly_where_numpy_does(compiled):
@@ -97,9 +100,9 @@ def test_compiled_merge_restores_the_image_exactly_where_numpy_does(compiled):
 
 
 def test_compiled_merge_writes_into_out(compiled):
-    image = np.random.default_rng(2).random((12, 30)).astype(np.float64)
+    image = np.random.default_rng(2).random((12, 30)).astype(np.float32)
     grid = pg.PatchGrid(image.shape, 6, 3)
-    out = np.full(image.shape, np.nan)
+    out = np.full(image.shape, np.nan)  # float64: the accumulator of float32 patches
     merger = pg.Merger(grid, window="gaussian", out=out)
     merger.add_all(pg.extract(image, grid))
     assert merger.result() is out
@@ -192,7 +195,9 @@ def test_batch_kernel_merges_as_the_loop(batched, case, dtype, window, reduce, b
     assert got.dtype == np.dtype(dtype)
     # One call a batch at least (a batch in grid order reaching into the next row of patches
     # is added row by row).
-    assert len(batched["add_batch"]) - before >= -(-len(order) // batch)
+    # float64 patches sum in extended precision, which the kernels do not have.
+    if dtype == "float32" or not WIDE:
+        assert len(batched["add_batch"]) - before >= -(-len(order) // batch)
 
 
 def _merge_in_batches(image, grid, window):

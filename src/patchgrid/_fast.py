@@ -130,14 +130,19 @@ def loaded() -> bool:
     return _kernels.cache_info().currsize > 0 and _kernels() is not None
 
 
+def _pair(acc: np.dtype, patches: np.dtype) -> bool:
+    """The dtypes the kernels take: float32 or float64 patches into an accumulator of their
+    own dtype or float64 (float32 patches sum in float64, see backends.acc_dtype)."""
+    return acc in (np.float32, np.float64) and patches in (acc, np.float32)
+
+
 def serves(acc: Any, patches: Any, grid_ndim: int, axes: tuple[int, ...]) -> bool:
     """Whether :func:`overlap_add` takes this job (plain float arrays of one dtype, big rows)."""
     if not isinstance(acc, np.ndarray) or not isinstance(patches, np.ndarray):
         return False
     k = len(axes)
     return (
-        acc.dtype == patches.dtype
-        and acc.dtype in (np.float32, np.float64)
+        _pair(acc.dtype, patches.dtype)
         and 1 <= k <= 3
         and axes == tuple(range(grid_ndim - k, grid_ndim))
         and patches.shape[-1] >= MIN_ROW
@@ -226,8 +231,7 @@ def serves_batch(acc: Any, batch: Any, axes: tuple[int, ...], n_patches: int) ->
     k = len(axes)
     ndim = acc.ndim
     return (
-        acc.dtype == batch.dtype
-        and acc.dtype in (np.float32, np.float64)
+        _pair(acc.dtype, batch.dtype)
         and 1 <= k <= 3
         and axes == tuple(range(ndim - k, ndim))
         and batch.ndim == ndim + 1
@@ -318,6 +322,9 @@ def warm() -> bool:
         batch = np.ones((1, 1, 1, 1, MIN_ROW), dtype)
         starts = np.zeros((1, 3), np.intp)
         add_batch(acc, batch, starts, np.ones((1, 1, MIN_ROW), dtype))
+        if dtype == np.float32:  # float32 patches into their float64 accumulator
+            wide = acc.astype(np.float64)
+            add_batch(wide, batch, starts, np.ones((1, 1, MIN_ROW), np.float64))
         divide(acc, 3, [np.ones(2), np.ones(2), np.ones(MIN_ROW)])
         gather(batch, acc, starts)
         gather(batch, acc, starts, stream=True)

@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import sys
@@ -33,6 +34,27 @@ def _ints(text: str) -> tuple[int, ...] | int:
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def _positive_int(text: str) -> int:
+    """A count such as ``--batch 16``: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _positive_ints(text: str) -> tuple[int, ...] | int:
+    """A shape such as ``--shape 64,64,32``: every length at least 1."""
+    value = _ints(text)
+    if any(v < 1 for v in (value if isinstance(value, tuple) else (value,))):
+        raise argparse.ArgumentTypeError(
+            f"expected lengths of at least 1 like 64 or 64,64,32, got {text!r}"
+        )
+    return value
+
+
 def _numbers(text: str) -> Any:
     """``2``, ``0.25``, ``1/4`` or ``2,2,1``."""
     try:
@@ -54,6 +76,48 @@ def _mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:,.1f} MiB"
 
 
+def _size(nbytes: float) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / 2**shift:,.1f} {unit}"
+    return _mib(nbytes)
+
+
+def _memory_available() -> int | None:
+    """Bytes of memory this process may still take: Linux's MemAvailable (or the free
+    physical pages where there is no /proc/meminfo), within a cgroup's limit; None where the
+    system does not say."""
+    have = None
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                have = int(line.split()[1]) * 1024
+                break
+    if have is None:
+        try:
+            have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            have = min(have, int(limit) - used)
+    return max(int(have), 0)
+
+
+def _check_memory(need: int, what: str, hint: str) -> None:
+    """Refuse, before any work, a job whose arrays would not fit in memory."""
+    have = _memory_available()
+    if have is not None and need > have:
+        raise PatchgridError(
+            f"{what} needs {_size(need)} of memory, more than the {_size(have)} available "
+            f"here; {hint}"
+        )
+
+
 def _progress(total: int, desc: str) -> Any:
     """A tqdm bar on a terminal, nothing elsewhere."""
     if not sys.stderr.isatty():
@@ -71,24 +135,39 @@ def _grid_args(p: argparse.ArgumentParser, *, size_required: bool = True) -> Non
     p.add_argument(
         "--edge",
         type=_edges,
-        default="drop",
-        help="drop, pad, shift or even (per axis: shift,shift,pad)",
+        default="shift",
+        help="drop, pad, shift or even, or one per axis: shift,shift,pad (default: shift, "
+        "the last patch moved back to end at the border)",
     )
     p.add_argument(
         "--axes",
         type=_ints,
         default=None,
-        help="tiled axes, e.g. 1,2,3 (default: the last len(size), or all)",
+        help="tiled axes, e.g. 0,1,2 (default: a NIfTI file's spatial axes, the first three; "
+        "for other images every axis, or the last len(size) when --size has several)",
     )
     p.add_argument(
-        "--pad-mode", default="constant", help="a numpy.pad mode for edge=pad (default constant)"
+        "--pad-mode", default="constant", help="a numpy.pad mode for edge=pad (default: constant)"
     )
     p.add_argument(
-        "--pad-value", type=float, default=0, help="value of pad-mode constant (default 0)"
+        "--pad-value", type=float, default=0, help="value of pad-mode constant (default: 0)"
     )
 
 
-def _grid(shape: tuple[int, ...], args: argparse.Namespace) -> Any:
+def _axes(ndim: int, fmt: str | None, args: argparse.Namespace) -> Any:
+    """The tiled axes: ``--axes`` where given, else a NIfTI file's spatial axes (the first
+    three: a fourth is time, a fifth holds components), else the library's choice."""
+    if args.axes is not None or fmt != "nifti":
+        return args.axes
+    k = 3
+    for value in (args.size, args.stride):
+        if isinstance(value, tuple):
+            k = len(value)
+            break
+    return tuple(range(k)) if k <= ndim else None
+
+
+def _grid(shape: tuple[int, ...], args: argparse.Namespace, fmt: str | None = None) -> Any:
     import patchgrid as pg
 
     value = int(args.pad_value) if float(args.pad_value).is_integer() else args.pad_value
@@ -96,7 +175,7 @@ def _grid(shape: tuple[int, ...], args: argparse.Namespace) -> Any:
         shape,
         args.size,
         args.stride,
-        axes=args.axes,
+        axes=_axes(len(shape), fmt, args),
         edge=args.edge,
         pad_mode=args.pad_mode,
         pad_value=value,
@@ -114,15 +193,14 @@ def _info(args: argparse.Namespace) -> int:
     if args.image is not None:
         with pg.open(args.image) as img:
             shape, dtype, spacing = img.shape, img.dtype, img.spacing
-            source = f"{args.image} ({img.format})"
+            source, fmt = f"{args.image} ({img.format})", img.format
     else:
         shape = args.shape if isinstance(args.shape, tuple) else (args.shape,)
-        dtype, spacing, source = np.dtype(args.dtype), (1.0,) * len(shape), "--shape"
-    grid = _grid(shape, args)
-    patch_bytes = len(grid) * int(np.prod(grid.patch_shape)) * dtype.itemsize
-    image_bytes = int(np.prod(shape)) * dtype.itemsize
-    cover = pg.coverage(grid)
-    print(f"image:    {source}: shape {shape}, {dtype}, {_mib(image_bytes)}, spacing {spacing}")
+        dtype, spacing, source, fmt = np.dtype(args.dtype), (1.0,) * len(shape), "--shape", None
+    grid = _grid(shape, args, fmt)
+    patch_bytes = len(grid) * math.prod(grid.patch_shape) * dtype.itemsize
+    image_bytes = math.prod(shape) * dtype.itemsize
+    print(f"image:    {source}: shape {shape}, {dtype}, {_size(image_bytes)}, spacing {spacing}")
     print(f"grid:     size {grid.size}, stride {grid.stride}, axes {grid.axes}, edge {grid.edge}")
     print(f"patches:  counts {grid.counts}, {len(grid)} patches of shape {grid.patch_shape}")
     pads = [(a, after) for a, (_, after) in enumerate(grid.pad_width) if after]
@@ -130,16 +208,59 @@ def _info(args: argparse.Namespace) -> int:
         "padding:  "
         + (", ".join(f"{n} voxels after axis {a}" for a, n in pads) if pads else "none")
     )
-    print(
-        f"coverage: {'every voxel' if grid.covers else 'NOT every voxel (see --edge)'}; "
-        f"{int(cover.min())} to {int(cover.max())} patches per voxel"
-    )
+    print(f"coverage: {_coverage_summary(grid)}")
     kind = "a view costs nothing" if grid.is_regular else "this grid gathers (not a view)"
+    have = _memory_available()
+    more = (
+        f", more than the {_size(have)} of memory available here"
+        if have is not None and patch_bytes > have
+        else ""
+    )
     print(
-        f"memory:   {_mib(patch_bytes)} as a copy "
-        f"({patch_bytes / max(image_bytes, 1):.1f}x the image); {kind}"
+        f"memory:   {_size(patch_bytes)} as a copy "
+        f"({patch_bytes / max(image_bytes, 1):.1f}x the image{more}); {kind}"
     )
     return 0
+
+
+def _profiles(grid: Any) -> list[np.ndarray]:
+    """Patches over each voxel along each tiled axis, padding left out. The grid is a product
+    of per-axis starts, so a voxel lies in the product of its axes' entries: summaries of the
+    whole image follow from these, never from a volume as large as the image."""
+    profiles = []
+    for j, a in enumerate(grid.axes):
+        length, size = grid.shape[a], grid.size[j]
+        steps = np.zeros(length + 1, dtype=np.int64)
+        for start in grid.axis_starts(j).tolist():
+            steps[min(start, length)] += 1
+            steps[min(start + size, length)] -= 1
+        profiles.append(np.cumsum(steps[:-1]))
+    return profiles
+
+
+def _uncovered(grid: Any, profiles: list[np.ndarray] | None = None) -> tuple[int, int]:
+    """(voxels no patch covers, voxels of the image), from the per-axis profiles."""
+    total = math.prod(grid.shape)
+    profiles = _profiles(grid) if profiles is None else profiles
+    covered = math.prod(int(np.count_nonzero(p)) for p in profiles)
+    others = math.prod(n for a, n in enumerate(grid.shape) if a not in grid.axes)
+    return total - covered * others, total
+
+
+def _coverage_summary(grid: Any) -> str:
+    profiles = _profiles(grid)
+    if any(len(p) == 0 for p in profiles):
+        return "the image has no voxels"
+    low = math.prod(int(p.min()) for p in profiles)
+    high = math.prod(int(p.max()) for p in profiles)
+    mean = math.prod(float(p.mean()) for p in profiles)
+    missing, total = _uncovered(grid, profiles)
+    where = (
+        "every voxel"
+        if not missing
+        else f"NOT every voxel: {missing:,} of {total:,} lie in no patch (see --edge)"
+    )
+    return f"{where}; {low} to {high} patches per voxel, {mean:.2f} on average"
 
 
 # ------------------------------------------------------------------------------------- extract
@@ -178,11 +299,24 @@ def _extract(args: argparse.Namespace) -> int:
             f"-o must be a .zarr store or a folder (with --format nii|tif|npy), got {out!r}"
         )
     with pg.open(args.image) as img:
-        grid = _grid(img.shape, args)
+        grid = _grid(img.shape, args, img.format)
+        # A batch is read patch by patch, then stacked; a file per patch holds one at a time.
+        per = 1 if to_dir else args.batch
+        _check_memory(
+            (2 * per + 1) * math.prod(grid.patch_shape) * img.dtype.itemsize,
+            f"extract, {per} patch{'es' if per > 1 else ''} of shape {grid.patch_shape} "
+            f"{img.dtype} at a time,",
+            "use a smaller --size" + (" or --batch" if per > 1 else ""),
+        )
         reader = _Reader(img, grid, [0] * len(grid.axes), NUMPY)
         t0 = time.perf_counter()
         with (
-            atomic_path(out.rstrip("/"), overwrite=args.overwrite) as tmp,
+            atomic_path(
+                out.rstrip("/") or out,
+                overwrite=args.overwrite,
+                kind="zarr" if store else "patches",
+                inputs=[args.image],
+            ) as tmp,
             _progress(len(grid), "extract") as bar,
         ):
             if to_dir:
@@ -214,14 +348,28 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _write_store(path: str, img: Any, grid: Any, reader: Any, batch: int, bar: Any) -> None:
-    """One zarr group: patches (N, *patch), starts (N, k), and everything merge needs."""
+    """One zarr group: patches (N, *patch), starts (N, k), and everything merge needs.
+
+    Every patch is stored, even one that is all zeros, so that merge can tell a lost chunk
+    from a patch of zeros; the attributes are written last, so that a store without them
+    was never finished.
+    """
     zarr = importlib.import_module("zarr")
     root = zarr.open_group(path, mode="w")
     n = len(grid)
     patches = root.create_array(
-        "patches", shape=(n, *grid.patch_shape), dtype=img.dtype, chunks=(1, *grid.patch_shape)
+        "patches",
+        shape=(n, *grid.patch_shape),
+        dtype=img.dtype,
+        chunks=(1, *grid.patch_shape),
+        config={"write_empty_chunks": True},
     )
     root.create_array("starts", data=grid.starts().astype(np.int64))
+    for lo in range(0, n, batch):
+        ids = range(lo, min(lo + batch, n))
+        patches[lo : lo + len(ids)] = np.stack([reader.read(i) for i in ids])
+        if bar is not None:
+            bar.update(len(ids))
     root.attrs["patchgrid"] = {
         "version": 1,
         "grid": {
@@ -241,17 +389,14 @@ def _write_store(path: str, img: Any, grid: Any, reader: Any, batch: int, bar: A
             "affine": None if img.affine is None else np.asarray(img.affine).tolist(),
         },
     }
-    for lo in range(0, n, batch):
-        ids = range(lo, min(lo + batch, n))
-        patches[lo : lo + len(ids)] = np.stack([reader.read(i) for i in ids])
-        if bar is not None:
-            bar.update(len(ids))
 
 
 # --------------------------------------------------------------------------------------- merge
 
 
 def _open_store(path: str) -> tuple[Any, Any, dict[str, Any]]:
+    """The grid, the patches and the source's metadata of a store from ``extract``, checked
+    against themselves (attributes, corners, chunks on disk) without reading the patches."""
     import patchgrid as pg
     from patchgrid.io import _need
 
@@ -260,27 +405,115 @@ def _open_store(path: str) -> tuple[Any, Any, dict[str, Any]]:
         raise FileNotFoundError(f"no such patch store: {path!r}")
     try:
         root = zarr.open_group(path, mode="r")
-        meta = dict(root.attrs["patchgrid"])
-        patches = root["patches"]
+        names = set(root.array_keys())
+        meta = root.attrs.get("patchgrid")
     except Exception:
         raise PatchgridError(
-            f"{path!r} is not a patch store written by 'patchgrid extract'"
+            f"{path!r} is not a patch store written by 'patchgrid extract': "
+            f"it is not a zarr group (its zarr.json is missing or unreadable)"
         ) from None
-    g = meta["grid"]
-    grid = pg.PatchGrid(
-        tuple(g["shape"]),
-        tuple(g["size"]),
-        tuple(g["stride"]),
-        axes=tuple(g["axes"]),
-        edge=tuple(g["edge"]),
-        pad_mode=g["pad_mode"],
-        pad_value=g["pad_value"],
-    )
-    if tuple(patches.shape) != (len(grid), *patches.shape[1:]):
+    if meta is None:
+        if {"patches", "starts"} <= names:
+            raise PatchgridError(
+                f"{path!r} is an unfinished patch store: it has no 'patchgrid' attribute, "
+                f"which 'patchgrid extract' writes last; extract again"
+            )
         raise PatchgridError(
-            f"{path!r} holds {patches.shape[0]} patches but its grid has {len(grid)}"
+            f"{path!r} is not a patch store written by 'patchgrid extract': "
+            f"it has no 'patchgrid' attribute"
         )
-    return grid, patches, meta["source"]
+    try:
+        g, source = meta["grid"], meta["source"]
+        patches, starts = root["patches"], root["starts"]
+        grid = pg.PatchGrid(
+            tuple(g["shape"]),
+            tuple(g["size"]),
+            tuple(g["stride"]),
+            axes=tuple(g["axes"]),
+            edge=tuple(g["edge"]),
+            pad_mode=g["pad_mode"],
+            pad_value=g["pad_value"],
+        )
+    except KeyError as exc:
+        raise PatchgridError(f"patch store {path!r} lacks {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise PatchgridError(
+            f"patch store {path!r}: the grid in its 'patchgrid' attribute is not valid: {exc}"
+        ) from None
+    _check_store(path, grid, patches, starts, source)
+    return grid, patches, source
+
+
+def _check_store(path: str, grid: Any, patches: Any, starts: Any, source: Any) -> None:
+    """Refuse a store whose parts disagree: a merge of it would be silently wrong."""
+    where = f"patch store {path!r}"
+    want = (len(grid), *grid.patch_shape)
+    if tuple(patches.shape) != want:
+        raise PatchgridError(
+            f"{where} holds patches {tuple(patches.shape)} but the grid in its attributes "
+            f"({grid}) makes {want}; the attributes or the patches were changed"
+        )
+    try:
+        dtype = np.dtype(source["dtype"])
+    except (KeyError, TypeError):
+        raise PatchgridError(
+            f"{where}: its 'source' attribute has no valid dtype, got {source.get('dtype')!r}"
+        ) from None
+    if patches.dtype.newbyteorder("=") != dtype.newbyteorder("="):  # zarr stores native order
+        raise PatchgridError(
+            f"{where} holds {patches.dtype} patches but its attributes say the source is "
+            f"{dtype}; the attributes or the patches were changed"
+        )
+    spacing = source.get("spacing")
+    if spacing is not None and len(spacing) != grid.ndim:
+        raise PatchgridError(
+            f"{where}: its source spacing has {len(spacing)} entries but the image has "
+            f"{grid.ndim} axes"
+        )
+    affine = source.get("affine")
+    if affine is not None and np.shape(affine) != (4, 4):
+        raise PatchgridError(
+            f"{where}: its source affine must be 4 x 4, got shape {np.shape(affine)}"
+        )
+    expected = grid.starts()
+    if tuple(starts.shape) != expected.shape:
+        raise PatchgridError(
+            f"{where} holds starts {tuple(starts.shape)} but its grid has {expected.shape}; "
+            f"the attributes or the starts were changed"
+        )
+    stored = np.asarray(starts[...])
+    differ = np.flatnonzero((stored != expected).any(axis=1))
+    if len(differ):
+        i = int(differ[0])
+        raise PatchgridError(
+            f"{where}: {len(differ)} stored patch corners differ from its grid's ({grid}), "
+            f"first patch {i}: stored {tuple(stored[i].tolist())}, grid "
+            f"{tuple(expected[i].tolist())}; the attributes or the starts were changed"
+        )
+    lost = _missing_chunks(os.path.join(path, "patches"), patches)
+    if lost:
+        shown = ", ".join(map(str, lost[:5])) + (
+            f" and {len(lost) - 5} more" if len(lost) > 5 else ""
+        )
+        raise PatchgridError(
+            f"{where} lacks {len(lost)} of its {len(grid)} patches on disk (patches {shown}); "
+            f"they would merge as zeros: extract again"
+        )
+
+
+def _missing_chunks(folder: str, array: Any) -> list[int]:
+    """Indices along axis 0 of the chunks of a zarr array with no object in ``folder``: zarr
+    would read them as the fill value. Lists file names, reads no data."""
+    per = getattr(array, "shards", None) or array.chunks
+    counts = [-(-n // c) for n, c in zip(array.shape, per)]
+    present = set()
+    for root, _, files in os.walk(folder):
+        rel = os.path.relpath(root, folder)
+        for name in files:
+            key = name if rel == "." else os.path.join(rel, name)
+            present.add(key.replace(os.sep, "/"))
+    encode = array.metadata.encode_chunk_key
+    return sorted({int(c[0]) * per[0] for c in np.ndindex(*counts) if encode(c) not in present})
 
 
 @contextlib.contextmanager
@@ -290,14 +523,24 @@ def _sink(
     """An array to merge into that becomes the file ``path``: on disk where the format allows
     (npy, zarr, HDF5: bounded memory), in memory for NIfTI and TIFF (written at the end)."""
     import patchgrid as pg
-    from patchgrid.io import _attrs, _chunks_for, _need, atomic_path, check_dataset, split_path
+    from patchgrid.io import (
+        _attrs,
+        _chunks_for,
+        _need,
+        atomic_path,
+        check_dataset,
+        check_target,
+        split_path,
+    )
 
     file, fmt, dataset = split_path(path)
     dtype = np.dtype(dtype)
-    keep = fmt == "hdf5" and os.path.exists(file)
+    keep = fmt == "hdf5" and os.path.lexists(file)
+    name = (dataset or "data") if fmt == "hdf5" else None
     if keep:
+        check_target(file, overwrite=True, kind=fmt, dataset=name)
         check_dataset(file, dataset, overwrite)  # the file's other datasets stay
-    with atomic_path(file, overwrite=overwrite or keep) as tmp:
+    with atomic_path(file, overwrite=overwrite or keep, dataset=name) as tmp:
         if fmt == "npy":
             mapped = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
             yield mapped
@@ -332,10 +575,18 @@ def _sink(
 
 def _merge(args: argparse.Namespace) -> int:
     import patchgrid as pg
+    from patchgrid.io import split_path
     from patchgrid.merge import merge_tiled
 
     grid, patches, source = _open_store(args.patches)
     n = len(grid)
+    missing, total = _uncovered(grid)
+    if missing:
+        print(
+            f"patchgrid merge: warning: {missing:,} of {total:,} voxels lie in no patch "
+            f"(edge {_fmt(grid.edge)}); they get --fill {args.fill:g}",
+            file=sys.stderr,
+        )
     first = np.asarray(patches[0:1])
     reduce_ = args.reduce
     # The source's dtype by default, so that a round trip gives the source back exactly
@@ -346,6 +597,18 @@ def _merge(args: argparse.Namespace) -> int:
     spacing = source.get("spacing") or [1.0] * grid.ndim
     if reduce_ == "argmax" and probe._class_axis is not None:
         spacing = [s for a, s in enumerate(spacing) if a != probe._class_axis]
+    # NIfTI and TIFF outputs are built in memory; the others are filled on disk tile by tile.
+    in_memory = split_path(args.output)[1] in ("nifti", "tiff")
+    out_bytes = math.prod(probe._out_shape) * np.dtype(probe._out_dtype).itemsize
+    patch = math.prod(grid.patch_shape)
+    _check_memory(
+        (out_bytes if in_memory else 0)
+        + args.batch * patch * first.dtype.itemsize
+        + 2 * patch * np.dtype(probe._acc_dtype).itemsize,
+        f"merge into {args.output}"
+        + (f" ({_size(out_bytes)} built in memory)" if in_memory else ""),
+        "write a .zarr, .h5 or .npy output (filled on disk) or lower --batch",
+    )
     t0 = time.perf_counter()
     with (
         _sink(
@@ -415,10 +678,10 @@ def load_function(spec: str) -> Callable[[Any], Any]:
 
 def _apply(args: argparse.Namespace) -> int:
     import patchgrid as pg
+    from patchgrid.io import split_path
 
     fn = load_function(args.model)
     kw = dict(
-        axes=args.axes,
         edge=args.edge,
         pad_mode=args.pad_mode,
         pad_value=args.pad_value,
@@ -430,11 +693,13 @@ def _apply(args: argparse.Namespace) -> int:
         dtype=args.dtype,
     )
     with pg.open(args.image) as img:
+        kw["axes"] = _axes(img.ndim, img.format, args)
+        layout = pg.PatchGrid(img.shape, args.size, axes=kw["axes"], edge="pad")
+        axes = layout.axes
         # The model's output over one patch-sized corner tells the output's layout and dtype.
         probe = pg.apply(
-            fn, img[_probe_region(img.shape, args)], args.size, args.stride, progress=False, **kw
+            fn, img[_probe_region(layout)], args.size, args.stride, progress=False, **kw
         )
-        axes = pg.PatchGrid(img.shape, args.size, axes=args.axes, edge="pad").axes
         scale = args.scale if isinstance(args.scale, tuple) else (args.scale,) * len(axes)
         free = [a for a in range(img.ndim) if a not in axes]
         keep = [a for a in range(img.ndim) if not (args.reduce == "argmax" and a == free[-1])]
@@ -447,6 +712,17 @@ def _apply(args: argparse.Namespace) -> int:
             else:
                 spacing.append(img.spacing[a])
         affine = _scaled_affine(img.affine, axes, scale)
+        # A batch in, the model's output and its weighted float64 copy; NIfTI and TIFF
+        # outputs are built whole in memory.
+        in_memory = split_path(args.output)[1] in ("nifti", "tiff")
+        out_bytes = math.prod(out_shape) * probe.dtype.itemsize
+        _check_memory(
+            args.batch_size * math.prod(layout.patch_shape) * (img.dtype.itemsize + 16)
+            + (out_bytes if in_memory else 0),
+            f"apply of {args.batch_size} patches at a time"
+            + (f" into {args.output} ({_size(out_bytes)} built in memory)" if in_memory else ""),
+            "lower --batch-size" + (" or write a .zarr, .h5 or .npy output" if in_memory else ""),
+        )
         t0 = time.perf_counter()
         with _sink(
             args.output, tuple(out_shape), probe.dtype, spacing, affine, args.overwrite
@@ -471,13 +747,11 @@ def _scaled_affine(affine: Any, axes: Sequence[int], scale: Sequence[Any]) -> An
     return np.asarray(affine) @ m
 
 
-def _probe_region(shape: Sequence[int], args: argparse.Namespace) -> tuple[slice, ...]:
-    import patchgrid as pg
-
-    grid = pg.PatchGrid(shape, args.size, axes=args.axes, edge="pad")
-    key = [slice(None)] * len(shape)
+def _probe_region(grid: Any) -> tuple[slice, ...]:
+    """One patch-sized corner of the image (less where the image is smaller)."""
+    key = [slice(None)] * grid.ndim
     for a, p in zip(grid.axes, grid.size):
-        key[a] = slice(0, min(p, shape[a]))
+        key[a] = slice(0, min(p, grid.shape[a]))
     return tuple(key)
 
 
@@ -486,17 +760,22 @@ def _probe_region(shape: Sequence[int], args: argparse.Namespace) -> tuple[slice
 
 def _preview(args: argparse.Namespace) -> int:
     import patchgrid as pg
-    from patchgrid.io import _need
+    from patchgrid.io import _need, atomic_path
     from patchgrid.plot import preview
 
     _need("matplotlib")
     if not args.output.lower().endswith(".png"):
         raise PatchgridError(f"-o must be a .png file, got {args.output!r}")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise FileExistsError(f"{args.output!r} exists; pass --overwrite to replace it")
     with pg.open(args.image) as img:
-        grid = _grid(img.shape, args)
-        preview(img, grid, args.output)
+        grid = _grid(img.shape, args, img.format)
+        # The picture's coverage overlay is a float64 volume over the padded tiled axes.
+        _check_memory(
+            2 * 8 * math.prod(grid.padded_shape[a] for a in grid.axes),
+            f"preview of a grid over {grid.shape}",
+            "preview a smaller image (a crop of it)",
+        )
+        with atomic_path(args.output, overwrite=args.overwrite, inputs=[args.image]) as tmp:
+            preview(img, grid, tmp)
     print(f"preview: {grid}")
     print(f"wrote:   {args.output}")
     return 0
@@ -511,6 +790,13 @@ def _demo(args: argparse.Namespace) -> int:
     folder = os.path.abspath(args.dir)
     os.makedirs(folder, exist_ok=True)
     shape = args.shape if isinstance(args.shape, tuple) else (args.shape,) * 3
+    voxels = math.prod(shape)
+    # The phantom's float64 coordinate grids and sums, then patches, merges and coverage.
+    _check_memory(
+        (len(shape) + 8) * 8 * voxels,
+        f"demo over a {' x '.join(map(str, shape))} volume",
+        "give a smaller --shape",
+    )
     volume = _phantom(shape)
     print(f"demo: a synthetic {' x '.join(map(str, shape))} float32 volume (spheres in noise)")
     grid = pg.PatchGrid(volume.shape, size=args.size, stride=args.stride, edge=args.edge)
@@ -548,7 +834,7 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print("in Python:")
     print("    import patchgrid as pg")
-    edge = "" if args.edge == "drop" else f", edge={args.edge!r}"
+    edge = "" if args.edge == "shift" else f", edge={args.edge!r}"
     print(f"    patches = pg.extract(volume, size={args.size}, stride={args.stride}{edge})")
     print(f"    restored = pg.merge(patches, volume.shape, stride={args.stride}{edge})")
     for line in wrote:
@@ -581,8 +867,11 @@ def _demo_files(volume: np.ndarray, grid: Any, folder: str, args: argparse.Names
     import patchgrid as pg
 
     source = os.path.join(folder, "volume.nii.gz")
-    pg.save(source, volume, spacing=(1.0, 1.0, 2.0), overwrite=True)
-    lines.append(f"  {source}: the volume as NIfTI (spacing 1 x 1 x 2)")
+    spacing = (1.0,) * (volume.ndim - 1) + (2.0,)
+    pg.save(source, volume, spacing=spacing, overwrite=True)
+    lines.append(
+        f"  {source}: the volume as NIfTI (spacing {' x '.join(f'{s:g}' for s in spacing)})"
+    )
     common = [
         "--size",
         _fmt(args.size),
@@ -643,11 +932,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shape",
-        type=_ints,
+        type=_positive_ints,
         default=None,
         help="describe a grid over this shape instead of a file",
     )
-    p.add_argument("--dtype", default="float32", help="dtype for --shape (default float32)")
+    p.add_argument("--dtype", default="float32", help="dtype for --shape (default: float32)")
     _grid_args(p)
     p.set_defaults(run=_info)
 
@@ -665,7 +954,10 @@ def _parser() -> argparse.ArgumentParser:
         "--format", choices=sorted(SUFFIX), default=None, help="one file per patch in a folder"
     )
     p.add_argument(
-        "--batch", type=int, default=16, help="patches read and written at a time (default 16)"
+        "--batch",
+        type=_positive_int,
+        default=16,
+        help="patches read and written at a time (default: 16)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _grid_args(p)
@@ -684,11 +976,21 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="output image (.nii.gz, .tif, .zarr, .h5:dataset, .npy)",
     )
-    p.add_argument("--window", default="uniform", help="uniform, gaussian, hann or triangular")
-    p.add_argument("--reduce", default="mean", help="mean, sum, max, min or argmax")
-    p.add_argument("--dtype", default=None, help="output dtype (default: as merge decides)")
-    p.add_argument("--fill", type=float, default=0, help="value of voxels no patch covers")
-    p.add_argument("--batch", type=int, default=16, help="patches read at a time")
+    p.add_argument(
+        "--window",
+        default="uniform",
+        help="uniform, gaussian, hann or triangular (default: uniform)",
+    )
+    p.add_argument("--reduce", default="mean", help="mean, sum, max, min or argmax (default: mean)")
+    p.add_argument(
+        "--dtype", default=None, help="output dtype (default: the source's, for mean, max, min)"
+    )
+    p.add_argument(
+        "--fill", type=float, default=0, help="value of voxels no patch covers (default: 0)"
+    )
+    p.add_argument(
+        "--batch", type=_positive_int, default=16, help="patches read at a time (default: 16)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(run=_merge)
 
@@ -705,18 +1007,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="module:function or path/file.py:function")
     p.add_argument("-o", "--output", required=True, help="output image")
     p.add_argument(
-        "--window", default=None, help="blending window (default gaussian; uniform for max and min)"
+        "--window",
+        default="uniform",
+        help="uniform, gaussian, hann or triangular (default: uniform)",
     )
-    p.add_argument("--reduce", default="mean", help="mean, sum, max, min or argmax")
-    p.add_argument("--batch-size", type=int, default=4, help="patches per call (default 4)")
-    p.add_argument("--margin", type=_ints, default=0, help="voxels per side the model leaves out")
+    p.add_argument("--reduce", default="mean", help="mean, sum, max, min or argmax (default: mean)")
     p.add_argument(
-        "--scale", type=_numbers, default=1, help="output voxels per input voxel: 2, 0.25"
+        "--batch-size", type=_positive_int, default=4, help="patches per call (default: 4)"
     )
-    p.add_argument("--dtype", default=None, help="output dtype")
+    p.add_argument(
+        "--margin", type=_ints, default=0, help="voxels per side the model leaves out (default: 0)"
+    )
+    p.add_argument(
+        "--scale",
+        type=_numbers,
+        default=1,
+        help="output voxels per input voxel: 2, 0.25 (default: 1)",
+    )
+    p.add_argument("--dtype", default=None, help="output dtype (default: the model's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _grid_args(p)
-    p.set_defaults(run=_apply, edge="shift")
+    p.set_defaults(run=_apply)
 
     p = sub.add_parser(
         "preview",
@@ -739,47 +1050,129 @@ def _parser() -> argparse.ArgumentParser:
         "  patchgrid demo --shape 10,20,30 --size 4 --stride 2 --window gaussian",
     )
     p.add_argument(
-        "--shape", type=_ints, default=(10, 20, 30), help="volume shape (default 10,20,30)"
+        "--shape",
+        type=_positive_ints,
+        default=(10, 20, 30),
+        help="volume shape (default: 10,20,30)",
     )
-    p.add_argument("--size", type=_ints, default=4, help="patch size (default 4)")
-    p.add_argument("--stride", type=_ints, default=2, help="stride (default 2)")
-    p.add_argument("--edge", type=_edges, default="drop", help="drop, pad, shift or even")
-    p.add_argument("--window", default="uniform", help="uniform, gaussian, hann or triangular")
-    p.add_argument("--dir", default="patchgrid-demo", help="where to write the demo's files")
+    p.add_argument("--size", type=_ints, default=4, help="patch size (default: 4)")
+    p.add_argument("--stride", type=_ints, default=2, help="stride (default: 2)")
+    p.add_argument(
+        "--edge", type=_edges, default="shift", help="drop, pad, shift or even (default: shift)"
+    )
+    p.add_argument(
+        "--window",
+        default="uniform",
+        help="uniform, gaussian, hann or triangular (default: uniform)",
+    )
+    p.add_argument(
+        "--dir",
+        default="patchgrid-demo",
+        help="where to write the demo's files (default: patchgrid-demo)",
+    )
     p.set_defaults(run=_demo)
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, Slurm, Docker), raised as an interrupt so that the same clean-up runs."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def console() -> None:
     """The ``patchgrid`` command: :func:`main` in a process of its own."""
-    from .io import tune_allocator
+    import signal
 
-    tune_allocator()  # the command owns its process: keep resident memory flat
-    sys.exit(main())
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+        from .io import tune_allocator
+
+        tune_allocator()  # the command owns its process: keep resident memory flat
+        code = main()
+    except KeyboardInterrupt as exc:  # before main could say so itself
+        code = _interrupted("patchgrid", exc, 0)
+    # The work is done: a signal now would only cut the interpreter's shutdown short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
+
+
+def _interrupted(command: str, exc: BaseException, mark: int) -> int:
+    """Say in one line that the command was stopped and what it left (as a rule, nothing:
+    outputs are moved into place only when complete); the exit status of the signal."""
+    from .io import _settle_writers, _signals_held, _written
+
+    with _signals_held(resend=False):  # a second Ctrl-C does not cut this short
+        _settle_writers()  # zarr's writes under way end before the process does
+        left = [path for path in _written[mark:] if os.path.lexists(path)]
+        what = f"wrote {', '.join(left)} before that" if left else "nothing was written"
+        word = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{command}: {word}; {what}", file=sys.stderr)
+    return 128 + (15 if isinstance(exc, Terminated) else 2)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output the command must not write: a link, its input,
+    or (even with --overwrite) an existing file or folder that is not patchgrid's output."""
+    from .io import check_dataset, check_target, split_path
+
+    out = getattr(args, "output", None)
+    if out is None or not hasattr(args, "overwrite"):
+        return
+    inputs = [getattr(args, "patches", None) or args.image]
+    if args.command == "extract":
+        store = args.format is None and out.rstrip("/").lower().endswith(".zarr")
+        if store or args.format is not None or out.endswith(("/", os.sep)):
+            kind = "zarr" if store else "patches"
+            check_target(out.rstrip("/") or out, overwrite=args.overwrite, kind=kind, inputs=inputs)
+    elif args.command == "preview":
+        if out.lower().endswith(".png"):
+            check_target(out, overwrite=args.overwrite, kind="file", inputs=inputs)
+    else:
+        try:
+            file, fmt, dataset = split_path(out)
+        except PatchgridError:
+            return  # the command says so, in its turn
+        if fmt == "hdf5" and os.path.lexists(file):  # a dataset added to a file
+            check_target(file, overwrite=True, kind=fmt, inputs=inputs, dataset=dataset or "data")
+            check_dataset(file, dataset, args.overwrite)
+        else:
+            check_target(file, overwrite=args.overwrite, kind=fmt, inputs=inputs)
 
 
 def main(argv: Sequence[str] | None = None, *, quiet: bool = False) -> int:
-    """Run the command line; returns the exit status. Errors print one line, no traceback."""
-    args = _parser().parse_args(argv)
-    # The command line reports file errors itself, in one line: quiet the readers' own logs.
-    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    """Run the command line; returns the exit status. Errors print one line, no traceback;
+    an interrupt (Ctrl-C, or SIGTERM under :func:`console`) leaves nothing and returns 130
+    (143)."""
+    from .io import _written
+
+    mark, command = len(_written), "patchgrid"
     try:
+        args = _parser().parse_args(argv)
+        command = f"patchgrid {args.command}"
+        # The command line reports file errors itself, in one line: quiet the readers' logs.
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+        _check_output(args)
         if quiet:
             with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
                 return int(args.run(args))
         return int(args.run(args))
-    except KeyboardInterrupt:
-        print(f"patchgrid {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        if quiet:
+            raise
+        return _interrupted(command, exc, mark)
     except (PatchgridError, ValueError, TypeError, OSError, ImportError, EOFError) as exc:
         if quiet:
             raise
-        print(f"patchgrid {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # an error in a user's model, say: one line still, with its type
         if quiet:
             raise
-        print(f"patchgrid {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 

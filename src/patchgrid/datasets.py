@@ -13,12 +13,20 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+try:
+    import torch
+    from torch.utils.data import Dataset, IterableDataset, get_worker_info
+except ImportError as error:
+    raise ImportError(
+        f"PatchDataset and RandomPatchDataset need torch, which could not be imported ({error}): "
+        f"pip install 'patchgrid[torch]' (or pip install torch)"
+    ) from None
+
+from . import _checks
 from ._checks import PatchgridError
 from .grid import PatchGrid
-from .sample import _read, _rng, label_weights, sample
+from .sample import _read, label_weights, sample
 
 __all__ = ["PatchDataset", "RandomPatchDataset"]
 
@@ -97,8 +105,26 @@ def _volumes_and_labels(volumes: Any, labels: Any) -> tuple[list[_Volume], list[
     return images, masks
 
 
+def _check_labels(grids: Sequence[PatchGrid], labels: list[_Volume] | None) -> None:
+    """Each label volume must end with its volume's tiled shape (a channel axis may lead)."""
+    for i, (g, lab) in enumerate(zip(grids, labels or [])):
+        spatial = tuple(g.shape[a] for a in g.axes)
+        if tuple(lab.shape[-len(g.axes) :]) != spatial:
+            raise PatchgridError(
+                f"labels[{i}] has shape {lab.shape}, which does not end with the "
+                f"volume's tiled shape {spatial}"
+            )
+
+
 def _tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x))
+    """The patch as a tensor of its own: never a view of the volume, in native byte order.
+
+    A read may be a view of an in-memory volume or of a read-only memory map, so it is always
+    copied: a transform that works in place must not change the training data. torch takes
+    only native byte order (a NIfTI file may be big-endian); the copy converts it.
+    """
+    x = np.asarray(x)
+    return torch.from_numpy(np.array(x, dtype=x.dtype.newbyteorder("="), order="C", copy=True))
 
 
 class PatchDataset(Dataset):  # type: ignore[misc]
@@ -118,7 +144,9 @@ class PatchDataset(Dataset):  # type: ignore[misc]
     Notes
     -----
     Items are dicts ``{"patch": tensor, "start": tensor (k,), "volume": int}``, plus
-    ``"label"`` when labels are given, in grid order, volume after volume.
+    ``"label"`` when labels are given, in grid order, volume after volume. Their tensors are
+    their own, copied from the volume (never a view of it, even where a patch is contiguous),
+    so a transform may work in place; in native byte order, also from a big-endian file.
 
     Examples
     --------
@@ -149,14 +177,7 @@ class PatchDataset(Dataset):  # type: ignore[misc]
             )
             for v in self.volumes
         ]
-        if self.labels is not None:
-            for i, (g, lab) in enumerate(zip(self.grids, self.labels)):
-                spatial = tuple(g.shape[a] for a in g.axes)
-                if tuple(lab.shape[-len(g.axes) :]) != spatial:
-                    raise PatchgridError(
-                        f"labels[{i}] has shape {lab.shape}, which does not end with the "
-                        f"volume's tiled shape {spatial}"
-                    )
+        _check_labels(self.grids, self.labels)
         self.transform = transform
         self._ends = np.cumsum([len(g) for g in self.grids])
 
@@ -197,6 +218,11 @@ def _read_label(labels: Any, grid: PatchGrid, start: np.ndarray) -> np.ndarray:
     return _read(labels, lgrid, start)
 
 
+def _epoch_word(tag: int, epoch: int) -> int:
+    """The iteration ``tag`` and its epoch in one int64, written and read in one step."""
+    return (tag << 32) | (epoch + 1)
+
+
 class RandomPatchDataset(IterableDataset):  # type: ignore[misc]
     """Random patches drawn with :func:`sample` from many volumes, as a torch ``IterableDataset``.
 
@@ -211,14 +237,42 @@ class RandomPatchDataset(IterableDataset):  # type: ignore[misc]
     pos, neg : float, optional
         With labels, draw centres ``pos`` : ``neg`` on foreground and background (see
         :func:`label_weights`); uniform without them.
-    seed : int
-        Reproducible from this one seed; each ``DataLoader`` worker draws its own stream.
+    seed : int, optional
+        Item ``i`` of epoch ``e`` is drawn from a generator of its own, seeded by
+        ``(seed, e, i)``: the whole run (every epoch) is reproducible from this one seed, and
+        the items are the same whatever the number of ``DataLoader`` workers (in the same
+        order with ``batch_size=None``). Without a seed, each epoch takes its seed from torch,
+        as torch's own random transforms do: ``torch.manual_seed`` (or the ``DataLoader``'s
+        ``generator=``) makes the run reproducible, and each epoch draws anew.
     axes, edge, pad_mode, pad_value
         As for :func:`sample`; ``edge="pad"`` by default, so centres may fall anywhere.
 
     Notes
     -----
-    Volumes are chosen in proportion to their number of voxels.
+    Volumes are chosen in proportion to their number of voxels. Items are dicts as for
+    :class:`PatchDataset`, tensors of their own, in native byte order.
+
+    The epoch advances each time an iteration starts, over this dataset and the copies of it
+    in ``DataLoader`` workers, persistent or not: the workers share a counter in shared memory
+    and tell a new epoch by the seed the loader gives them each epoch. :meth:`set_epoch` sets
+    the next epoch, to resume a run (calling it before every epoch, as for torch's
+    ``DistributedSampler``, gives the same draws). Run one iteration at a time: two at once
+    share the counter. Worker ``w`` of ``n`` draws items ``w, w + n, ...``. Give each process
+    of a distributed run its own seed.
+
+    There is no ``ds[i]``: iterate, or use :class:`PatchDataset` for indexed patches.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import patchgrid as pg
+    >>> ds = pg.RandomPatchDataset(np.zeros((20, 20)), size=4, length=3, seed=0)
+    >>> first, second = [[item["start"].tolist() for item in ds] for epoch in range(2)]
+    >>> len(first), first != second  # a new draw every epoch
+    (3, True)
+    >>> ds.set_epoch(0)
+    >>> [item["start"].tolist() for item in ds] == first  # the same seed and epoch: the same
+    True
     """
 
     def __init__(
@@ -230,7 +284,7 @@ class RandomPatchDataset(IterableDataset):  # type: ignore[misc]
         labels: Any = None,
         pos: float | None = None,
         neg: float | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         axes: Any = None,
         edge: str = "pad",
         pad_mode: str = "constant",
@@ -240,18 +294,39 @@ class RandomPatchDataset(IterableDataset):  # type: ignore[misc]
         self.volumes, self.labels = _volumes_and_labels(volumes, labels)
         if (pos is not None or neg is not None) and self.labels is None:
             raise PatchgridError("pos and neg weight the draw by labels; give labels= too")
-        self.size, self.length, self.seed = size, int(length), int(seed)
+        self.size, self.length = size, _checks.as_int(length, "length")
         if self.length < 1:
             raise PatchgridError(f"length must be at least 1, got {length}")
+        self.seed = None if seed is None else _checks.as_int(seed, "seed")
+        if self.seed is not None and self.seed < 0:
+            raise PatchgridError(f"seed must be a non-negative integer, got {seed}")
+        self.grids = [PatchGrid(v.shape, size, axes=axes, edge="pad") for v in self.volumes]
+        _check_labels(self.grids, self.labels)
         self.pos = 1.0 if pos is None else pos
         self.neg = 1.0 if neg is None else neg
         self.weighted = pos is not None or neg is not None
         self.kw = dict(axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value)
         self.transform = transform
         self._weights: dict[int, Any] = {}
+        # The last iteration's tag and epoch, shared with the DataLoader's worker processes.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._iterations = 0  # iterations started on this copy (a persistent worker's count)
 
     def __len__(self) -> int:
         return self.length
+
+    def __getitem__(self, index: Any) -> dict[str, Any]:
+        raise TypeError(
+            "RandomPatchDataset draws its patches as it is iterated and cannot be indexed: "
+            "iterate over it (for item in dataset), or use PatchDataset for indexed patches"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch ``epoch`` (and the ones after it ``epoch + 1``, ...)."""
+        epoch = _checks.as_int(epoch, "epoch")
+        if not 0 <= epoch < 1 << 31:
+            raise PatchgridError(f"epoch must be in [0, 2**31), got {epoch}")
+        self._epoch[0] = _epoch_word(0, epoch - 1)
 
     def _weight_map(self, v: int) -> Any:
         if not self.weighted or self.labels is None:
@@ -260,13 +335,40 @@ class RandomPatchDataset(IterableDataset):  # type: ignore[misc]
             self._weights[v] = label_weights(self.labels[v].array, self.pos, self.neg)
         return self._weights[v]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _start_epoch(self) -> tuple[int, int, int, int]:
+        """``(seed, epoch, worker, workers)`` for the iteration that starts now.
+
+        In the main process every iteration is a new epoch. A worker tags its iteration with
+        the loader's seed for this epoch and its own count of iterations (which advances in a
+        persistent worker): the first worker of an epoch finds another tag and advances the
+        epoch, the others find their own and join it.
+        """
         info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        count = self.length // workers + (1 if worker < self.length % workers else 0)
-        gen = _rng(np.random.default_rng(np.random.SeedSequence([self.seed, worker])))
+        word = int(self._epoch[0])
+        last = (word & 0xFFFFFFFF) - 1
+        if info is None:
+            worker, workers, epoch = 0, 1, last + 1
+            self._epoch[0] = _epoch_word(0, epoch)
+            base = 0 if self.seed is not None else int(torch.empty((), dtype=torch.int64).random_())
+        else:
+            worker, workers = int(info.id), int(info.num_workers)
+            base = int(info.seed) - worker
+            tag = hash((base, self._iterations)) & 0x7FFFFFFF or 1
+            if word >> 32 == tag:
+                epoch = last
+            else:
+                epoch = last + 1
+                self._epoch[0] = _epoch_word(tag, epoch)
+        self._iterations += 1
+        return (base if self.seed is None else self.seed), epoch, worker, workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._draw(*self._start_epoch())
+
+    def _draw(self, seed: int, epoch: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         sizes = np.array([np.prod(v.shape) for v in self.volumes], dtype=np.float64)
-        for _ in range(count):
+        for i in range(worker, self.length, workers):
+            gen = np.random.default_rng(np.random.SeedSequence([seed, epoch, i]))
             v = int(gen.choice(len(self.volumes), p=sizes / sizes.sum()))
             volume = self.volumes[v].array
             patches, starts = sample(
@@ -278,6 +380,5 @@ class RandomPatchDataset(IterableDataset):  # type: ignore[misc]
                 "volume": v,
             }
             if self.labels is not None:
-                grid = PatchGrid(tuple(volume.shape), self.size, axes=self.kw["axes"], edge="pad")
-                item["label"] = _tensor(_read_label(self.labels[v].array, grid, starts[0]))
+                item["label"] = _tensor(_read_label(self.labels[v].array, self.grids[v], starts[0]))
             yield self.transform(item) if self.transform is not None else item

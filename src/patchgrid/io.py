@@ -7,13 +7,24 @@ Formats, by extension: ``.npy`` (memory-mapped), ``.nii``/``.nii.gz`` (nibabel),
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import errno
 import functools
+import gzip
 import json
 import os
+import re
 import shutil
+import signal
+import socket
+import struct
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -319,30 +330,408 @@ _OPENERS = {
 }
 
 
+# Temporary outputs sit beside their target as ".NAME.patchgrid-HOST-PID-RANDOM.tmp": the host
+# and the process id tell a later run which are left over from a process that was killed.
+_SCRATCH = re.compile(r"\..+\.patchgrid-(?P<host>[A-Za-z0-9]*)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.tmp")
+# What a patch folder written by 'patchgrid extract' holds.
+_PATCH_FILE = re.compile(r"patch(_[0-9]+)+\.(npy|nii|nii\.gz|tif)|\.patchgrid|manifest\.json")
+_LABELS = {"npy": ".npy", "nifti": "NIfTI", "tiff": "TIFF", "hdf5": "HDF5", "zarr": "zarr"}
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_SETTLE_S = 30.0  # the longest wait for writes already on their way (a slab's chunks)
+_swept: set[str] = set()
+# Outputs moved into place by this process, so that the command line can say truthfully
+# what an interrupted command left behind.
+_written: list[str] = []
+
+
+def check_target(
+    target: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    kind: str | None = None,
+    inputs: Iterable[Any] = (),
+    dataset: str | None = None,
+) -> None:
+    """Refuse an output patchgrid must not write, before any work.
+
+    A link is never written through; an input (or a folder that holds one) is never written
+    over; an existing output is replaced only with ``overwrite``, and only where patchgrid
+    recognises it as its own kind of output: ``kind`` is a format of :data:`FORMATS` (a file
+    of that format, or for zarr an array or a patch store), ``"patches"`` (a folder of patch
+    files from ``patchgrid extract``) or ``"file"`` (any regular file); by default the
+    format the extension names. ``dataset`` is the HDF5 dataset written, so that another
+    dataset of the same file may be an input.
+    """
+    text = os.fspath(target)
+    path = os.path.abspath(text)
+    if os.path.islink(path):
+        raise PatchgridError(
+            f"{text!r} is a symbolic link; patchgrid writes no output through a link: "
+            f"give the path it points to, or another output"
+        )
+    if not os.path.lexists(path):
+        return
+    for source in inputs:
+        how = _input_relation(path, dataset, source)
+        if how is not None:
+            raise PatchgridError(
+                f"{text!r} {how} the input {os.fspath(source)!r}; patchgrid never writes over "
+                f"its input: choose another output"
+            )
+    if not overwrite:
+        raise FileExistsError(f"{text!r} exists; pass overwrite=True (--overwrite) to replace it")
+    why = _not_ours(path, _kind_of(path) if kind is None else kind)
+    if why is not None:
+        raise FileExistsError(
+            f"{text!r} {why}; overwrite=True (--overwrite) replaces only an output that "
+            f"patchgrid wrote: move it away or choose another output"
+        )
+
+
+def _kind_of(path: str) -> str:
+    try:
+        return split_path(path)[1]
+    except PatchgridError:
+        return "file"
+
+
+def _input_relation(path: str, dataset: str | None, source: Any) -> str | None:
+    """``"is"`` or ``"holds"`` where the output ``path`` is the input ``source`` or a folder
+    that holds it, else None."""
+    text = os.fspath(source)
+    try:
+        file, _, inner = split_path(text)
+    except PatchgridError:
+        file, inner = text, None
+    if not os.path.lexists(file):
+        return None
+    try:
+        same = os.path.samefile(path, file)
+    except OSError:
+        same = False
+    if same or os.path.realpath(path) == os.path.realpath(file):
+        if dataset is not None and inner is not None and dataset.strip("/") != inner.strip("/"):
+            return None  # another dataset of the same HDF5 file
+        return "is"
+    if os.path.isdir(path) and not os.path.islink(path):
+        folder = os.path.join(os.path.realpath(path), "")
+        if os.path.realpath(file).startswith(folder):
+            return "holds"
+    return None
+
+
+def _not_ours(path: str, kind: str) -> str | None:
+    """Why the existing ``path`` is not an output of ``kind`` that patchgrid may replace."""
+    if kind == "patches":
+        if not os.path.isdir(path):
+            return "is not a folder of patches"
+        strange = sorted(n for n in os.listdir(path) if not _PATCH_FILE.fullmatch(n))
+        if strange or any(not os.path.isfile(os.path.join(path, n)) for n in os.listdir(path)):
+            first = strange[0] if strange else "a folder"
+            return f"holds files patchgrid did not write (such as {first!r})"
+        return None
+    if kind == "zarr":
+        if not os.path.isdir(path):
+            return "is not a zarr store"
+        return None if _is_our_zarr(path) else "is not a zarr array or a patch store"
+    label = _LABELS.get(kind, "regular")
+    if os.path.isdir(path):
+        return f"is a folder, not a {label} file"
+    if not os.path.isfile(path):
+        return "is not a regular file"
+    if kind in _LABELS and not _looks_like(path, kind):
+        return f"is not a {label} file"
+    return None
+
+
+def _is_our_zarr(path: str) -> bool:
+    """A zarr array (as :func:`save` and merge write) or a patch store (as extract writes)."""
+    try:
+        if os.path.isfile(os.path.join(path, "zarr.json")):
+            with builtins.open(os.path.join(path, "zarr.json")) as f:
+                meta = json.load(f)
+            return meta.get("node_type") == "array" or "patchgrid" in meta.get("attributes", {})
+        if os.path.isfile(os.path.join(path, ".zarray")):
+            return True
+        if os.path.isfile(os.path.join(path, ".zattrs")):
+            with builtins.open(os.path.join(path, ".zattrs")) as f:
+                return "patchgrid" in json.load(f)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return False
+
+
+def _looks_like(path: str, kind: str) -> bool:
+    """Whether the file at ``path`` starts as a file of format ``kind`` does."""
+    try:
+        with builtins.open(path, "rb") as f:
+            head = f.read(8)
+            if kind == "npy":
+                return head.startswith(b"\x93NUMPY")
+            if kind == "tiff":
+                return head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+            if kind == "hdf5":
+                # The superblock is at 0, or after a user block of 512, 1024, 2048... bytes.
+                offset, size = 0, os.fstat(f.fileno()).st_size
+                while offset + 8 <= size:
+                    f.seek(offset)
+                    if f.read(8) == _HDF5_SIGNATURE:
+                        return True
+                    offset = 512 if offset == 0 else 2 * offset
+                return False
+            if kind == "nifti":
+                if head.startswith(b"\x1f\x8b"):
+                    with gzip.open(path, "rb") as g:
+                        head = g.read(4)
+                sizes = struct.unpack("<i", head[:4]) + struct.unpack(">i", head[:4])
+                return bool({348, 540} & set(sizes))  # the header sizes of NIfTI-1 and -2
+    except (OSError, EOFError, struct.error, zlib.error):
+        return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # a process of another user
+    return True
+
+
+@functools.cache
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40]
+
+
+def _sweep(parent: str) -> None:
+    """Remove temporary outputs left in ``parent`` by a process of this host that was killed
+    (SIGKILL, a power cut), once per folder and process. Only names patchgrid makes are
+    touched, and only where their process is gone."""
+    if parent in _swept:
+        return
+    _swept.add(parent)
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        found = _SCRATCH.fullmatch(entry.name)
+        if (
+            found is not None
+            and found["host"] == _host()
+            and not _alive(int(found["pid"]))
+            and entry.is_dir(follow_symlinks=False)
+        ):
+            _remove(entry.path)
+
+
+def _remove(folder: str) -> None:
+    """Remove ``folder``, again while anything still writing into it brings it back."""
+    for _ in range(100):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.lexists(folder):
+            return
+        time.sleep(0.01)
+
+
+def _settle_writers(timeout: float = _SETTLE_S) -> None:
+    """Wait until writes already handed to zarr's own threads have finished.
+
+    zarr (v3) writes chunks from an event loop on a thread of its own; an interrupt stops
+    the caller, not those writes, which would go on creating files in a folder being removed.
+    """
+    import asyncio  # zarr has loaded it already
+
+    sync = sys.modules.get("zarr.core.sync")
+    loop = getattr(sync, "loop", [None])[0] if sync is not None else None
+    if not isinstance(loop, asyncio.AbstractEventLoop) or loop.is_closed():
+        return
+    if not loop.is_running():
+        return
+
+    async def idle() -> None:
+        me = asyncio.current_task()
+        while others := [t for t in asyncio.all_tasks() if t is not me]:
+            await asyncio.wait(others)
+
+    future = asyncio.run_coroutine_threadsafe(idle(), loop)
+    try:
+        future.result(timeout)
+    except Exception:
+        future.cancel()
+
+
 @contextmanager
-def atomic_path(target: str, *, overwrite: bool = False, directory: bool = False) -> Iterator[str]:
+def _signals_held(resend: bool = True) -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (a move into place and its clean-up
+    are not cut in half). One that came meanwhile is then delivered, with ``resend``, unless
+    the block ends with an exception (an interrupt already on its way, say)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: a handler not set from Python, which cannot be restored
+            previous[sig] = signal.signal(sig, hold)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    try:
+        yield
+    except BaseException:
+        restore()
+        raise
+    restore()
+    if held and resend and held[0] in previous:
+        handler = previous[held[0]]
+        if callable(handler):
+            handler(held[0], None)
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), held[0])
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """Linux's renameat2, which can refuse to replace (or swap with) an existing name."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
+
+
+def _rename2(source: str, target: str, flags: int) -> bool:
+    """renameat2; False where the system or the file system does not have it."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    import ctypes
+
+    if fn(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), target)
+
+
+def _appeared(target: str) -> FileExistsError:
+    return FileExistsError(
+        f"{target!r} appeared while patchgrid was writing it (another run?): it is kept and "
+        f"this output dropped; pass overwrite=True (--overwrite) to replace it"
+    )
+
+
+def _move_new(tmp: str, target: str) -> None:
+    """Move ``tmp`` to ``target``, which must not exist, even if it appears meanwhile."""
+    try:
+        if _rename2(tmp, target, _RENAME_NOREPLACE):
+            return
+        if os.path.isdir(tmp):
+            # rename() replaces an empty folder: make it ourselves, exclusively, first.
+            os.mkdir(target)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.rmdir(target)
+                raise
+            return
+        try:
+            os.link(tmp, target)  # fails on an existing name, where rename() would replace
+            os.unlink(tmp)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: claim the name exclusively
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            os.replace(tmp, target)
+    except FileExistsError:
+        raise _appeared(target) from None
+
+
+def _move_over(tmp: str, target: str, scratch: str) -> None:
+    """Replace the existing ``target`` by ``tmp``; the old one ends in ``scratch``."""
+    if not os.path.isdir(tmp):
+        os.replace(tmp, target)
+        return
+    if _rename2(tmp, target, _RENAME_EXCHANGE):
+        return
+    old = os.path.join(scratch, ".old")
+    os.replace(target, old)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.rename(old, target)
+        raise _appeared(target) from None
+
+
+@contextmanager
+def atomic_path(
+    target: str,
+    *,
+    overwrite: bool = False,
+    directory: bool = False,
+    kind: str | None = None,
+    inputs: Iterable[Any] = (),
+    dataset: str | None = None,
+) -> Iterator[str]:
     """A temporary path beside ``target`` that becomes ``target`` only if the block succeeds.
 
     A failed or interrupted write leaves nothing behind, and an existing ``target`` is kept
-    unless ``overwrite``.
+    unless ``overwrite``, which replaces only an output patchgrid recognises as its own
+    (``kind``, ``inputs`` and ``dataset`` as for :func:`check_target`). An output that
+    appears at ``target`` while the block runs is kept (an error) unless ``overwrite``.
     """
     target = os.path.abspath(target)
-    if os.path.exists(target) and not overwrite:
-        raise FileExistsError(f"{target!r} exists; pass overwrite=True (--overwrite) to replace it")
+    check_target(target, overwrite=overwrite, kind=kind, inputs=inputs, dataset=dataset)
     parent = os.path.dirname(target) or "."
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"the folder {parent!r} does not exist")
+    _sweep(parent)
     name = os.path.basename(target)
-    scratch = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    scratch = tempfile.mkdtemp(
+        prefix=f".{name[:80]}.patchgrid-{_host()}-{os.getpid()}-", suffix=".tmp", dir=parent
+    )
     tmp = os.path.join(scratch, name)
     try:
         yield tmp
-        if os.path.isdir(target) and not os.path.islink(target):
-            old = os.path.join(scratch, ".old")
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        with _signals_held():
+            try:
+                if overwrite and os.path.lexists(target):
+                    check_target(target, overwrite=True, kind=kind, inputs=inputs, dataset=dataset)
+                    _move_over(tmp, target, scratch)
+                else:
+                    _move_new(tmp, target)
+                _written.append(target)
+            finally:
+                _remove(scratch)
+    except BaseException:
+        with _signals_held(resend=False):
+            _settle_writers()
+            _remove(scratch)
+        raise
 
 
 def _meta_from(like: Any, ndim: int, spacing: Any, affine: Any) -> tuple[tuple[float, ...], Any]:
@@ -387,7 +776,9 @@ def save(
     spacing, affine : optional
         Voxel size per axis and the 4 x 4 voxel-to-world matrix; override ``like``'s.
     overwrite : bool
-        Replace an existing file. Without it an existing file raises :class:`FileExistsError`.
+        Replace an existing file. Without it an existing file raises :class:`FileExistsError`;
+        with it too where the file is not of the format ``path`` names (a folder, say). The
+        file an input is read from is never replaced, nor written through a symbolic link.
     chunks : tuple, optional
         Chunk shape for zarr and HDF5.
 
@@ -399,15 +790,32 @@ def save(
     file, fmt, dataset = split_path(path)
     ndim = len(array.shape)
     spacing_t, affine_a = _meta_from(like, ndim, spacing, affine)
-    if fmt == "hdf5" and os.path.exists(file):
+    inputs = _sources(array, like)
+    if fmt == "hdf5" and os.path.lexists(file):
         # Another dataset of the file stays: write into a copy of the file, then swap it in.
+        name = dataset or "data"
+        check_target(file, overwrite=True, kind=fmt, inputs=inputs, dataset=name)
         check_dataset(file, dataset, overwrite)
-        with atomic_path(file, overwrite=True) as tmp:
+        with atomic_path(file, overwrite=True, inputs=inputs, dataset=name) as tmp:
             shutil.copy2(file, tmp)
             _write_hdf5(tmp, array, spacing_t, affine_a, like, dataset, chunks)
         return
-    with atomic_path(file, overwrite=overwrite) as tmp:
+    with atomic_path(file, overwrite=overwrite, inputs=inputs) as tmp:
         _WRITERS[fmt](tmp, array, spacing_t, affine_a, like, dataset, chunks)
+
+
+def _sources(*arrays: Any) -> list[str]:
+    """The files ``arrays`` are read from (an :class:`Image`, a memmap, an h5py dataset)."""
+    found = []
+    for a in arrays:
+        if isinstance(a, Image):
+            inner = a.meta.get("dataset") if a.format == "hdf5" else None
+            found.append(a.path if inner is None else f"{a.path}:{inner}")
+        elif isinstance(a, np.memmap) and isinstance(a.filename, str):
+            found.append(a.filename)
+        elif isinstance(getattr(getattr(a, "file", None), "filename", None), str):
+            found.append(f"{a.file.filename}:{a.name}")
+    return found
 
 
 def check_dataset(file: str, dataset: str | None, overwrite: bool) -> None:

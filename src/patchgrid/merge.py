@@ -599,18 +599,19 @@ class Merger:
         """
         grid = self.grid
         if not (
-            self._direct
-            and self._xp is NUMPY
+            self._xp is NUMPY
             and self._op() == "add"
             and not self._array_window
-            and (self._sink is None or isinstance(self._sink, np.ndarray))
+            and self._class_axis is None
+            and grid.padded_shape == grid.shape
+            and (not self._direct or self._sink is None or isinstance(self._sink, np.ndarray))
         ):
             return False
-        acc = self._sink
+        if not _fast.serves(np.empty(0, self._acc_dtype), arr, grid.ndim, grid.axes):
+            return False
+        acc = self._sink if self._direct else None
         if acc is None:
             acc = _fast.fresh(self._out_shape, self._acc_dtype)
-        if not _fast.serves(acc, arr, grid.ndim, grid.axes):
-            return False
         profiles = None
         if self.reduce == "mean":
             profiles = [np.where(p > 0, p, 1) for p in self._profile_coverage(False)]
@@ -619,7 +620,9 @@ class Merger:
             weight = np.asarray(weight).reshape(grid.size)
         starts = [grid.axis_starts(j) for j in range(len(grid.axes))]
         _fast.overlap_add(acc, arr, starts, grid.size, weight, True, profiles)
-        self._sink = self._acc = acc
+        if self._direct:
+            self._sink = acc
+        self._acc, self._lo = acc, 0  # finished below: cast (and cropped) into the output
         self._normalised = True
         self._seen[...] = True
         self._flush()
@@ -795,6 +798,10 @@ class Merger:
         grid, xp, a0 = self.grid, self._xp, self.grid.axes[0]
         rows = self._acc.shape[a0]
         keep = rows - n
+        if keep <= 0:  # nothing left to keep: a later row makes a fresh accumulator
+            self._acc = self._wacc = None
+            self._lo += n
+            return
         for name in ("_acc", "_wacc"):
             acc = getattr(self, name)
             if acc is None:
