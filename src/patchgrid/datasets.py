@@ -257,8 +257,10 @@ class RandomPatchDataset(IterableDataset):  # type: ignore[misc]
     and tell a new epoch by the seed the loader gives them each epoch. :meth:`set_epoch` sets
     the next epoch, to resume a run (calling it before every epoch, as for torch's
     ``DistributedSampler``, gives the same draws). Run one iteration at a time: two at once
-    share the counter. Worker ``w`` of ``n`` draws items ``w, w + n, ...``. Give each process
-    of a distributed run its own seed.
+    share the counter. A loader that gives its workers the same seed every epoch (its
+    ``generator=`` seeded anew before each) cannot be told from one epoch: call
+    :meth:`set_epoch` then. Worker ``w`` of ``n`` draws items ``w, w + n, ...``. Give each
+    process of a distributed run its own seed.
 
     There is no ``ds[i]``: iterate, or use :class:`PatchDataset` for indexed patches.
 
