@@ -791,7 +791,9 @@ BAD_INPUT = [
     pytest.param(lambda t: ["info", _good(t), "--size", "four"], "size", id="size-word"),
     pytest.param(lambda t: ["info", _good(t), "--size", "4,x"], "size", id="size-list-word"),
     pytest.param(lambda t: ["info", _good(t), "--size", "4,4,4,4"], "size", id="size-too-long"),
-    pytest.param(lambda t: ["info", _good(t), "--size", 20], "size", id="size-too-large"),
+    pytest.param(
+        lambda t: ["info", _good(t), "--size", 20, "--edge", "drop"], "size", id="size-too-large"
+    ),
     pytest.param(
         lambda t: ["info", _good(t), "--size", 4, "--stride", 0], "stride", id="stride-zero"
     ),
@@ -1056,7 +1058,7 @@ def _rerun(kind, path, nifti, models, store):
     return {
         "extract-store": ["extract", nifti, "--size", 4, "-o", path],
         "extract-folder": ["extract", nifti, "--size", 4, "-o", f"{path}/", "--format", "nii"],
-        "merge": ["merge", store, "-o", path, "--window", "gaussian"],
+        "merge": ["merge", store, "-o", path, "--dtype", "float64"],
         "apply": ["apply", nifti, "--model", f"{models}:double", "--size", 8, "-o", path],
         "preview": ["preview", nifti, "--size", 4, "-o", path],
     }[kind]

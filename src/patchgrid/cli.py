@@ -302,11 +302,14 @@ def _extract(args: argparse.Namespace) -> int:
         grid = _grid(img.shape, args, img.format)
         # A batch is read patch by patch, then stacked; a file per patch holds one at a time.
         per = 1 if to_dir else args.batch
+        patch = math.prod(grid.patch_shape) * img.dtype.itemsize
+        have = _memory_available()
+        fits = 0 if have is None else (have // max(patch, 1) - 1) // 2
         _check_memory(
-            (2 * per + 1) * math.prod(grid.patch_shape) * img.dtype.itemsize,
-            f"extract, {per} patch{'es' if per > 1 else ''} of shape {grid.patch_shape} "
-            f"{img.dtype} at a time,",
-            "use a smaller --size" + (" or --batch" if per > 1 else ""),
+            (2 * per + 1) * patch,
+            f"extracting {per} patch{'es' if per > 1 else ''} of shape {grid.patch_shape} "
+            f"{img.dtype} at a time",
+            f"lower --batch to {fits}, or use a smaller --size" if fits else "use a smaller --size",
         )
         reader = _Reader(img, grid, [0] * len(grid.axes), NUMPY)
         t0 = time.perf_counter()
@@ -584,7 +587,8 @@ def _merge(args: argparse.Namespace) -> int:
     if missing:
         print(
             f"patchgrid merge: warning: {missing:,} of {total:,} voxels lie in no patch "
-            f"(edge {_fmt(grid.edge)}); they get --fill {args.fill:g}",
+            f"(edge {_fmt(grid.edge if len(set(grid.edge)) > 1 else grid.edge[0])}); "
+            f"they get --fill {args.fill:g}",
             file=sys.stderr,
         )
     first = np.asarray(patches[0:1])

@@ -205,12 +205,64 @@ def open(path: str | os.PathLike[str]) -> Image:
     except (PatchgridError, FileNotFoundError):
         raise
     except Exception as exc:  # a library's own error about an unreadable file
-        raise PatchgridError(f"cannot read {file!r} as {fmt}: {exc}") from None
+        said = " ".join(str(exc).split()) or type(exc).__name__  # one line
+        raise PatchgridError(f"cannot read {file!r} as {fmt}: {said}") from None
 
 
 def _open_npy(file: str, dataset: str | None) -> Image:
-    data = np.load(file, mmap_mode="r", allow_pickle=False)
+    try:
+        data = np.load(file, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise PatchgridError(f"cannot read {file!r} as npy: {_npy_problem(file, exc)}") from None
     return Image(data, file, "npy", (1.0,) * data.ndim, None, {})
+
+
+def _npy_problem(file: str, exc: Exception) -> str:
+    """What is wrong with a ``.npy`` file that NumPy refused, in one line: NumPy's own words
+    name a tokenizer or a mmap, not the file's header or length."""
+    import ast
+    import math
+
+    magic = b"\x93NUMPY"
+    with builtins.open(file, "rb") as f:
+        prefix = f.read(12)
+        if not prefix.startswith(magic):
+            return f"it does not start with the .npy signature {magic!r} (got {prefix[:8]!r})"
+        major = prefix[6] if len(prefix) > 6 else -1
+        if major not in (1, 2, 3) or len(prefix) < 10:
+            return f"unknown .npy format version {major} (NumPy writes 1, 2 and 3)"
+        width = 2 if major == 1 else 4
+        length = int.from_bytes(prefix[8 : 8 + width], "little")
+        f.seek(8 + width)
+        text = f.read(length)
+        data_bytes = os.fstat(f.fileno()).st_size - (8 + width + length)
+    if len(text) < length:
+        return f"its header should be {length} bytes long but the file ends after {len(text)}"
+    if length > 10_000:
+        return f"its header is {length:,} bytes long, more than the 10,000 NumPy accepts"
+    shown = text.decode("latin1").strip()
+    try:
+        header = ast.literal_eval(shown)
+        ok = isinstance(header, dict) and {"descr", "fortran_order", "shape"} <= set(header)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        ok = False
+    if not ok:
+        cut = shown if len(shown) <= 80 else shown[:77] + "..."
+        return (
+            f"its header is not a .npy header, a dict like {{'descr': '<f4', "
+            f"'fortran_order': False, 'shape': (2, 3)}}: got {cut!r}"
+        )
+    try:
+        dtype = np.dtype(header["descr"])
+        need = math.prod(header["shape"]) * dtype.itemsize
+    except Exception:
+        return f"its header describes no array NumPy knows: {' '.join(str(exc).split())}"
+    if data_bytes < need:
+        return (
+            f"its header says shape {tuple(header['shape'])} {dtype}, {need:,} bytes of data, "
+            f"but the file holds {max(data_bytes, 0):,} (truncated?)"
+        )
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _open_nifti(file: str, dataset: str | None) -> Image:
@@ -273,7 +325,16 @@ def _tiff_spacing(tif: Any, series: Any, meta: dict[str, Any], ndim: int) -> tup
 
 def _open_zarr(file: str, dataset: str | None) -> Image:
     zarr = _need("zarr")
-    node = zarr.open(file, mode="r")
+    metadata = ("zarr.json", ".zarray", ".zgroup")
+    if os.path.isdir(file) and not any(os.path.exists(os.path.join(file, m)) for m in metadata):
+        raise PatchgridError(
+            f"{file!r} is not a zarr store: it holds no zarr.json (zarr v3) nor .zarray or "
+            f".zgroup (zarr v2), the metadata every zarr array or group has"
+        )
+    try:
+        node = zarr.open(file, mode="r")
+    except FileNotFoundError as exc:  # zarr's words name its store, not the path
+        raise PatchgridError(f"cannot read {file!r} as zarr: {exc}") from None
     if not hasattr(node, "shape"):
         names = sorted(node.array_keys())
         if dataset is None and len(names) == 1:
