@@ -128,7 +128,7 @@ DTYPES = ["bool", "uint8", "int16", "float16", "float32", "float64", "complex64"
 def test_view_equals_sliding_window_view(shape, size, stride, dtype):
     image = _volume(shape, dtype)
     np.testing.assert_array_equal(
-        pg.extract(image, size, stride), _sliding_reference(image, size, stride)
+        pg.extract(image, size, stride, edge="drop"), _sliding_reference(image, size, stride)
     )
 
 
@@ -142,7 +142,7 @@ def test_view_keeps_the_dtype(dtype):
 def test_copy_equals_sliding_window_view(shape, size, stride, dtype):
     image = _volume(shape, dtype)
     np.testing.assert_array_equal(
-        pg.extract(image, size, stride, copy=True), _sliding_reference(image, size, stride)
+        pg.extract(image, size, stride, copy=True, edge="drop"), _sliding_reference(image, size, stride)
     )
 
 
@@ -167,7 +167,7 @@ def test_copy_of_a_large_grid_equals_the_reference():
     # Large enough that the copy is cut into several cache-sized chunks.
     image = _volume((40, 64, 64), np.float32)
     np.testing.assert_array_equal(
-        pg.extract(image, (5, 6, 7), (3, 2, 3), copy=True),
+        pg.extract(image, (5, 6, 7), (3, 2, 3), copy=True, edge="drop"),
         _sliding_reference(image, (5, 6, 7), (3, 2, 3)),
     )
 
@@ -221,13 +221,13 @@ def test_out_flat_shape(edge):
 def test_out_is_returned():
     image = _volume((11, 13))
     out = np.empty((3, 4, 4, 4))
-    assert pg.extract(image, 4, 3, out=out) is out
+    assert pg.extract(image, 4, 3, out=out, edge="drop") is out
 
 
 def test_out_of_a_wider_dtype_gets_the_values():
     image = _volume((11, 13), np.int16)
     out = np.empty((3, 4, 4, 4), dtype=np.float64)
-    pg.extract(image, 4, 3, out=out)
+    pg.extract(image, 4, 3, out=out, edge="drop")
     np.testing.assert_array_equal(out, _sliding_reference(image, 4, 3))
 
 
@@ -246,12 +246,12 @@ def test_read_only_out_raises():
     out = np.empty((3, 4, 4, 4))
     out.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
-        pg.extract(_volume((11, 13)), 4, 3, out=out)
+        pg.extract(_volume((11, 13)), 4, 3, out=out, edge="drop")
 
 
 def test_out_of_a_narrower_kind_raises():
     with pytest.raises(TypeError, match="out has dtype"):
-        pg.extract(_volume((11, 13)), 4, 3, out=np.empty((3, 4, 4, 4), dtype=np.int32))
+        pg.extract(_volume((11, 13)), 4, 3, out=np.empty((3, 4, 4, 4), dtype=np.int32), edge="drop")
 
 
 def test_out_that_is_not_an_array_raises():
@@ -361,7 +361,7 @@ def test_image_smaller_than_the_patch_with_a_pad_mode(edge):
 
 def test_image_smaller_than_the_patch_with_drop_raises():
     with pytest.raises(ValueError, match="size"):
-        pg.extract(_volume((3, 10)), 4)
+        pg.extract(_volume((3, 10)), 4, edge="drop")
 
 
 @pytest.mark.parametrize("edge", ["drop", "pad", "shift", "even"])
@@ -464,12 +464,12 @@ def test_noncontiguous_input(make, edge, copy):
 def test_noncontiguous_view_shares_memory():
     base = _volume((24, 30))
     image = base[::2, ::3].T
-    assert np.shares_memory(pg.extract(image, 3, 2), base)
+    assert np.shares_memory(pg.extract(image, 3, 2, edge="drop"), base)
 
 
 def test_read_only_input():
     image = np.broadcast_to(np.arange(12.0), (5, 12))
-    np.testing.assert_array_equal(pg.extract(image, 3, 2), _sliding_reference(image, 3, 2))
+    np.testing.assert_array_equal(pg.extract(image, 3, 2, edge="drop"), _sliding_reference(image, 3, 2))
 
 
 def test_nested_list_input():

@@ -124,7 +124,7 @@ def test_normalised_attributes(user_grid):
 
 
 def test_edge_attribute_is_per_axis(user_grid):
-    assert user_grid.edge == ("drop", "drop", "drop")
+    assert user_grid.edge == ("shift", "shift", "shift")  # the default edge policy
 
 
 def test_per_axis_size_and_stride():
@@ -182,7 +182,7 @@ def test_unsorted_axes_are_sorted_with_their_sizes():
 
 
 def test_unsorted_axes_starts_follow_increasing_axes():
-    grid = pg.PatchGrid((10, 12, 14), size=(3, 5), stride=(1, 2), axes=(2, 0))
+    grid = pg.PatchGrid((10, 12, 14), size=(3, 5), stride=(1, 2), axes=(2, 0), edge="drop")
     layout = Layout((10, 12, 14), (2, 0), (3, 5), (1, 2), ("drop", "drop"))
     np.testing.assert_array_equal(grid.starts(), np.array(layout.corners))
 
@@ -446,7 +446,7 @@ def test_equal_grids_hash_equal():
     ids=["shape", "size", "stride", "edge", "axes", "pad_mode"],
 )
 def test_different_grids_compare_unequal(other):
-    assert pg.PatchGrid((10, 20), 4, 2) != other
+    assert pg.PatchGrid((10, 20), 4, 2, edge="drop") != other
 
 
 def test_grid_is_not_equal_to_other_types():

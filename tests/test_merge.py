@@ -154,8 +154,8 @@ def test_user_example_round_trip():
 
 def test_fill_for_trailing_voxels_of_drop():
     image = _rng().standard_normal((11, 13))
-    grid = pg.PatchGrid(image.shape, 4, 3)
-    got = pg.merge(pg.extract(image, grid), grid, fill=-7.0)
+    grid = pg.PatchGrid(image.shape, 4, 3, edge="drop")
+    got = pg.merge(pg.extract(image, grid), grid, fill=-7.0, edge="drop")
     expected = image.copy()
     expected[10, :] = -7.0  # rows 0..9 are covered by starts 0, 3, 6
     np.testing.assert_array_equal(got, expected)
@@ -233,7 +233,7 @@ def test_coverage_sums_window_weights(shape, size, stride, axes, edge, window):
     ("grid", "expected"),
     [
         (pg.PatchGrid(7, size=3, stride=2), [1, 1, 2, 1, 2, 1, 1]),
-        (pg.PatchGrid(7, size=2, stride=3), [1, 1, 0, 1, 1, 0, 0]),
+        (pg.PatchGrid(7, size=2, stride=3, edge="drop"), [1, 1, 0, 1, 1, 0, 0]),
         (pg.PatchGrid(7, size=3, stride=2, edge="pad"), [1, 1, 2, 1, 2, 1, 1]),
         (pg.PatchGrid(8, size=3, stride=2, edge="shift"), [1, 1, 2, 1, 2, 2, 2, 1]),
     ],
@@ -415,7 +415,7 @@ def test_merge_with_a_shape_and_drop_equals_the_loop():
     image = _rng().standard_normal((11, 13))
     patches = layout.extract(image)
     expected, _ = layout.merge(patches.reshape(-1, 4, 5), fill=-1)
-    np.testing.assert_array_equal(pg.merge(patches, image.shape, (3, 2), fill=-1), expected)
+    np.testing.assert_array_equal(pg.merge(patches, image.shape, (3, 2), fill=-1, edge="drop"), expected)
 
 
 def test_merge_with_a_shape_and_channels_in_grid_form():
@@ -457,7 +457,7 @@ def test_merge_with_a_shape_defaults_stride_to_size():
 
 @pytest.fixture
 def grid():
-    return pg.PatchGrid((11, 13), (4, 5), (3, 2))
+    return pg.PatchGrid((11, 13), (4, 5), (3, 2), edge="drop")
 
 
 @pytest.mark.parametrize(
@@ -531,7 +531,7 @@ def test_uniform_window_with_max_or_min_is_allowed(grid, reduce):
     patches = _random_patches(grid)
     expected, _ = layout.merge(_flat(patches, grid), reduce)
     np.testing.assert_array_equal(
-        pg.merge(patches, grid, reduce=reduce, window="uniform"), expected
+        pg.merge(patches, grid, reduce=reduce, window="uniform", edge="drop"), expected
     )
 
 

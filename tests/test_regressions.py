@@ -119,4 +119,4 @@ def test_merging_shifted_patches_as_drop_says_which_edge_it_assumed():
     image = np.arange(11.0)  # shift cuts 4 patches here, drop only 3
     patches = pg.extract(image, 4, 3, edge="shift")
     with pytest.raises(ValueError, match=r"edge \('drop',\).*pass the PatchGrid itself"):
-        pg.merge(patches, image.shape, stride=3)
+        pg.merge(patches, image.shape, stride=3, edge="drop")

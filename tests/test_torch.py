@@ -232,7 +232,7 @@ def test_merge_equals_the_loop(device, reduce, window, edge):
 def test_merge_of_patches_with_counts_axes_and_a_shape(device):
     array = _array()
     patches = pg.extract(_tensor(array, device), SIZE, STRIDE, axes=AXES, edge="drop")
-    result = pg.merge(patches, (2, 9, 11), STRIDE, axes=AXES)
+    result = pg.merge(patches, (2, 9, 11), STRIDE, axes=AXES, edge="drop")
     expected, _ = _layout("drop").merge(_layout("drop").extract(array).reshape(-1, 2, 4, 4))
     np.testing.assert_allclose(_numpy(result), expected, rtol=1e-12)
 

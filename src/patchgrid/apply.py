@@ -300,9 +300,10 @@ def apply(
         As for :class:`PatchGrid`; ``edge`` defaults to ``"shift"`` (no padding, full
         coverage).
     window, reduce, dtype, fill
-        As for :class:`Merger`. The window defaults to ``"gaussian"`` (uniform for
-        ``reduce="max"`` and ``"min"``, which take no window). ``reduce="argmax"`` stores labels
-        and never holds the classes x volume scores.
+        As for :class:`Merger`, with the same defaults: a uniform window (every patch counts
+        fully, as MONAI's ``mode="constant"``); ``window="gaussian"`` weighs the centre of each
+        patch more, which hides the seams of a model whose borders are worse than its centre.
+        ``reduce="argmax"`` stores labels and never holds the classes x volume scores.
     batch_size : int
         Patches per call of ``fn``.
     pad_batch : bool
@@ -362,8 +363,6 @@ def apply(
     batch_size = _checks.as_int(batch_size, "batch_size")
     if batch_size < 1:
         raise PatchgridError(f"batch_size must be a positive integer, got {batch_size}")
-    if window is None:
-        window = None if reduce in ("max", "min") else "gaussian"
     probe = PatchGrid(shape, size, axes=axes, edge="pad")
     k = len(probe.axes)
     margins = _checks.per_axis(margin, k, "margin", positive=False)

@@ -186,7 +186,7 @@ def extract(
     stride: int | Sequence[int] | None = None,
     *,
     axes: int | Sequence[int] | None = None,
-    edge: str | Sequence[str] = "drop",
+    edge: str | Sequence[str] = "shift",
     pad_mode: str = "constant",
     pad_value: Any = 0,
     flatten: bool = False,

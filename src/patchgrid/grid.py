@@ -64,8 +64,9 @@ class PatchGrid:
         the last ``len(stride)`` axes when ``stride`` is one, else every axis. Axes that are not
         tiled are carried whole inside each patch. Entries of ``size``, ``stride`` and ``edge``
         follow the order of ``axes``; the grid keeps its axes in increasing order.
-    edge : {"drop", "pad", "shift", "even"} or sequence of them
-        What to do where the stride does not reach the end of an axis exactly:
+    edge : {"shift", "drop", "pad", "even"} or sequence of them
+        What to do where the stride does not reach the end of an axis exactly (``"shift"`` by
+        default, for :func:`extract`, :func:`merge`, :func:`apply` and the command line alike):
 
         - ``"drop"``: keep only the patches that fit; trailing voxels are left out.
         - ``"pad"``: pad the far end (with ``pad_mode``) so that the last patch fits.
@@ -145,7 +146,7 @@ class PatchGrid:
         stride: int | Sequence[int] | None = None,
         *,
         axes: int | Sequence[int] | None = None,
-        edge: str | Sequence[str] = "drop",
+        edge: str | Sequence[str] = "shift",
         pad_mode: str = "constant",
         pad_value: Any = 0,
     ) -> None:

@@ -892,7 +892,7 @@ def coverage(grid: PatchGrid, window: Any = None) -> np.ndarray:
     >>> import patchgrid as pg
     >>> pg.coverage(pg.PatchGrid(7, size=3, stride=2))
     array([1., 1., 2., 1., 2., 1., 1.])
-    >>> pg.coverage(pg.PatchGrid(7, size=2, stride=3))
+    >>> pg.coverage(pg.PatchGrid(7, size=2, stride=3, edge="drop"))
     array([1., 1., 0., 1., 1., 0., 0.])
     """
     merger = Merger(grid, window=window)
@@ -906,7 +906,7 @@ def merge(
     stride: int | Sequence[int] | None = None,
     *,
     axes: int | Sequence[int] | None = None,
-    edge: str | Sequence[str] = "drop",
+    edge: str | Sequence[str] = "shift",
     reduce: str = "mean",
     window: Any = None,
     fill: Any = 0,
