@@ -676,7 +676,7 @@ def _renameat2() -> Callable[..., int] | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
@@ -872,8 +872,8 @@ def _sources(*arrays: Any) -> list[str]:
         if isinstance(a, Image):
             inner = a.meta.get("dataset") if a.format == "hdf5" else None
             found.append(a.path if inner is None else f"{a.path}:{inner}")
-        elif isinstance(a, np.memmap) and isinstance(a.filename, str):
-            found.append(a.filename)
+        elif isinstance(a, np.memmap) and isinstance(a.filename, (str, os.PathLike)):
+            found.append(os.fspath(a.filename))
         elif isinstance(getattr(getattr(a, "file", None), "filename", None), str):
             found.append(f"{a.file.filename}:{a.name}")
     return found
