@@ -552,7 +552,7 @@ def _looks_like(path: str, kind: str) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name != "posix":  # Windows: os.kill(pid, 0) is a Ctrl-C
         return True
     try:
         os.kill(pid, 0)
