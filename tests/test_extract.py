@@ -356,7 +356,7 @@ def test_image_smaller_than_the_patch_is_padded(edge):
 def test_image_smaller_than_the_patch_with_a_pad_mode(edge):
     image = _volume((3, 2))
     expected = np.pad(image, ((0, 2), (0, 3)), mode="reflect")[None, None]
-    np.testing.assert_array_equal(pg.extract(image, 5, edge=edge, pad_mode="reflect"), expected)
+    np.testing.assert_array_equal(pg.extract(image, (5, 5), edge=edge, pad_mode="reflect"), expected)
 
 
 def test_image_smaller_than_the_patch_with_drop_raises():

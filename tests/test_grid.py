@@ -338,12 +338,12 @@ def test_small_image_is_padded_up_to_the_patch(edge):
 
 @pytest.mark.parametrize("edge", ["pad", "shift", "even"])
 def test_small_image_padded_shape(edge):
-    assert pg.PatchGrid((3, 2), size=4, edge=edge).padded_shape == (4, 4)
+    assert pg.PatchGrid((3, 2), size=(4, 4), edge=edge).padded_shape == (4, 4)
 
 
 @pytest.mark.parametrize("edge", ["pad", "shift", "even"])
 def test_small_image_is_covered(edge):
-    assert pg.PatchGrid((3, 2), size=4, edge=edge).covers
+    assert pg.PatchGrid((3, 2), size=(4, 4), edge=edge).covers
 
 
 def test_small_image_with_drop_raises():

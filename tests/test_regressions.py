@@ -59,8 +59,8 @@ def test_a_tensor_out_with_a_numpy_image():
 def test_dask_extract_pads_longer_than_the_axis_like_numpy(mode):
     da = pytest.importorskip("dask.array")
     x = np.arange(3.0)
-    got = pg.extract(da.from_array(x), 6, edge="pad", pad_mode=mode).compute()
-    np.testing.assert_array_equal(got, pg.extract(x, 6, edge="pad", pad_mode=mode))
+    got = pg.extract(da.from_array(x), (6,), edge="pad", pad_mode=mode).compute()
+    np.testing.assert_array_equal(got, pg.extract(x, (6,), edge="pad", pad_mode=mode))
 
 
 def test_saving_one_hdf5_dataset_keeps_the_others(tmp_path):

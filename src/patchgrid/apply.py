@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _checks, _fast, _kernels
 from ._checks import PatchgridError
-from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor
+from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor, shares_memory
 from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
 from .grid import PatchGrid
 from .merge import RUN_BYTES, TILE_BYTES, Merger, _runs, _Tile, plan_tiles, release_memory
@@ -360,6 +360,8 @@ def apply(
         image = np.asarray(image)
     xp = backend_of(image)
     shape = tuple(int(s) for s in image.shape)
+    if out is not None:
+        _check_out(out, image)
     batch_size = _checks.as_int(batch_size, "batch_size")
     if batch_size < 1:
         raise PatchgridError(f"batch_size must be a positive integer, got {batch_size}")
@@ -378,12 +380,18 @@ def apply(
         core.append(p - 2 * m)
     grid = PatchGrid(shape, core, stride, axes=probe.axes, edge=edge, pad_mode=pad_mode,
                      pad_value=pad_value)  # fmt: skip
-    out_grid = grid.scaled(scale) if not (np.isscalar(scale) and scale == 1) else grid
+    plain = type(scale) is int and scale == 1
+    out_grid = grid if plain else grid.scaled(scale)
     if is_dask(image):
         return _apply_dask(fn, image, grid, out_grid, margins, size, stride, probe.axes,
                            dict(edge=edge, pad_mode=pad_mode, pad_value=pad_value, window=window,
                                 reduce=reduce, batch_size=batch_size, margin=margin, scale=scale,
                                 dtype=dtype, fill=fill, progress=progress), out)  # fmt: skip
+    if not len(grid):  # an axis of length 0: fn is never called, the result is empty
+        if out is not None:
+            return Merger(out_grid, reduce=reduce, window=window, fill=fill, out=out).result()
+        dtype_empty = dtype if dtype is not None else xp.dtype(image)
+        return xp.empty(out_grid.shape, dtype_empty, image)
     reader = _Reader(image, grid, margins, xp)
     tiles = _tiles(out, out_grid, reduce)
     on_disk = out is not None and type(out) is not np.ndarray and not is_tensor(out)
@@ -477,6 +485,30 @@ def apply(
         close()
 
 
+def _check_out(out: Any, image: Any) -> None:
+    """``out=`` before any work: an array that takes slice assignment, writeable, and apart
+    from the image (writing into the image while reading it would corrupt both)."""
+    if not all(hasattr(out, n) for n in ("shape", "dtype", "__setitem__")) or isinstance(
+        out, (list, tuple)
+    ):
+        raise TypeError(
+            f"out must be an array with shape, dtype and slice assignment (an ndarray, memmap, "
+            f"zarr array, h5py dataset or tensor), got {type(out).__name__}"
+        )
+    if (isinstance(out, np.ndarray) and not out.flags.writeable) or getattr(
+        out, "read_only", False
+    ):
+        raise PatchgridError(
+            f"out is read-only ({type(out).__name__}); give a writeable array (for a file, "
+            f"open it for writing)"
+        )
+    if out is image or shares_memory(out, image):
+        raise PatchgridError(
+            "out shares memory with the image: apply reads the image while it writes the "
+            "result, so the two must be apart; give a new array (or a copy of the image)"
+        )
+
+
 def _tiles(out: Any, grid: PatchGrid, reduce: str) -> list[_Tile]:
     """Tiles across the plane for an ``out`` on disk whose plane is too large for one slab.
 
@@ -560,6 +592,17 @@ def _check_output(
         if not (isinstance(result, np.ndarray) or hasattr(result, "__array__")):
             raise PatchgridError(f"fn ({name}) must return an array, got {type(result).__name__}")
         result = np.asarray(result)
+    kind = xp.kind(result.dtype) if xp.name == "torch" else result.dtype.kind
+    if kind not in "biufc":
+        raise PatchgridError(
+            f"fn ({name}) returned an array of dtype {result.dtype}; it must return numbers "
+            f"(bool, integer, float or complex)"
+        )
+    if xp.name == "torch" and result.requires_grad:
+        raise PatchgridError(
+            f"fn ({name}) returned a tensor that requires grad; apply runs fn under "
+            f"torch.no_grad(): return result.detach(), or do not enable grad inside fn"
+        )
     shape = tuple(result.shape)
     core = list(out_grid.size)
     ok = len(shape) == batch.ndim and shape[0] == batch.shape[0]

@@ -560,6 +560,26 @@ def is_dask(x: Any) -> bool:
     return module is not None and isinstance(x, module.Array)
 
 
+TOO_HARD = getattr(np, "exceptions", np).TooHardError  # NumPy 1.24 has it at the top
+
+
+def shares_memory(a: Any, b: Any) -> bool:
+    """Whether two arrays (NumPy arrays, tensors, memmaps) may use the same memory: NumPy's
+    exact test where it is quick, else its bounds; for tensors, the same storage."""
+    if is_tensor(a) and is_tensor(b):
+        sa, sb = a.untyped_storage(), b.untyped_storage()
+        if a.device != b.device or not sa.nbytes() or not sb.nbytes():
+            return False
+        return bool(sa.data_ptr() < sb.data_ptr() + sb.nbytes() and
+                    sb.data_ptr() < sa.data_ptr() + sa.nbytes())  # fmt: skip
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        try:
+            return bool(np.shares_memory(a, b, max_work=1 << 20))
+        except TOO_HARD:
+            return bool(np.may_share_memory(a, b))
+    return False
+
+
 def backend_of(x: Any) -> Backend:
     """The backend for ``x``: torch for a tensor, NumPy for everything else."""
     if isinstance(x, np.ndarray):

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _fast, _kernels
 from ._checks import PatchgridError
-from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor
+from .backends import NUMPY, Backend, backend_of, check_cast, is_dask, is_tensor
 from .grid import PatchGrid
 
 __all__ = ["extract"]
@@ -103,6 +103,13 @@ def pad_array(x: Any, pad_width: Any, mode: str, value: Any, xp: Backend) -> Any
 
 def check_pad_value(value: Any, mode: str, dtype: Any, xp: Backend) -> None:
     """A constant pad must be storable in the image's dtype (-1 would wrap to 255 in uint8)."""
+    kind = xp.kind(dtype) if xp.name == "torch" else np.dtype(dtype).kind
+    if kind not in "biufc":
+        raise PatchgridError(
+            f"the image's dtype {dtype} is not numeric, and these patches need padding "
+            f"(pad_mode={mode!r}); use edge='drop' or 'shift' with patches that fit, or a "
+            f"numeric image"
+        )
     if mode == "constant" and not xp.fits(value, dtype):
         raise PatchgridError(
             f"pad_value={value!r} cannot be stored in the image's dtype {dtype}; give a "
@@ -152,19 +159,46 @@ def _extract_lazy(
     grid = as_grid(tuple(int(n) for n in image.shape), size, stride, axes=axes, edge=edge,
                    pad_mode=pad_mode, pad_value=pad_value)  # fmt: skip
     shape = (*grid.counts, *grid.patch_shape)
-    if out is None:
-        out = np.empty(shape, dtype=np.dtype(image.dtype))
-    elif not isinstance(out, np.ndarray) or out.shape not in (
-        shape,
-        (len(grid), *grid.patch_shape),
-    ):
-        raise PatchgridError(f"out must be a NumPy array of shape {shape}")
-    target = out.reshape(len(grid), *grid.patch_shape)
+    flat_shape = (len(grid), *grid.patch_shape)
+    dtype = np.dtype(image.dtype)
+    if out is not None:
+        check_out(out, NUMPY, dtype, shape, flat_shape, "a NumPy array (the image is read "
+                  "into NumPy)")  # fmt: skip
     reader = _Reader(image, grid, [0] * len(grid.axes), NUMPY)
+    if out is None:
+        target = np.empty(flat_shape, dtype=dtype)
+        for i in range(len(grid)):
+            target[i] = reader.read(i)
+        return target if flatten else target.reshape(shape)
+    # Patch by patch into out itself: a reshape of a non-contiguous out would be a copy.
+    flat = tuple(out.shape) == flat_shape
     for i in range(len(grid)):
-        target[i] = reader.read(i)
-    result: np.ndarray = target if flatten else target.reshape(shape)
-    return result
+        patch = reader.read(i)
+        check_cast(NUMPY, patch, out.dtype, what=f"patch {i} of the image")
+        out[i if flat else grid.position(i)] = patch
+    return out
+
+
+def check_out(out: Any, xp: Backend, dtype: Any, shape: tuple[int, ...],
+              flat_shape: tuple[int, ...], kind: str) -> None:  # fmt: skip
+    """extract's ``out=``: of the image's kind, the result's shape, writeable, and of a dtype
+    of the same kind (a float image is never truncated into integers); values are checked
+    against its range where the dtypes do not settle it (see :func:`check_cast`)."""
+    known = isinstance(out, np.ndarray) or is_tensor(out)
+    if backend_of(out) is not xp or not known:
+        raise TypeError(f"out must be {kind}, got {type(out).__name__}")
+    if tuple(out.shape) not in (shape, flat_shape):
+        raise PatchgridError(
+            f"out must have shape {shape} (or {flat_shape} flattened), got {tuple(out.shape)}"
+        )
+    if not xp.writeable(out):
+        raise PatchgridError("out must be writeable")
+    src, dst = xp.numpy_dtype(dtype), xp.numpy_dtype(xp.dtype(out))
+    if not np.can_cast(src, dst, casting="same_kind"):
+        raise TypeError(
+            f"out has dtype {dst}, which the image's {src} cannot be cast to under the "
+            f"'same_kind' rule (a float image is not truncated into integers)"
+        )
 
 
 def _as_ndarray(image: Any) -> Any:
@@ -271,24 +305,12 @@ def extract(
     shape = (*grid.counts, *grid.patch_shape)
     flat_shape = (len(grid), *grid.patch_shape)
     if out is not None:
-        known = isinstance(out, np.ndarray) or is_tensor(out)
-        if backend_of(out) is not xp or not known:
-            raise TypeError(
-                f"out must be an array of the image's kind ({type(arr).__name__}), got "
-                f"{type(out).__name__}"
-            )
-        if tuple(out.shape) not in (shape, flat_shape):
-            raise PatchgridError(
-                f"out must have shape {shape} (or {flat_shape} flattened), got {tuple(out.shape)}"
-            )
-        if not xp.writeable(out):
-            raise PatchgridError("out must be writeable")
-        if xp is NUMPY and not np.can_cast(arr.dtype, out.dtype, casting="same_kind"):
-            raise TypeError(
-                f"out has dtype {out.dtype}, which the image's {arr.dtype} cannot be cast to "
-                f"under the 'same_kind' rule"
-            )
+        check_out(out, xp, xp.dtype(arr), shape, flat_shape,
+                  f"an array of the image's kind ({type(arr).__name__})")  # fmt: skip
     src = padded(arr, grid, xp)
+    if out is not None:
+        # One look at the values (padding included) where out's dtype may not hold them.
+        check_cast(xp, src, xp.dtype(out), what="the image")
     if out is None and not copy and grid.is_regular:
         view = _kernels.window_view(
             src, grid.axes, [0] * k, grid.stride, grid.counts, grid.size, xp

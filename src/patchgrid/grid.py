@@ -19,6 +19,8 @@ def _axis_starts(
     length: int, size: int, stride: int, edge: str, axis: int
 ) -> tuple[tuple[int, ...], int]:
     """Starts of the patches along one axis, and the padding the far end needs."""
+    if length == 0:
+        return (), 0  # an empty axis holds no patch, whatever the policy
     if length < size:
         if edge == "drop":
             raise PatchgridError(
@@ -45,6 +47,24 @@ def _axis_starts(
         return (0,), 0
     step = (length - size) / (n - 1)
     return tuple(int(np.round(step * i)) for i in range(n)), 0
+
+
+def _check_unchosen_axes(
+    shape: tuple[int, ...], size: int, axes: tuple[int, ...], edges: tuple[str, ...]
+) -> None:
+    """An int ``size`` without ``axes=`` tiles every axis the user did not name: one shorter
+    than the patch (a channel or time axis, most often) is an error, never padding."""
+    short = [a for a, e in zip(axes, edges) if 0 < shape[a] < size and e != "drop"]
+    if not short:
+        return
+    keep = tuple(a for a in range(len(shape)) if a not in short)
+    hint = f"axes={keep}" if keep else "size as a tuple"
+    raise PatchgridError(
+        f"size {size} is larger than axis {short[0]} of the image (shape {shape}), and an int "
+        f"size tiles every axis: that axis would be padded from {shape[short[0]]} to {size}. "
+        f"Name the axes to tile with axes= (here perhaps {hint}), or give size as a tuple to "
+        f"pad the axis on purpose"
+    )
 
 
 class PatchGrid:
@@ -74,7 +94,9 @@ class PatchGrid:
         - ``"even"``: spread the patches evenly, first and last at the borders (nnU-Net).
 
         ``"pad"``, ``"shift"`` and ``"even"`` pad an axis shorter than the patch up to the
-        patch size; ``"drop"`` refuses it.
+        patch size when the tiled axes were chosen (``axes=`` or a tuple ``size``); with an int
+        ``size`` and no ``axes=`` such an axis (a channel or time axis, most often) is an error
+        that names ``axes=``. ``"drop"`` refuses it. An axis of length 0 holds no patch.
     pad_mode : str
         A :func:`numpy.pad` mode for whatever padding the grid needs.
     pad_value : scalar
@@ -179,6 +201,8 @@ class PatchGrid:
             return tuple(t[j] for j in order)
 
         axes_t, size_t, stride_t, edge_t = sort(axes_t), sort(size_t), sort(stride_t), sort(edge_t)
+        if axes is None and not isinstance(size, (Sequence, np.ndarray)):
+            _check_unchosen_axes(shape_t, size_t[0], axes_t, edge_t)
         starts, pads = [], []
         for a, p, s, e in zip(axes_t, size_t, stride_t, edge_t):
             st, pad = _axis_starts(shape_t[a], p, s, e, a)
@@ -244,6 +268,8 @@ class PatchGrid:
             ):
                 raise TypeError(f"scale must be a positive number, got {v!r}")
             if isinstance(v, (float, np.floating)):
+                if not math.isfinite(v):
+                    raise PatchgridError(f"scale must be a finite positive number, got {v!r}")
                 f = Fraction(float(v)).limit_denominator(1 << 16)
             else:
                 f = Fraction(v) if isinstance(v, Fraction) else Fraction(int(v))

@@ -231,7 +231,7 @@ class Merger:
             return None
         if self._weight_cache is None:
             window = self._window.reshape(self._wshape())
-            self._weight_cache = self._xp.constant(window, self._acc_dtype, self._like)
+            self._weight_cache = self._xp.constant(window, self._real_dtype(), self._like)
         return self._weight_cache
 
     def _wshape(self) -> list[int]:
@@ -325,6 +325,33 @@ class Merger:
                 and xp.dtype(sink) == self._acc_dtype and xp.writeable(sink)))
         )  # fmt: skip
 
+    def _real_dtype(self) -> Any:
+        """The weights' dtype: the accumulator's, or its real part's for complex patches."""
+        if self._xp.kind(self._acc_dtype) != "c":
+            return self._acc_dtype
+        if self._xp.name == "torch":
+            return self._xp.torch.float64  # type: ignore[attr-defined]
+        return np.finfo(self._acc_dtype).dtype
+
+    def _empty(self) -> Any:
+        """The result of a grid without patches: the output, of the image's shape (one axis
+        of length 0), in the output dtype where it is known (float64 where nothing says)."""
+        if self._patch_shape is not None:
+            shape, dtype = self._out_shape, self._out_dtype
+        else:
+            shape = self.grid.shape
+            dtype = self._dtype if self._dtype is not None else getattr(
+                self._sink, "dtype", np.float64)  # fmt: skip
+        if self._sink is not None:
+            if tuple(self._sink.shape) != tuple(shape):
+                raise PatchgridError(
+                    f"out must have shape {tuple(shape)}, got {tuple(self._sink.shape)}"
+                )
+            return self._sink
+        if self._patch_shape is not None:
+            return self._xp.empty(shape, dtype, self._like)
+        return np.empty(shape, dtype=np.dtype(dtype))
+
     def _check_sum(self, arr: Any) -> None:
         """Integer patches: refuse values whose sums the accumulator cannot hold exactly."""
         if self.reduce in ("max", "min") or self._xp.kind(self._patch_dtype) not in "iu":
@@ -370,7 +397,7 @@ class Merger:
         wacc = None
         if self._array_window:
             wshape = [1 if a not in grid.axes else n for a, n in enumerate(shape)]
-            wacc = xp.full(wshape, 0, self._acc_dtype, self._like)
+            wacc = xp.full(wshape, 0, self._real_dtype(), self._like)
         if have:
             head: list[Any] = [slice(None)] * grid.ndim
             head[a0] = slice(0, have)
@@ -384,7 +411,7 @@ class Merger:
         if self._array_window and self._wacc is None:
             grid = self.grid
             wshape = [n if a in grid.axes else 1 for a, n in enumerate(grid.shape)]
-            self._wacc = self._xp.full(wshape, 0, self._acc_dtype, self._like)
+            self._wacc = self._xp.full(wshape, 0, self._real_dtype(), self._like)
 
     def _local(self, index: int) -> tuple[slice, ...]:
         """Slices of patch ``index`` in the accumulator, whose first row is ``self._lo``."""
@@ -400,9 +427,13 @@ class Merger:
         with a single index works too. Adding a patch twice, an index out of range or a patch
         of the wrong shape raises :class:`ValueError`.
         """
+        if self._result is not None:
+            raise PatchgridError("result() was already called; make a new Merger to merge again")
         xp = backend_of(batch)
         arr = xp.asarray(batch)
         idx = np.asarray(indices)
+        if idx.size == 0 and idx.dtype.kind not in "iu":
+            idx = idx.astype(np.intp)  # [] comes as float64: no index is an integer index
         grid = self.grid
         k = len(grid.axes)
         if idx.ndim == 0 or (idx.shape == (k,) and k > 1 and arr.ndim == grid.ndim):
@@ -571,6 +602,8 @@ class Merger:
         if self._seen.any():
             raise PatchgridError("add_all needs a Merger that has no patches yet")
         self._start(arr, tuple(arr.shape[k:]))
+        if not len(grid):
+            return  # nothing to add: result() gives the empty image
         self._check_sum(arr)
         xp = self._xp
         if self._add_all_compiled(arr):
@@ -861,6 +894,9 @@ class Merger:
         if self._result is not None:
             return self._result
         grid = self.grid
+        if not len(grid):  # an empty axis: an empty image, not an error
+            self._result = self._empty()
+            return self._result
         if self._patch_shape is None:
             raise PatchgridError("no patches were added; nothing to merge")
         missing = self.missing
