@@ -7,9 +7,13 @@ Commands run in-process through ``patchgrid.cli.main`` (its exit code, with caps
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -22,6 +26,7 @@ h5py = pytest.importorskip("h5py")
 from nibabel.testing import data_path  # noqa: E402
 
 import patchgrid as pg  # noqa: E402
+import patchgrid.cli as pcli  # noqa: E402
 import patchgrid.io as pio  # noqa: E402
 from patchgrid.cli import main  # noqa: E402
 
@@ -1155,3 +1160,646 @@ def test_no_progress_bar_elsewhere(capsys, tmp_path, nifti, models, store, kind)
     code, _, err = cli(capsys, *args)
     assert code == 0
     assert err == ""
+
+
+# ---------------------------------------- issue #13: nothing lost, nothing silently wrong (CLI)
+
+# A store whose grid leaves a remainder on every axis, so that edge and shape matter.
+STORE_SHAPE = (20, 30, 40)
+
+
+@pytest.fixture
+def checked_store(tmp_path, capsys):
+    """A patch store of a (20, 30, 40) float32 volume, --size 8 --stride 6 (edge shift)."""
+    source = tmp_path / "volume.npy"
+    pg.save(source, _volume(shape=STORE_SHAPE))
+    path = tmp_path / "p.zarr"
+    code, _, err = cli(capsys, "extract", source, "--size", 8, "--stride", 6, "-o", path)
+    assert code == 0, err
+    return path
+
+
+def _edit_attrs(path, change):
+    """Change the store's 'patchgrid' attribute in place, as a hand edit would."""
+    meta_file = path / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    change(meta["attributes"]["patchgrid"])
+    meta_file.write_text(json.dumps(meta))
+
+
+def _lose_chunk(path):
+    shutil.rmtree(path / "patches" / "c" / "50")  # what a crashed or partial copy leaves
+
+
+def _edge_even(path):
+    _edit_attrs(path, lambda m: m["grid"].update(edge=["even"] * 3))
+
+
+def _shape_41(path):
+    _edit_attrs(path, lambda m: m["grid"]["shape"].__setitem__(2, 41))
+
+
+def _stride_5(path):
+    _edit_attrs(path, lambda m: m["grid"].update(stride=[5, 5, 5]))
+
+
+def _dtype_int16(path):
+    _edit_attrs(path, lambda m: m["source"].update(dtype="int16"))
+
+
+def _spacing_short(path):
+    _edit_attrs(path, lambda m: m["source"].update(spacing=[1.0, 1.0]))
+
+
+def _starts_moved(path):
+    starts = zarr.open_group(str(path), mode="r+")["starts"]
+    moved = starts[...]
+    moved[3, 1] += 1
+    starts[...] = moved
+
+
+def _no_attrs(path):
+    meta_file = path / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["attributes"]["patchgrid"]
+    meta_file.write_text(json.dumps(meta))
+
+
+# (how the store is damaged, words of the one error line)
+DAMAGED_STORES = [
+    pytest.param(_lose_chunk, "lacks 1 of its 105 patches", id="lost-chunk"),
+    pytest.param(_edge_even, "corners differ", id="edge-changed"),
+    pytest.param(_shape_41, "corners differ", id="shape-changed"),
+    pytest.param(_stride_5, "makes (192, 8, 8, 8)", id="stride-changed"),
+    pytest.param(_dtype_int16, "source is int16", id="dtype-changed"),
+    pytest.param(_spacing_short, "spacing has 2 entries", id="spacing-short"),
+    pytest.param(_starts_moved, "first patch 3", id="starts-changed"),
+    pytest.param(_no_attrs, "unfinished patch store", id="no-attributes"),
+]
+
+
+@pytest.mark.parametrize(("damage", "words"), DAMAGED_STORES)
+def test_merge_refuses_a_damaged_store(capsys, tmp_path, checked_store, damage, words):
+    damage(checked_store)
+    code, _, err = cli(capsys, "merge", checked_store, "-o", tmp_path / "out.npy")
+    assert code == 1
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert words in lines[0]
+    assert str(checked_store) in lines[0]
+
+
+@pytest.mark.parametrize(("damage", "words"), DAMAGED_STORES)
+def test_merge_of_a_damaged_store_writes_nothing(capsys, tmp_path, checked_store, damage, words):
+    damage(checked_store)
+    cli(capsys, "merge", checked_store, "-o", tmp_path / "out.npy")
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_extract_stores_patches_of_zeros_too(capsys, tmp_path):
+    # zarr leaves out chunks of fill value by default: merge could not tell them from lost ones.
+    source = tmp_path / "zeros.npy"
+    pg.save(source, np.zeros(STORE_SHAPE, np.float32))
+    cli(capsys, "extract", source, "--size", 8, "--stride", 6, "-o", tmp_path / "p.zarr")
+    patches = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")["patches"]
+    assert patches.nchunks_initialized == patches.nchunks == 105
+
+
+def test_merge_of_a_store_of_zeros_gives_zeros(capsys, tmp_path):
+    source = tmp_path / "zeros.npy"
+    pg.save(source, np.zeros(STORE_SHAPE, np.float32))
+    cli(capsys, "extract", source, "--size", 8, "--stride", 6, "-o", tmp_path / "p.zarr")
+    code, _, err = cli(capsys, "merge", tmp_path / "p.zarr", "-o", tmp_path / "out.npy")
+    assert code == 0, err
+    assert np.array_equal(_read(tmp_path / "out.npy"), np.zeros(STORE_SHAPE, np.float32))
+
+
+def test_merge_of_a_store_checks_no_patch_data(capsys, tmp_path, checked_store, monkeypatch):
+    # The checks list the chunks on disk; they read one patch (to learn the output's layout).
+    reads = []
+    real = zarr.Array.__getitem__
+
+    def counting(self, key):
+        if self.shape[0] == 105 and self.ndim == 4:
+            reads.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", counting)
+    pcli._open_store(str(checked_store))
+    assert reads == []
+
+
+# --------------------------------------------------------------- defaults: edge shift (item 10)
+
+GRID_COMMANDS = ["info", "extract", "apply", "preview", "demo"]
+
+
+@pytest.mark.parametrize("command", GRID_COMMANDS)
+def test_help_shows_edge_default_shift(capsys, command):
+    _, out, _ = cli(capsys, command, "--help")
+    assert "(default: shift" in " ".join(out.split())
+
+
+def _defaults(command):
+    parser = pcli._parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for action in sub.choices[command]._actions:
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+            yield action
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_every_default(capsys, command):
+    _, out, _ = cli(capsys, command, "--help")
+    text = " ".join(out.split())
+    for action in _defaults(command):
+        shown = pcli._fmt(action.default)
+        assert f"{action.option_strings[-1]}" in text
+        assert f"(default: {shown}" in text, action.option_strings
+
+
+def test_extract_default_edge_is_shift(capsys, tmp_path, checked_store):
+    meta = zarr.open_group(str(checked_store), mode="r").attrs["patchgrid"]
+    assert meta["grid"]["edge"] == ["shift", "shift", "shift"]
+
+
+def test_info_default_edge_is_shift(capsys):
+    _, out, _ = cli(capsys, "info", "--shape", "20,30,40", "--size", 8)
+    assert "edge ('shift', 'shift', 'shift')" in out
+
+
+def test_preview_default_edge_covers_every_voxel(capsys, tmp_path, monkeypatch):
+    seen = []
+
+    def fake(img, grid, path):
+        seen.append(grid)
+        open(path, "wb").close()
+
+    monkeypatch.setattr("patchgrid.plot.preview", fake)
+    source = tmp_path / "volume.npy"
+    pg.save(source, _volume(shape=STORE_SHAPE))
+    code, _, err = cli(capsys, "preview", source, "--size", 8, "-o", tmp_path / "g.png")
+    assert code == 0, err
+    assert seen[0].edge == ("shift",) * 3
+
+
+def test_demo_default_edge_is_shift(capsys, tmp_path):
+    _, out, _ = cli(capsys, "demo", "--dir", tmp_path / "demo", "--shape", "9,10,11")
+    assert "edge='shift'" in out
+
+
+def test_merge_says_how_many_voxels_get_fill(capsys, tmp_path, npy):
+    cli(capsys, "extract", npy, "--size", 5, "--edge", "drop", "-o", tmp_path / "p.zarr")
+    code, _, err = cli(capsys, "merge", tmp_path / "p.zarr", "-o", tmp_path / "out.npy")
+    assert code == 0
+    # (12, 16, 20) tiled by 5 without a remainder: 10 x 15 x 20 voxels covered.
+    assert err.count("\n") == 1
+    assert "840 of 3,840 voxels lie in no patch" in err
+    assert "--fill 0" in err
+
+
+def test_merge_with_full_coverage_says_nothing_on_stderr(capsys, tmp_path, checked_store):
+    code, _, err = cli(capsys, "merge", checked_store, "-o", tmp_path / "out.npy")
+    assert code == 0
+    assert err == ""
+
+
+def _uint64_near_2_60(shape):
+    rng = np.random.default_rng(1)
+    return (2**60 + rng.integers(0, 2**40, shape)).astype(np.uint64)
+
+
+def _ints_of(dtype):
+    def make(shape):
+        info = np.iinfo(dtype)
+        return np.random.default_rng(2).integers(
+            info.min, info.max, shape, endpoint=True, dtype=dtype
+        )
+
+    return make
+
+
+def _floats_of(dtype):
+    def make(shape):
+        rng = np.random.default_rng(3)
+        return (rng.standard_normal(shape) * 1e3).astype(dtype)
+
+    return make
+
+
+# (values, grid arguments): the defaults otherwise; no axis is a multiple of the stride.
+DEFAULT_ROUND_TRIPS = [
+    pytest.param(_floats_of(np.float32), ["--size", 6, "--stride", 4], id="float32-overlapping"),
+    pytest.param(_floats_of(np.float64), ["--size", 6, "--stride", 4], id="float64-overlapping"),
+    pytest.param(_floats_of(np.float16), ["--size", 6, "--stride", 4], id="float16-overlapping"),
+    pytest.param(_floats_of(np.float32), ["--size", 6], id="float32"),
+    pytest.param(_uint64_near_2_60, ["--size", 6], id="uint64-near-2**60"),
+    pytest.param(_uint64_near_2_60, ["--size", 6, "--stride", 4], id="uint64-overlapping"),
+    pytest.param(_ints_of(np.int16), ["--size", 6], id="int16"),
+    pytest.param(_ints_of(np.int16), ["--size", 6, "--stride", 4], id="int16-overlapping"),
+    pytest.param(_ints_of(np.uint8), ["--size", 6, "--stride", 4], id="uint8-overlapping"),
+    pytest.param(_ints_of(np.int32), ["--size", 6, "--stride", 4], id="int32-overlapping"),
+    pytest.param(_ints_of(np.uint16), ["--size", 6], id="uint16"),
+    pytest.param(lambda shape: _floats_of(np.float32)(shape) > 0, ["--size", 6], id="bool"),
+]
+
+
+@pytest.mark.parametrize(("make", "grid_args"), DEFAULT_ROUND_TRIPS)
+def test_default_round_trip_is_bit_exact(capsys, tmp_path, make, grid_args):
+    volume = make((11, 13, 17))
+    pg.save(tmp_path / "volume.npy", volume)
+    code, _, err = cli(
+        capsys, "extract", tmp_path / "volume.npy", *grid_args, "-o", tmp_path / "p.zarr"
+    )
+    assert code == 0, err
+    code, _, err = cli(capsys, "merge", tmp_path / "p.zarr", "-o", tmp_path / "out.npy")
+    assert code == 0, err
+    out = np.load(tmp_path / "out.npy")
+    assert out.dtype == volume.dtype
+    assert out.tobytes() == volume.tobytes()
+
+
+# ------------------------------------------------------------ spatial axes by default (item 11)
+
+
+def test_info_of_a_4d_nifti_tiles_its_spatial_axes(capsys):
+    code, out, err = cli(capsys, "info", EXAMPLE4D, "--size", 32)
+    assert code == 0, err
+    assert "axes (0, 1, 2)" in out
+    assert "12 patches of shape (32, 32, 32, 2)" in out
+
+
+def test_extract_of_a_4d_nifti_keeps_time_whole(capsys, tmp_path):
+    code, _, err = cli(capsys, "extract", EXAMPLE4D, "--size", 32, "-o", tmp_path / "p.zarr")
+    assert code == 0, err
+    patches = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")["patches"]
+    assert patches.shape == (12, 32, 32, 32, 2)
+
+
+def test_round_trip_of_a_4d_nifti_with_one_size(capsys, tmp_path):
+    source, out = _round_trip(capsys, tmp_path, _example4d, ["--size", 32], "out.nii.gz")
+    assert np.array_equal(_read(out), _read(source))
+
+
+def test_apply_over_a_4d_nifti_with_one_size_keeps_time_whole(capsys, tmp_path, models):
+    out = tmp_path / "out.nii.gz"
+    code, _, err = cli(
+        capsys, "apply", EXAMPLE4D, "--model", f"{models}:double", "--size", 32, "-o", out
+    )
+    assert code == 0, err
+    assert np.array_equal(_read(out), 2 * _read(EXAMPLE4D).astype(np.float64))
+
+
+def test_info_of_a_4d_npy_tiles_every_axis(capsys, tmp_path):
+    pg.save(tmp_path / "v.npy", np.zeros((6, 8, 8, 8), np.float32))
+    _, out, _ = cli(capsys, "info", tmp_path / "v.npy", "--size", 4)
+    assert "axes (0, 1, 2, 3)" in out
+
+
+def test_axes_flag_still_chooses_for_a_nifti(capsys):
+    _, out, _ = cli(capsys, "info", EXAMPLE4D, "--size", "32,8", "--axes", "1,2")
+    assert "axes (1, 2)" in out
+
+
+# ------------------------------------------------------------- summaries and memory (item 19)
+
+SUMMARY_GRIDS = [
+    pytest.param(["--shape", 7, "--size", 3, "--stride", 2, "--edge", "drop"], id="1d-overlap"),
+    pytest.param(["--shape", 7, "--size", 2, "--stride", 3, "--edge", "drop"], id="1d-gaps"),
+    pytest.param(["--shape", "9,10,11", "--size", 4, "--stride", 3], id="3d-shift"),
+    pytest.param(
+        ["--shape", "9,10,11", "--size", "4,5,3", "--stride", "2,3,3", "--edge", "even"],
+        id="3d-even",
+    ),
+    pytest.param(
+        ["--shape", "9,10,11", "--size", 4, "--stride", 5, "--edge", "drop"], id="3d-drop-gaps"
+    ),
+    pytest.param(
+        ["--shape", "3,9,10", "--size", 4, "--axes", "1,2", "--edge", "pad"], id="channels-pad"
+    ),
+]
+
+
+def _summary_grid(args):
+    shape = tuple(int(v) for v in str(args[args.index("--shape") + 1]).split(","))
+    parsed = pcli._parser().parse_args(["info", *map(str, args)])
+    return pcli._grid(shape, parsed)
+
+
+@pytest.mark.parametrize("args", SUMMARY_GRIDS)
+def test_info_coverage_equals_the_coverage_volume(capsys, args):
+    cover = np.broadcast_to(pg.coverage(_summary_grid(args)), _summary_grid(args).shape)
+    _, out, _ = cli(capsys, "info", *args)
+    line = next(x for x in out.splitlines() if x.startswith("coverage:"))
+    summary = (
+        f"{int(cover.min())} to {int(cover.max())} patches per voxel, {cover.mean():.2f} on average"
+    )
+    assert summary in line
+
+
+@pytest.mark.parametrize("args", SUMMARY_GRIDS)
+def test_info_counts_the_voxels_in_no_patch(capsys, args):
+    grid = _summary_grid(args)
+    cover = np.broadcast_to(pg.coverage(grid), grid.shape)
+    _, out, _ = cli(capsys, "info", *args)
+    missing = int((cover == 0).sum())
+    assert (f"{missing:,} of {cover.size:,} lie in no patch" in out) == (missing > 0)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--shape", "512,512,512", "--size", 64, "--stride", 32], id="512**3"),
+        pytest.param(["--shape", "4096,4096,4096", "--size", 64, "--stride", 32], id="4096**3"),
+        pytest.param(
+            ["--shape", "10,10,10", "--size", "400,400,400", "--edge", "pad"],
+            id="huge-patch-pad",
+        ),
+    ],
+)
+def test_info_allocates_nothing_like_the_image(capsys, args):
+    tracemalloc.start()
+    try:
+        code, _, err = cli(capsys, "info", *args)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == 0, err
+    assert peak < 8 << 20
+
+
+def test_info_says_when_a_copy_is_more_than_memory(capsys, monkeypatch):
+    monkeypatch.setattr(pcli, "_memory_available", lambda: 1 << 30)
+    _, out, _ = cli(capsys, "info", "--shape", "1024,1024,1024", "--size", 64, "--stride", 32)
+    assert "more than the 1.0 GiB of memory available here" in out
+
+
+def _tiny_nifti(tmp_path):
+    path = tmp_path / "scan.nii.gz"
+    pg.save(path, _volume(shape=(32, 32, 32)))
+    return path
+
+
+# (arguments from tmp_path and the models file, words of the one error line)
+TOO_BIG = [
+    pytest.param(
+        lambda t, m: ["extract", _tiny_nifti(t), "--size", 64, "--edge", "pad", "-o", t / "p.zarr"],
+        "--batch",
+        id="extract",
+    ),
+    pytest.param(
+        lambda t, m: [
+            "extract",
+            _tiny_nifti(t),
+            "--size",
+            64,
+            "--edge",
+            "pad",
+            "-o",
+            f"{t / 'f'}/",
+        ],
+        "--size",
+        id="extract-folder",
+    ),
+    pytest.param(
+        lambda t, m: [
+            "apply",
+            _tiny_nifti(t),
+            "--model",
+            f"{m}:double",
+            "--size",
+            64,
+            "--edge",
+            "pad",
+            "-o",
+            t / "o.nii.gz",
+        ],
+        "--batch-size",
+        id="apply",
+    ),
+    pytest.param(
+        lambda t, m: ["preview", _tiny_nifti(t), "--size", 64, "--edge", "pad", "-o", t / "g.png"],
+        "smaller image",
+        id="preview",
+    ),
+    pytest.param(
+        lambda t, m: ["demo", "--shape", "64,64,64", "--dir", t / "demo"],
+        "--shape",
+        id="demo",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_args", "words"), TOO_BIG)
+def test_a_job_larger_than_memory_is_refused_in_one_line(
+    capsys, tmp_path, models, monkeypatch, make_args, words
+):
+    args = make_args(tmp_path, models)
+    monkeypatch.setattr(pcli, "_memory_available", lambda: 256 << 10)
+    code, _, err = cli(capsys, *args)
+    assert code == 1
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert "more than the 256.0 KiB" not in lines[0]
+    assert "of memory, more than the" in lines[0]
+    assert words in lines[0]
+
+
+@pytest.mark.parametrize(("make_args", "words"), TOO_BIG)
+def test_a_job_larger_than_memory_writes_nothing(
+    capsys, tmp_path, models, monkeypatch, make_args, words
+):
+    args = make_args(tmp_path, models)
+    before = set(os.listdir(tmp_path))
+    monkeypatch.setattr(pcli, "_memory_available", lambda: 256 << 10)
+    cli(capsys, *args)
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_merge_into_memory_larger_than_memory_is_refused(
+    capsys, tmp_path, checked_store, monkeypatch
+):
+    monkeypatch.setattr(pcli, "_memory_available", lambda: 64 << 10)
+    code, _, err = cli(capsys, "merge", checked_store, "-o", tmp_path / "out.nii.gz")
+    assert code == 1
+    assert "built in memory" in err
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_extract_beyond_any_machine_is_refused_before_work(capsys, tmp_path, npy):
+    code, _, err = cli(
+        capsys,
+        "extract",
+        npy,
+        "--size",
+        "30000,30000,30000",
+        "--edge",
+        "pad",
+        "-o",
+        tmp_path / "p.zarr",
+    )
+    assert code == 1
+    assert "TiB of memory" in err
+    assert "--size" in err
+
+
+def test_memory_available_reads_the_system():
+    have = pcli._memory_available()
+    assert have is None or have > 0
+
+
+def test_memory_available_without_proc_meminfo(monkeypatch):
+    def no_proc(path, *args, **kwargs):
+        raise OSError(f"no {path}")
+
+    monkeypatch.setattr(pcli, "open", no_proc, raising=False)
+    have = pcli._memory_available()
+    assert have is None or have > 0
+
+
+# ------------------------------------------------------------ bad values, said clearly (item 21)
+
+# (arguments from tmp_path, words the one error line must hold: flag or file, value, rule)
+BAD_VALUES = [
+    pytest.param(
+        lambda t: ["extract", _good(t), "--size", 4, "--batch", 0, "-o", t / "p.zarr"],
+        ["--batch", "'0'", "at least 1"],
+        id="extract-batch-zero",
+    ),
+    pytest.param(
+        lambda t: ["extract", _good(t), "--size", 4, "--batch", -5, "-o", t / "p.zarr"],
+        ["--batch", "'-5'", "at least 1"],
+        id="extract-batch-negative",
+    ),
+    pytest.param(
+        lambda t: ["merge", t / "p.zarr", "--batch", 0, "-o", t / "out.npy"],
+        ["--batch", "'0'", "at least 1"],
+        id="merge-batch-zero",
+    ),
+    pytest.param(
+        lambda t: [
+            "apply",
+            _good(t),
+            "--model",
+            "m:f",
+            "--size",
+            4,
+            "--batch-size",
+            0,
+            "-o",
+            t / "o.npy",
+        ],
+        ["--batch-size", "'0'", "at least 1"],
+        id="apply-batch-size-zero",
+    ),
+    pytest.param(
+        lambda t: ["info", "--shape", 0, "--size", 4, "--edge", "pad"],
+        ["--shape", "'0'", "at least 1"],
+        id="info-shape-zero",
+    ),
+    pytest.param(
+        lambda t: ["demo", "--shape", "10,0,4", "--dir", t / "demo"],
+        ["--shape", "'10,0,4'", "at least 1"],
+        id="demo-shape-zero",
+    ),
+    pytest.param(
+        lambda t: ["info", _zarr_without_metadata(t), "--size", 4],
+        ["bare.zarr", "not a zarr store", "zarr.json"],
+        id="zarr-without-metadata",
+    ),
+    pytest.param(
+        lambda t: ["info", _npy_bad_header(t), "--size", 4],
+        ["bad.npy", "header", "'descr'", "got"],
+        id="npy-corrupt-header",
+    ),
+    pytest.param(
+        lambda t: ["info", _npy_short_data(t), "--size", 4],
+        ["short.npy", "(8, 8, 8) float32", "2,048 bytes", "holds"],
+        id="npy-short-data",
+    ),
+    pytest.param(
+        lambda t: ["info", _garbage(t, "junk.npy"), "--size", 4],
+        ["junk.npy", "signature"],
+        id="npy-not-npy",
+    ),
+]
+
+
+def _zarr_without_metadata(tmp_path):
+    path = tmp_path / "bare.zarr"
+    pg.save(path, _volume(shape=(8, 8, 8)))
+    os.remove(path / "zarr.json")
+    return path
+
+
+def _npy_bytes():
+    buffer = io.BytesIO()
+    np.save(buffer, _volume(shape=(8, 8, 8)))
+    return buffer.getvalue()
+
+
+def _npy_bad_header(tmp_path):
+    data = _npy_bytes()
+    end = data.index(b"}")
+    (tmp_path / "bad.npy").write_bytes(data[:end] + b" " + data[end + 1 :])
+    return tmp_path / "bad.npy"
+
+
+def _npy_short_data(tmp_path):
+    data = _npy_bytes()
+    (tmp_path / "short.npy").write_bytes(data[: len(data) - 2048])
+    return tmp_path / "short.npy"
+
+
+@pytest.fixture
+def stored(tmp_path, capsys):
+    """``p.zarr`` in tmp_path, for the merge cases of BAD_VALUES."""
+    pg.save(tmp_path / "source.npy", _volume(shape=(8, 8, 8)))
+    cli(capsys, "extract", tmp_path / "source.npy", "--size", 4, "-o", tmp_path / "p.zarr")
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(("make_args", "words"), BAD_VALUES)
+def test_bad_value_names_the_flag_what_came_and_the_rule(
+    capsys, tmp_path, stored, make_args, words
+):
+    code, _, err = cli(capsys, *make_args(tmp_path))
+    assert code != 0
+    assert "Traceback" not in err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.mark.parametrize(("make_args", "words"), BAD_VALUES)
+def test_bad_value_writes_nothing(capsys, tmp_path, stored, make_args, words):
+    args = make_args(tmp_path)
+    before = _snapshot(tmp_path)
+    cli(capsys, *args)
+    assert _snapshot(tmp_path) == before
+
+
+def test_open_names_the_zarr_store_without_metadata(tmp_path):
+    with pytest.raises(pg.PatchgridError, match=r"bare\.zarr' is not a zarr store: .*zarr\.json"):
+        pg.open(_zarr_without_metadata(tmp_path))
+
+
+def test_open_says_what_is_wrong_with_an_npy_header(tmp_path):
+    with pytest.raises(
+        pg.PatchgridError, match=r"bad\.npy' as npy: its header is not a \.npy header"
+    ):
+        pg.open(_npy_bad_header(tmp_path))
+
+
+def test_demo_of_a_2d_shape(capsys, tmp_path):
+    code, out, err = cli(capsys, "demo", "--shape", "10,10", "--dir", tmp_path / "demo")
+    assert code == 0, err
+    assert "round trip: exact" in out
+    assert _read(tmp_path / "demo" / "restored.nii.gz").shape == (10, 10)
+
+
+def test_demo_of_a_2d_shape_keeps_a_spacing_per_axis(capsys, tmp_path):
+    cli(capsys, "demo", "--shape", "10,12", "--dir", tmp_path / "demo")
+    with pg.open(tmp_path / "demo" / "volume.nii.gz") as img:
+        assert img.spacing == (1.0, 2.0)

@@ -791,16 +791,15 @@ def _preview(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import patchgrid as pg
 
-    folder = os.path.abspath(args.dir)
-    os.makedirs(folder, exist_ok=True)
     shape = args.shape if isinstance(args.shape, tuple) else (args.shape,) * 3
-    voxels = math.prod(shape)
     # The phantom's float64 coordinate grids and sums, then patches, merges and coverage.
     _check_memory(
-        (len(shape) + 8) * 8 * voxels,
+        (len(shape) + 8) * 8 * math.prod(shape),
         f"demo over a {' x '.join(map(str, shape))} volume",
         "give a smaller --shape",
     )
+    folder = os.path.abspath(args.dir)
+    os.makedirs(folder, exist_ok=True)
     volume = _phantom(shape)
     print(f"demo: a synthetic {' x '.join(map(str, shape))} float32 volume (spheres in noise)")
     grid = pg.PatchGrid(volume.shape, size=args.size, stride=args.stride, edge=args.edge)
