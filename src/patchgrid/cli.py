@@ -365,6 +365,8 @@ def _write_store(path: str, img: Any, grid: Any, reader: Any, batch: int, bar: A
         shape=(n, *grid.patch_shape),
         dtype=img.dtype,
         chunks=(1, *grid.patch_shape),
+        # One file per patch in one folder (c.I.0.0.0): merge lists it to find lost patches.
+        chunk_key_encoding={"name": "default", "separator": "."},
         config={"write_empty_chunks": True},
     )
     root.create_array("starts", data=grid.starts().astype(np.int64))
