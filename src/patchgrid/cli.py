@@ -143,8 +143,8 @@ def _grid_args(p: argparse.ArgumentParser, *, size_required: bool = True) -> Non
         "--axes",
         type=_ints,
         default=None,
-        help="tiled axes, e.g. 0,1,2 (default: a NIfTI file's spatial axes, the first three; "
-        "for other images every axis, or the last len(size) when --size has several)",
+        help="tiled axes, e.g. 0,1,2 (default: a NIfTI file's spatial axes, the first three "
+        "or the first len(size); for other images every axis, or the last len(size))",
     )
     p.add_argument(
         "--pad-mode", default="constant", help="a numpy.pad mode for edge=pad (default: constant)"
