@@ -1,6 +1,6 @@
 """patchgrid: cut N-dimensional images into patches, know where each sits, put them back."""
 
-from ._checks import PatchgridError
+from ._checks import PatchgridError, PatchgridWarning
 from .apply import apply
 from .extract import extract
 from .grid import PatchGrid
@@ -15,6 +15,7 @@ __all__ = [
     "PatchDataset",
     "PatchGrid",
     "PatchgridError",
+    "PatchgridWarning",
     "RandomPatchDataset",
     "apply",
     "coverage",

@@ -20,6 +20,11 @@ class PatchgridError(ValueError):
     """
 
 
+class PatchgridWarning(UserWarning):
+    """Something the user should know about a result that is nevertheless what was asked
+    for: voxels that no patch covers, which hold ``fill``."""
+
+
 EDGES = ("drop", "pad", "shift", "even")
 PAD_MODES = (
     "constant",

@@ -17,7 +17,16 @@ from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor, shares_memory
 from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
 from .grid import PatchGrid
-from .merge import RUN_BYTES, TILE_BYTES, Merger, _runs, _Tile, plan_tiles, release_memory
+from .merge import (
+    RUN_BYTES,
+    TILE_BYTES,
+    Merger,
+    _runs,
+    _Tile,
+    plan_tiles,
+    release_memory,
+    warn_uncovered,
+)
 
 __all__ = ["apply"]
 
@@ -383,6 +392,7 @@ def apply(
     plain = type(scale) is int and scale == 1
     out_grid = grid if plain else grid.scaled(scale)
     if is_dask(image):
+        warn_uncovered(out_grid, fill)
         return _apply_dask(fn, image, grid, out_grid, margins, size, stride, probe.axes,
                            dict(edge=edge, pad_mode=pad_mode, pad_value=pad_value, window=window,
                                 reduce=reduce, batch_size=batch_size, margin=margin, scale=scale,
@@ -469,6 +479,7 @@ def apply(
                 merger._load_kernels = not on_disk
                 return run(merger, everything, everything)
             a0 = out_grid.axes[0]
+            warn_uncovered(out_grid, fill, stacklevel=4)
             for tile in tiles:
                 if tile.empty:  # no patch reaches this tile
                     axis = tile.out_axis[a0]
@@ -478,6 +489,7 @@ def apply(
                 merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
                                 out=tile.sink(out))  # fmt: skip
                 merger._load_kernels = False
+                merger._warn = False
                 run(merger, *tile.ids())
                 release_memory()
             return out

@@ -58,12 +58,17 @@ def _check_unchosen_axes(
     if not short:
         return
     keep = tuple(a for a in range(len(shape)) if a not in short)
-    hint = f"axes={keep}" if keep else "size as a tuple"
+    what = (
+        f"name the axes to tile with axes= (here perhaps axes={keep}), or give size as a tuple "
+        f"to pad that axis on purpose"
+        if keep
+        else f"give size as a tuple (here {(size,) * len(axes)}) to pad on purpose, or a "
+        f"smaller size"
+    )
     raise PatchgridError(
-        f"size {size} is larger than axis {short[0]} of the image (shape {shape}), and an int "
-        f"size tiles every axis: that axis would be padded from {shape[short[0]]} to {size}. "
-        f"Name the axes to tile with axes= (here perhaps {hint}), or give size as a tuple to "
-        f"pad the axis on purpose"
+        f"size {size} is larger than the image along axis {short[0]} (shape {shape}), and an "
+        f"int size without axes= tiles every axis: that axis would be padded from "
+        f"{shape[short[0]]} to {size}; {what}"
     )
 
 
@@ -408,6 +413,27 @@ class PatchGrid:
                 starts + p, starts, "right")  # fmt: skip
             most *= int(over.max()) if len(over) else 0
         return most
+
+    @property
+    def uncovered(self) -> int:
+        """How many voxels of the image no patch covers (0 for a grid that covers it).
+
+        Examples
+        --------
+        >>> import patchgrid as pg
+        >>> pg.PatchGrid((10, 10), size=4, stride=3, edge="drop").uncovered
+        0
+        >>> pg.PatchGrid((10, 11), size=4, stride=3, edge="drop").uncovered
+        10
+        """
+        covered = 1
+        for a, st, p in zip(self.axes, self._starts, self.size):
+            line = np.zeros(self.shape[a], dtype=bool)
+            for s in st:
+                line[s : s + p] = True
+            covered *= int(np.count_nonzero(line))
+        others = math.prod(n for a, n in enumerate(self.shape) if a not in self.axes)
+        return math.prod(self.shape) - covered * others
 
     def axis_starts(self, j: int) -> np.ndarray:
         """Starts of the patches along the ``j``-th tiled axis (``j`` counts tiled axes only)."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import _checks, _fast, _kernels, windows
-from ._checks import PatchgridError
+from ._checks import PatchgridError, PatchgridWarning
 from .backends import NUMPY, Backend, backend_of, check_cast, check_exact_sum, lossless
 from .grid import PatchGrid, _restore
 
@@ -39,6 +40,20 @@ def _profile_sum(starts: np.ndarray, weights: np.ndarray, length: int) -> np.nda
     for s in starts.tolist():
         out[s : s + len(weights)] += weights
     return out
+
+
+def warn_uncovered(grid: PatchGrid, fill: Any, stacklevel: int = 3) -> None:
+    """Say, once per result, that voxels no patch covers hold ``fill`` (never silently)."""
+    n = grid.uncovered
+    if n:
+        edges = grid.edge[0] if len(set(grid.edge)) == 1 else grid.edge
+        warnings.warn(
+            f"{n} of {math.prod(grid.shape)} voxels lie in no patch (edge={edges!r}, stride "
+            f"{grid.stride}, size {grid.size}) and hold fill={fill!r}; edge='shift' covers "
+            f"every voxel",
+            PatchgridWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def cast_hint(reduce: str) -> str:
@@ -211,6 +226,7 @@ class Merger:
         self._starts0 = grid.axis_starts(0)
         self._starts_all: np.ndarray | None = None  # every patch's corner, once needed
         self._overlap: int | None = None  # the most patches over a voxel, once needed
+        self._warn = True  # result() says when voxels lie in no patch (tiles leave it to the caller)
         # Out-of-core work is bound by its files, and its budget is memory: there the kernels
         # serve only if the process has loaded them already (loading costs about 65 MiB).
         self._load_kernels = True
@@ -912,6 +928,8 @@ class Merger:
         if end > self._done:
             self._ensure(end)
             self._finish(end, complete=not len(missing))
+        if self._warn and not len(missing):
+            warn_uncovered(grid, self.fill)
         self._result = self._sink
         self._acc = self._wacc = None
         return self._result
@@ -1227,6 +1245,7 @@ def merge_tiled(
         merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill,
                         dtype=probe._out_dtype, out=tile.sink(out))  # fmt: skip
         merger._load_kernels = False
+        merger._warn = False  # the caller says it once for the whole image
         # Runs of patches contiguous in grid order, read a batch at most at a time.
         for lo, first_id, count in tile.runs():
             for c in range(0, count, batch):

@@ -95,7 +95,14 @@ def _summary(
         w = np.asarray(weights[key], dtype=np.float64)
         if not np.all(np.isfinite(w)) or (w < 0).any():
             raise PatchgridError("weights must be finite and non-negative")
-        sums[i] = w.sum()
+        with np.errstate(over="ignore"):
+            sums[i] = w.sum()
+    if not np.isfinite(sums).all():
+        # Weights near the float64 maximum: their sums overflow. Only ratios matter, so scale
+        # every slab alike (by 2**-64) and sum again.
+        for i, (a, b) in enumerate(slabs):
+            key = (slice(a, b), *box)
+            sums[i] = (np.asarray(weights[key], dtype=np.float64) * 2.0**-64).sum()
     return slabs, sums
 
 
@@ -127,7 +134,8 @@ def _draw_centres(weights: Any, valid: Sequence[tuple[int, int]], n: int,
         key = (slice(a, b), *box)
         w = np.asarray(weights[key], dtype=np.float64).ravel()
         picks = np.flatnonzero(which == s)
-        flat = rng.choice(w.size, size=len(picks), p=w / w.sum())
+        p = w / w.max()  # first to at most 1: a sum of large weights would overflow
+        flat = rng.choice(w.size, size=len(picks), p=p / p.sum())
         pos = np.unravel_index(flat, (b - a, *shape[1:]))
         out[picks, 0] = pos[0] + a
         for j in range(1, len(valid)):
