@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import patchgrid as pg
+from patchgrid.backends import WIDE
 from reference import Layout, coverage, window_nd
 
 EDGES = ["drop", "pad", "shift", "even"]
@@ -931,3 +932,181 @@ def test_integer_output_dtype_rounds_instead_of_truncating():
     grid = pg.PatchGrid(3, size=2, stride=1)
     patches = np.array([[0.9, 0.9], [0.9, 0.9]])
     np.testing.assert_array_equal(pg.merge(patches, grid, dtype=np.int64), [1, 1, 1])
+
+
+# Exact, or a clear error: integers, narrowing casts, NaN, blending and precision (issue #13).
+
+BIG = (2**60 + np.arange(24 * 30).reshape(24, 30)).astype(np.uint64)
+needs_wide = pytest.mark.skipif(not WIDE, reason="no extended-precision longdouble here")
+
+
+@needs_wide
+@pytest.mark.parametrize("dtype", ["int64", "uint64"])
+def test_64_bit_integers_above_2_53_come_back_exactly(dtype):
+    image = BIG.astype(dtype)
+    merged = pg.merge(pg.extract(image, 16, 8), image.shape, stride=8, dtype=image.dtype)
+    np.testing.assert_array_equal(merged, image)
+
+
+@needs_wide
+def test_int64_tiles_come_back_exactly_with_dtype_int64():
+    image = (2**60 + np.arange(64)).reshape(8, 8).astype(np.int64)
+    np.testing.assert_array_equal(pg.merge(pg.extract(image, 4), image.shape, dtype=np.int64), image)
+
+
+@needs_wide
+def test_an_image_holding_int64_max_comes_back_exactly():
+    image = np.full((8, 8), np.iinfo(np.int64).max, np.int64)
+    image[0, 0] = np.iinfo(np.int64).min
+    np.testing.assert_array_equal(pg.merge(pg.extract(image, 4), image.shape, dtype=np.int64), image)
+
+
+def test_64_bit_integers_into_float64_are_refused_naming_what_to_use():
+    with pytest.raises(ValueError, match=r"2\*\*53.*pass dtype=uint64.*reduce='max'"):
+        pg.merge(pg.extract(BIG, 16, 8), BIG.shape, stride=8)
+
+
+@pytest.mark.parametrize("reduce", ["max", "min"])
+def test_max_and_min_of_64_bit_integers_are_exact(reduce):
+    merged = pg.merge(pg.extract(BIG, 16, 8), BIG.shape, stride=8, reduce=reduce)
+    assert merged.dtype == np.uint64
+    np.testing.assert_array_equal(merged, BIG)
+
+
+def test_integer_sums_the_accumulator_cannot_hold_are_refused():
+    image = np.full((8, 8), 2**63 - 1, np.int64)
+    with pytest.raises(ValueError, match="reduce='max' or 'min'"):
+        pg.merge(pg.extract(image, 4, 2), image.shape, stride=2, reduce="sum")
+
+
+@pytest.mark.parametrize("reduce", ["max", "min"])
+def test_a_narrowing_cast_of_max_and_min_is_refused_not_wrapped(reduce):
+    patches = np.full((4, 4, 4), 300, np.int16)
+    with pytest.raises(ValueError, match="runs from 300 to 300, which dtype=uint8 cannot hold"):
+        pg.merge(patches, (8, 8), stride=4, reduce=reduce, dtype=np.uint8)
+
+
+def test_a_narrowing_merger_is_refused_not_wrapped():
+    grid = pg.PatchGrid((8, 8), 4)
+    merger = pg.Merger(grid, reduce="max", dtype=np.uint8)
+    with pytest.raises(ValueError, match="dtype=uint8 cannot hold"):
+        merger.add_all(np.full((4, 4, 4), 300, np.int16))
+        merger.result()
+
+
+def test_values_that_fit_the_narrower_dtype_are_cast():
+    merged = pg.merge(np.full((4, 4, 4), 200, np.int16), (8, 8), reduce="max", dtype=np.uint8)
+    assert merged.dtype == np.uint8
+    assert (merged == 200).all()
+
+
+def test_nan_merged_into_integers_is_refused():
+    with pytest.raises(ValueError, match="holds NaN, which dtype int16 cannot store"):
+        pg.merge(np.full((4, 4, 4), np.nan), (8, 8), dtype=np.int16)
+
+
+def test_nan_merged_into_an_integer_out_is_refused():
+    merger = pg.Merger(pg.PatchGrid((8, 8), 4), out=np.zeros((8, 8), np.int32))
+    with pytest.raises(ValueError, match="holds NaN, which dtype int32 cannot store"):
+        merger.add_all(np.full((4, 4, 4), np.nan))
+        merger.result()
+
+
+def test_a_dtype_narrower_than_out_is_checked_on_the_way_to_out():
+    out = np.zeros((8, 8), np.uint8)
+    merger = pg.Merger(pg.PatchGrid((8, 8), 4), reduce="max", dtype=np.int16, out=out)
+    with pytest.raises(ValueError, match="dtype=uint8 cannot hold"):
+        merger.add_all(np.full((4, 4, 4), 300, np.int16))
+        merger.result()
+
+
+@pytest.mark.parametrize("window", ["uniform", "gaussian", "hann", "triangular"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("value", [1.0, 0.1, 1 / 3, -7.25, 1e-30])
+def test_a_weighted_mean_of_equal_values_is_that_value_exactly(window, dtype, value):
+    # MONAI's test_sliding_window_default: a constant in, the same constant out.
+    image = np.full((23, 29), value, dtype)
+    merged = pg.merge(pg.extract(image, (8, 6), (3, 2)), image.shape, stride=(3, 2),
+                      window=window)  # fmt: skip
+    assert merged.dtype == image.dtype
+    np.testing.assert_array_equal(merged, image)
+
+
+@pytest.mark.parametrize("window", ["gaussian", "hann", "triangular"])
+def test_a_weighted_mean_never_leaves_the_range_of_what_it_averages(window):
+    rng = np.random.default_rng(4)
+    patches = rng.random((9 * 13, 8, 6), dtype=np.float32)
+    grid = pg.PatchGrid((23, 29), (8, 6), (2, 2))
+    merged = pg.merge(patches, grid, window=window)
+    assert merged.min() >= patches.min()
+    assert merged.max() <= patches.max()
+
+
+def test_a_mean_over_4096_overlapping_patches_stays_within_1e_6():
+    image = np.random.default_rng(5).uniform(1000, 2000, (31, 31, 31)).astype(np.float32)
+    merged = pg.merge(pg.extract(image, 16, 1), image.shape, stride=1)
+    assert pg.PatchGrid(image.shape, 16, 1).overlap == 4096
+    np.testing.assert_allclose(merged, image, rtol=1e-6)
+
+
+def test_a_mean_of_large_finite_float32_values_is_finite():
+    merged = pg.merge(np.full((2, 4), 2e38, np.float32), (6,), stride=2)
+    assert np.isfinite(merged).all()
+    np.testing.assert_array_equal(merged, np.float32(2e38))
+
+
+def test_a_sum_that_overflows_the_output_dtype_is_refused():
+    with pytest.raises(ValueError, match="would overflow to inf"):
+        pg.merge(np.full((2, 4), 2e38, np.float32), (6,), stride=2, reduce="sum")
+
+
+def test_voxels_no_patch_covers_are_reported():
+    patches = pg.extract(np.ones((10, 11)), 4, 3, edge="drop")
+    with pytest.warns(pg.PatchgridWarning, match="10 of 110 voxels lie in no patch"):
+        pg.merge(patches, (10, 11), stride=3, edge="drop")
+
+
+def test_a_grid_that_covers_merges_without_a_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pg.merge(pg.extract(np.ones((10, 11)), 4, 3), (10, 11), stride=3)
+
+
+def test_the_default_round_trip_restores_a_shape_the_stride_does_not_divide():
+    volume = np.random.default_rng(6).random((10, 21, 30)).astype(np.float32)
+    restored = pg.merge(pg.extract(volume, size=4, stride=3), volume.shape, stride=3)
+    np.testing.assert_array_equal(restored, volume)
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_a_zero_length_axis_merges_into_an_empty_image(flatten):
+    patches = pg.extract(np.zeros((0, 8), np.float32), (4, 4), flatten=flatten)
+    merged = pg.merge(patches, (0, 8))
+    assert merged.shape == (0, 8)
+    assert merged.dtype == np.float32
+
+
+def test_a_merger_over_an_empty_grid_gives_an_empty_image():
+    assert pg.Merger(pg.PatchGrid((0, 8), 4)).result().shape == (0, 8)
+
+
+def test_adding_after_result_says_result_was_called():
+    merger = pg.Merger(pg.PatchGrid((8, 8), 4))
+    merger.add_all(np.zeros((4, 4, 4)))
+    merger.result()
+    with pytest.raises(ValueError, match="result\\(\\) was already called"):
+        merger.add(np.zeros((1, 4, 4)), [0])
+
+
+def test_adding_with_no_indices_says_what_is_wrong():
+    merger = pg.Merger(pg.PatchGrid((8, 8), 4))
+    with pytest.raises(ValueError, match="batch has 1 patches but indices has 0"):
+        merger.add(np.zeros((1, 4, 4)), [])
+
+
+def test_complex_patches_take_an_array_window_without_a_warning():
+    patches = np.full((4, 4, 4), 1 + 2j, np.complex64)
+    merged = pg.merge(patches, (8, 8), window=np.linspace(0.5, 1, 16).reshape(4, 4))
+    np.testing.assert_array_equal(merged, patches[0, 0, 0])

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._checks import PatchgridError
-from .backends import NUMPY, check_cast, check_exact_sum, is_dask, lossless
+from .backends import WIDE, NUMPY, check_cast, check_exact_sum, is_dask, lossless
 from .grid import PatchGrid, _restore
 
 #: Most chunks along the second chained axis of a task's block (``out=``): the task keeps the
@@ -473,7 +473,10 @@ def _coverage(out_grid: PatchGrid, window: Any, reduce: str) -> tuple[np.ndarray
     profs = windows.profiles(None if reduce != "mean" else window, out_grid.size)
     if profs is None:
         return None
-    return tuple(_profile_sum(out_grid.axis_starts(j), prof, out_grid.padded_shape[a])
+    # In extended precision where there is one, as the weights of the tasks: float64 patches
+    # summed in longdouble then come back exactly where they are equal.
+    wide = np.longdouble if WIDE else np.float64
+    return tuple(_profile_sum(out_grid.axis_starts(j), prof, out_grid.padded_shape[a], wide)
                  for j, (a, prof) in enumerate(zip(out_grid.axes, profs)))  # fmt: skip
 
 
@@ -590,6 +593,7 @@ def _chunk(
     """
     from . import windows
     from .apply import _check_output, _core, _Reader
+    from .merge import weight_array
 
     grid, out_grid, axes = spec.grid, spec.out_grid, spec.grid.axes
     picks, cores, reach, send = step.picks, step.cores, step.reach, step.send
@@ -621,7 +625,9 @@ def _chunk(
         for a, p in zip(axes, out_grid.size):
             wshape[a] = p
         w = (
-            windows.as_window_array(spec.window, out_grid.size).reshape(wshape)
+            weight_array(windows.as_window_array(spec.window, out_grid.size),
+                         windows.profiles(spec.window, out_grid.size), out_grid,
+                         np.longdouble if WIDE else np.float64)  # fmt: skip
             if weighted
             else None
         )
@@ -651,6 +657,8 @@ def _chunk(
                     isinstance(spec.window, str) and spec.window == "uniform")  # fmt: skip
                 check_exact_sum(NUMPY, result, acc.dtype, out_grid.overlap, not uniform)
             if w is not None:
+                if w.dtype != np.finfo(acc.dtype).dtype:  # the accumulator's precision
+                    w = w.astype(np.finfo(acc.dtype).dtype)
                 result = result * w  # the whole batch weighted at once, not patch by patch
             for patch, pos in zip(result, chunk):
                 dst: list[Any] = [slice(None)] * grid.ndim

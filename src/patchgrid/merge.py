@@ -34,12 +34,44 @@ def _runs(idx: np.ndarray, row: int) -> list[tuple[int, int]]:
     return [(b0, b1) for b0, b1 in itertools.pairwise(edges) if b1 - b0 >= 2]
 
 
-def _profile_sum(starts: np.ndarray, weights: np.ndarray, length: int) -> np.ndarray:
-    """Sum of a 1-D window placed at every start: one axis of the coverage."""
-    out = np.zeros(length)
+def _profile_sum(
+    starts: np.ndarray, weights: np.ndarray, length: int, dtype: Any = np.float64
+) -> np.ndarray:
+    """Sum of a 1-D window placed at every start: one axis of the coverage, summed in ``dtype``
+    (the accumulator's precision, so that a weighted mean of equal values is that value)."""
+    out = np.zeros(length, dtype=dtype)
+    w = np.asarray(weights, dtype=dtype)
     for s in starts.tolist():
-        out[s : s + len(weights)] += weights
+        out[s : s + len(w)] += w
     return out
+
+
+def weight_array(
+    window: np.ndarray, profiles: list[np.ndarray] | None, grid: PatchGrid, dtype: Any
+) -> np.ndarray:
+    """The window shaped to broadcast against one patch (1 on the free axes), in ``dtype``.
+
+    A separable window is the outer product of its profiles made in ``dtype``, as the coverage
+    it is divided by is summed: equal values then come back exactly."""
+    shape = [1] * grid.ndim
+    for a, p in zip(grid.axes, grid.size):
+        shape[a] = p
+    if profiles is None or np.dtype(dtype) == np.float64:
+        return np.asarray(window, dtype=dtype).reshape(shape)
+    out = np.ones(shape, dtype=dtype)
+    for a, p in zip(grid.axes, profiles):
+        out = out * _shaped(np.asarray(p, dtype=dtype), a, grid.ndim)
+    return out
+
+
+def sum_dtype(xp: Backend, acc_dtype: Any) -> np.dtype:
+    """The real NumPy dtype in which weights and coverages are made for an accumulator: its
+    own precision where NumPy has it (extended precision for longdouble), float64 else."""
+    if xp is NUMPY:
+        real = np.finfo(np.dtype(acc_dtype)).dtype if np.dtype(acc_dtype).kind in "fc" else None
+        if real is not None and real.itemsize > 8:
+            return np.dtype(real)
+    return np.dtype(np.float64)
 
 
 def warn_uncovered(grid: PatchGrid, fill: Any, stacklevel: int = 3) -> None:
@@ -246,7 +278,8 @@ class Merger:
         if self._uniform or self.reduce in ("max", "min"):
             return None
         if self._weight_cache is None:
-            window = self._window.reshape(self._wshape())
+            window = weight_array(self._window, self._profiles, self.grid,
+                                  sum_dtype(self._xp, self._acc_dtype))  # fmt: skip
             self._weight_cache = self._xp.constant(window, self._real_dtype(), self._like)
         return self._weight_cache
 
@@ -799,8 +832,15 @@ class Merger:
         force = self.reduce == "sum"
         if not force and lossless(xp.numpy_dtype(self._patch_dtype), xp.numpy_dtype(dtype)):
             return
+        hint = cast_hint(self.reduce)
+        if xp.kind(self._patch_dtype) in "iu" and xp.kind(dtype) == "f":
+            plain = str(self._patch_dtype).replace("torch.", "")
+            hint = (
+                f"pass dtype={plain} to keep integers (a mean is rounded to the nearest), or "
+                f"reduce='max' or 'min' for labels and IDs (exact)"
+            )
         check_cast(xp, values, dtype, src=src, force=force, what=f"the merged result "
-                   f"(reduce={self.reduce!r})", hint=cast_hint(self.reduce))  # fmt: skip
+                   f"(reduce={self.reduce!r})", hint=hint)  # fmt: skip
 
     def _fill(self, result: Any, masks: list[tuple[int, Any]]) -> None:
         """Set ``fill`` where no patch covers."""
@@ -876,8 +916,9 @@ class Merger:
             if not ones and self._profiles is not None
             else [np.ones(p) for p in grid.size]
         )
+        dtype = sum_dtype(self._xp, self._acc_dtype) if self._patch_shape else np.float64
         return [
-            _profile_sum(grid.axis_starts(j), profs[j], grid.padded_shape[a])
+            _profile_sum(grid.axis_starts(j), profs[j], grid.padded_shape[a], dtype)
             for j, a in enumerate(grid.axes)
         ]
 
