@@ -865,3 +865,110 @@ def test_a_function_that_keeps_its_inputs_keeps_them_intact(keep):
     got = np.concatenate(kept)
     want = patches if keep == "batch" else patches[:, 1:]
     np.testing.assert_array_equal(got[: len(patches)], want)
+
+
+# Exact, or a clear error (issue #13).
+
+
+@pytest.mark.parametrize("margin", [0, 2])
+def test_out_that_is_the_image_is_refused(margin):
+    image = _image((40, 40)).astype(np.float32)
+    with pytest.raises(ValueError, match="out shares memory with the image"):
+        pg.apply(lambda b: b, image, (16, 16), 8, margin=margin, out=image)
+
+
+def test_out_that_overlaps_the_image_is_refused():
+    base = _image((40, 60)).astype(np.float32)
+    with pytest.raises(ValueError, match="out shares memory with the image"):
+        pg.apply(lambda b: b, base[:, :40], 16, 8, out=base[:, 20:])
+
+
+def test_out_apart_from_the_image_is_taken():
+    base = _image((40, 80)).astype(np.float32)
+    out = pg.apply(lambda b: b + 1, base[:, :40], 16, 8, out=base[:, 40:])
+    np.testing.assert_allclose(out, base[:, :40] + 1, rtol=1e-6)
+
+
+def test_the_default_window_is_uniform_so_a_sum_counts_each_patch():
+    summed = pg.apply(lambda b: np.ones_like(b), np.ones((50, 50)), 16, 8, reduce="sum")
+    np.testing.assert_array_equal(summed, pg.coverage(pg.PatchGrid((50, 50), 16, 8)))
+
+
+@pytest.mark.parametrize("window", ["uniform", "gaussian", "hann", "triangular"])
+def test_an_identity_apply_never_leaves_the_range_of_its_input(window):
+    image = np.ones((50, 50), np.float32)
+    out = pg.apply(lambda b: b, image, 16, 8, window=window)
+    np.testing.assert_array_equal(out, image)
+
+
+def test_argmax_labels_that_out_cannot_hold_are_refused_before_any_write():
+    out = np.full((8, 8), 7, np.uint8)
+    scores = lambda b: np.repeat(b, 300, axis=1)  # noqa: E731 - 300 classes
+    with pytest.raises(ValueError, match="class numbers of 300 classes.*dtype=uint8"):
+        pg.apply(scores, np.ones((1, 8, 8), np.float32), 4, axes=(1, 2), reduce="argmax",
+                 out=out)  # fmt: skip
+    assert (out == 7).all()
+
+
+def test_nan_from_the_model_into_an_integer_out_is_refused():
+    with pytest.raises(ValueError, match="holds NaN, which dtype int32 cannot store"):
+        pg.apply(lambda b: b * np.nan, np.ones((8, 8)), 4, out=np.zeros((8, 8), np.int32))
+
+
+def test_an_int_size_does_not_pad_a_channel_axis():
+    calls = []
+    with pytest.raises(ValueError, match=r"axes=\(1, 2, 3\)"):
+        pg.apply(lambda b: calls.append(b.shape) or b, np.zeros((1, 20, 20, 20)), size=8)
+    assert calls == []
+
+
+def test_naming_the_axes_tiles_only_those():
+    seen = []
+    pg.apply(lambda b: seen.append(b.shape) or b, np.zeros((1, 20, 20, 20)), size=8,
+             axes=(1, 2, 3))  # fmt: skip
+    assert {s[1:] for s in seen} == {(1, 8, 8, 8)}
+
+
+@pytest.mark.parametrize("out", [False, True])
+def test_a_zero_length_axis_gives_an_empty_result(out):
+    image = np.zeros((0, 8), np.float32)
+    result = pg.apply(lambda b: b, image, 4, out=np.zeros((0, 8), np.float32) if out else None)
+    assert result.shape == (0, 8)
+    assert result.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(scale=float("nan")), ValueError, "scale must be a finite positive number"),
+        (dict(scale=float("inf")), ValueError, "scale must be a finite positive number"),
+        (dict(scale=True), TypeError, "scale must be a positive number, got True"),
+        (dict(out=[[0.0]]), TypeError, "out must be an array with shape, dtype"),
+    ],
+    ids=["scale-nan", "scale-inf", "scale-bool", "out-list"],
+)
+def test_bad_options_raise_before_any_work(kwargs, error, match):
+    calls = []
+    with pytest.raises(error, match=match):
+        pg.apply(lambda b: calls.append(1) or b, np.ones((8, 8)), 4, **kwargs)
+    assert calls == []
+
+
+def test_a_read_only_out_is_refused_before_any_work():
+    calls = []
+    out = np.zeros((8, 8))
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        pg.apply(lambda b: calls.append(1) or b, np.ones((8, 8)), 4, out=out)
+    assert calls == []
+
+
+def test_a_model_returning_objects_is_refused():
+    with pytest.raises(ValueError, match="returned an array of dtype object"):
+        pg.apply(lambda b: b.astype(object), np.ones((8, 8)), 4)
+
+
+def test_a_structured_dtype_that_needs_padding_is_refused():
+    image = np.zeros((5, 5), dtype=[("a", "f4")])
+    with pytest.raises(ValueError, match="is not numeric.*pad_mode='constant'"):
+        pg.extract(image, (4, 4), 3, edge="pad")

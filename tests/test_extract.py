@@ -514,3 +514,43 @@ def test_pad_value_is_not_checked_when_nothing_is_padded():
     image = np.arange(32, dtype=np.uint8).reshape(4, 8)
     patches = pg.extract(image, 4, 4, edge="pad", pad_value=-1)
     assert patches.shape == (1, 2, 4, 4)
+
+
+# extract's out= obeys the one cast rule on every path (issue #13).
+
+
+def test_out_of_a_narrower_integer_dtype_refuses_values_it_cannot_hold():
+    with pytest.raises(ValueError, match="runs from 300 to 300, which dtype=int8 cannot hold"):
+        pg.extract(np.full((8, 8), 300, np.int16), 4, out=np.zeros((2, 2, 4, 4), np.int8))
+
+
+def test_out_of_a_narrower_integer_dtype_takes_values_that_fit():
+    out = pg.extract(np.full((8, 8), 100, np.int16), 4, out=np.zeros((2, 2, 4, 4), np.int8))
+    assert (out == 100).all()
+
+
+def test_a_lazy_image_into_a_narrower_out_refuses_values_it_cannot_hold():
+    zarr = pytest.importorskip("zarr")
+    image = zarr.create_array(store={}, shape=(8, 8), dtype="i2")
+    image[:] = 143
+    with pytest.raises(ValueError, match="143 to 143, which dtype=int8 cannot hold"):
+        pg.extract(image, 4, out=np.zeros((2, 2, 4, 4), np.int8))
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_a_lazy_image_fills_a_non_contiguous_out(flatten):
+    zarr = pytest.importorskip("zarr")
+    image = zarr.create_array(store={}, shape=(8, 8), dtype="i2")
+    image[:] = np.arange(64).reshape(8, 8)
+    shape = (4, 4, 4) if flatten else (2, 2, 4, 4)
+    base = np.zeros((*shape, 2), np.int16)
+    out = base[..., 0]  # a view that no reshape can keep
+    result = pg.extract(image, 4, out=out, flatten=flatten)
+    assert result is out
+    np.testing.assert_array_equal(
+        base[..., 0], pg.extract(image[:], 4, flatten=flatten)
+    )
+
+
+def test_an_empty_axis_gives_no_patches():
+    assert pg.extract(np.zeros((0, 8)), (4, 4)).shape == (0, 2, 4, 4)

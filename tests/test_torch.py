@@ -617,3 +617,64 @@ def test_apply_leaves_the_batches_fn_keeps_intact(device):
     patches = pg.extract(image, pg.PatchGrid(image.shape, 8, 4, edge="shift"), flatten=True)
     got = torch.cat(kept)[: len(patches)]
     assert torch.equal(got, patches[:, 1:])
+
+
+# The one rule on torch too (issue #13).
+
+
+def test_extract_into_a_narrower_tensor_refuses_values_it_cannot_hold():
+    image = torch.full((8, 8), 300, dtype=torch.int16)
+    with pytest.raises(ValueError, match="which dtype=int8 cannot hold"):
+        pg.extract(image, 4, out=torch.zeros((2, 2, 4, 4), dtype=torch.int8))
+
+
+def test_extract_of_floats_into_an_integer_tensor_is_refused():
+    with pytest.raises(TypeError, match="'same_kind' rule"):
+        pg.extract(torch.ones(8, 8), 4, out=torch.zeros((2, 2, 4, 4), dtype=torch.int32))
+
+
+def test_apply_out_that_is_the_tensor_is_refused():
+    image = torch.rand(40, 40)
+    with pytest.raises(ValueError, match="out shares memory with the image"):
+        pg.apply(lambda b: b, image, 16, 8, out=image)
+
+
+def test_a_narrowing_max_of_tensors_is_refused():
+    patches = torch.full((4, 4, 4), 300, dtype=torch.int16)
+    with pytest.raises(ValueError, match="dtype=uint8 cannot hold"):
+        pg.merge(patches, (8, 8), reduce="max", dtype=torch.uint8)
+
+
+def test_64_bit_integer_tensors_the_accumulator_cannot_sum_exactly_are_refused():
+    image = torch.full((24, 30), 2**60, dtype=torch.int64)
+    with pytest.raises(ValueError, match="reduce='max' or 'min'"):
+        pg.merge(pg.extract(image, 16, 8), image.shape, stride=8, dtype=torch.int64)
+
+
+def test_float32_tensors_come_back_exactly_through_an_overlapping_merge():
+    image = torch.rand(23, 29)
+    merged = pg.merge(pg.extract(image, 8, 3), image.shape, stride=3, window="gaussian")
+    assert merged.dtype == torch.float32
+    assert torch.equal(merged, image)
+
+
+def test_a_model_returning_a_tensor_that_requires_grad_is_refused():
+    weight = torch.nn.Parameter(torch.ones(1))
+
+    def model(batch):
+        with torch.enable_grad():
+            return batch * weight
+
+    with pytest.raises(ValueError, match="requires grad"):
+        pg.apply(model, torch.ones(8, 8), 4)
+
+
+def test_views_of_a_tensor_share_its_memory_and_a_copy_does_not():
+    # torch has no read-only tensors: the documented behaviour is that views share the
+    # image's memory (so in-place work on them changes the image) and copy=True does not.
+    image = torch.arange(100.0).reshape(10, 10)
+    view = pg.extract(image, 4, 2)
+    assert view.untyped_storage().data_ptr() == image.untyped_storage().data_ptr()
+    copy = pg.extract(image, 4, 2, copy=True)
+    copy.sub_(1)
+    assert torch.equal(image, torch.arange(100.0).reshape(10, 10))

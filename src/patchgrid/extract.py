@@ -263,6 +263,14 @@ def extract(
     ``out=`` copy at close to memory bandwidth, whatever the patch size. ``flatten=True`` on a
     view with more than one tiled axis has to copy: the counts axes cannot share one stride.
 
+    torch has no read-only tensors, so the view of a tensor is writeable: its patches share
+    the image's memory and overlap one another, and an in-place operation on them
+    (``patches.sub_(1)``, ``patches[0] = 0``) changes the image, several times over where
+    patches overlap. Take ``copy=True`` before working on tensor patches in place.
+
+    ``out=`` obeys the cast rule of merges: a float image is never truncated into integers,
+    and a narrower dtype is taken only if it holds every value (checked before any copy).
+
     Examples
     --------
     >>> import numpy as np
