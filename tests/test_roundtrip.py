@@ -337,3 +337,93 @@ def test_merger_coverage_in_grid_order_equals_the_loop(case, seed):
     )
     _, expected = layout.merge(zeros, reduce, weight, keep=kept)
     np.testing.assert_allclose(merger.coverage(), expected, rtol=1e-10, atol=1e-12)
+
+
+# Bit-exact or a clear error, for every dtype and its awkward values (issue #13).
+
+EXACT_DTYPES = ["bool", "uint8", "int16", "int32", "uint32", "int64", "uint64", "float16",
+                "float32", "float64"]  # fmt: skip
+
+
+@st.composite
+def awkward_images(draw, shape):
+    """An image of a drawn dtype holding its awkward values: the dtype's limits, values near
+    2**53 and 2**64 for 64-bit integers, NaN, inf and subnormals for floats."""
+    dtype = np.dtype(draw(st.sampled_from(EXACT_DTYPES)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    image = _image(shape, dtype, int(rng.integers(2**16)))
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        specials = [info.min, info.max, 0, 1]
+        if dtype.itemsize == 8:
+            specials += [2**53 + 1, 2**60 + 3, info.max - 1]
+    elif dtype.kind == "f":
+        info = np.finfo(dtype)
+        specials = [np.nan, np.inf, -np.inf, info.max, -info.max, info.tiny / 2, 0.0, -0.0]
+    else:
+        specials = [True, False]
+    flat = image.reshape(-1)
+    picks = draw(st.lists(st.integers(0, max(flat.size - 1, 0)), max_size=6))
+    for i, v in zip(picks, draw(st.lists(st.sampled_from(specials), min_size=len(picks),
+                                         max_size=len(picks)))):  # fmt: skip
+        if flat.size:
+            flat[i] = v
+    return image
+
+
+def _same_bits(got, image):
+    if image.dtype.kind == "f":
+        # Bit for bit: NaN where NaN, -0.0 may come back as +0.0 only through a sum of zeros.
+        assert got.dtype == image.dtype
+        same = (got == image) | (np.isnan(got) & np.isnan(image))
+        assert same.all(), f"{(~same).sum()} voxels differ"
+        return
+    assert got.dtype == image.dtype
+    np.testing.assert_array_equal(got, image)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), args=grid_args(), window=st.sampled_from(["uniform", "gaussian", "hann"]))
+def test_merge_of_extract_is_bit_exact_or_raises(data, args, window):
+    image = data.draw(awkward_images(args[0]))
+    grid = _grid(args)
+    patches = pg.extract(image, grid)
+    try:
+        merged = pg.merge(patches, grid, window=window, dtype=image.dtype)
+    except ValueError as exc:
+        # Refused, with a message that says what to use instead: only where the values are
+        # integers the accumulator cannot sum exactly, or infinities that average to NaN.
+        assert "reduce='max' or 'min'" in str(exc) or "NaN" in str(exc), str(exc)
+        return
+    if image.dtype.kind == "f" and np.isinf(image).any():
+        finite = np.isfinite(image)  # inf * weight / coverage is inf; inf - inf would be NaN
+        _same_bits(np.where(finite, merged, 0).astype(image.dtype),
+                   np.where(finite, image, 0).astype(image.dtype))  # fmt: skip
+        assert (merged[~finite] == image[~finite]).all()
+        return
+    _same_bits(merged, image)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), args=grid_args())
+def test_merge_max_of_extract_is_bit_exact_for_every_dtype(data, args):
+    image = data.draw(awkward_images(args[0]))
+    grid = _grid(args)
+    merged = pg.merge(pg.extract(image, grid), grid, reduce="max")
+    _same_bits(merged, image)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    args=grid_args(),
+    dtype=st.sampled_from(["float16", "float32", "float64"]),
+    window=st.sampled_from(["uniform", "gaussian", "hann", "triangular"]),
+    seed=st.integers(0, 2**16),
+)
+def test_an_identity_apply_never_leaves_the_range_of_its_input(args, dtype, window, seed):
+    shape, axes, size, stride, edge = args
+    image = _image(shape, dtype, seed)
+    out = pg.apply(lambda b: b, image, size, stride, axes=axes, edge=edge, window=window)
+    assert out.dtype == image.dtype
+    assert out.min() >= image.min()
+    assert out.max() <= image.max()

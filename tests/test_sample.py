@@ -171,3 +171,11 @@ def test_bad_input_raises_naming_the_parameter(kwargs, error, match):
 def test_label_weights_with_nothing_to_draw_raises():
     with pytest.raises(ValueError, match="no voxel can be drawn"):
         pg.label_weights(np.zeros((5, 5)), pos=1, neg=0)
+
+
+def test_weights_near_the_float64_maximum_are_drawn_from():
+    # Their sums overflow float64; only their ratios matter.
+    weights = np.full((12, 14, 16), 1e308)
+    weights[:, :, :8] = 0
+    _, starts = pg.sample(_volume(), 4, 50, weights=weights, rng=3, edge="pad")
+    assert (starts[:, 2] + 2 < 8).sum() == 0
