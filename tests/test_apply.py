@@ -904,7 +904,7 @@ def test_an_identity_apply_never_leaves_the_range_of_its_input(window):
 def test_argmax_labels_that_out_cannot_hold_are_refused_before_any_write():
     out = np.full((8, 8), 7, np.uint8)
     scores = lambda b: np.repeat(b, 300, axis=1)  # noqa: E731 - 300 classes
-    with pytest.raises(ValueError, match="class numbers of 300 classes.*dtype=uint8"):
+    with pytest.raises(ValueError, match=r"class numbers of 300 classes.*dtype=uint8"):
         pg.apply(scores, np.ones((1, 8, 8), np.float32), 4, axes=(1, 2), reduce="argmax",
                  out=out)  # fmt: skip
     assert (out == 7).all()
@@ -970,5 +970,5 @@ def test_a_model_returning_objects_is_refused():
 
 def test_a_structured_dtype_that_needs_padding_is_refused():
     image = np.zeros((5, 5), dtype=[("a", "f4")])
-    with pytest.raises(ValueError, match="is not numeric.*pad_mode='constant'"):
+    with pytest.raises(ValueError, match=r"is not numeric.*pad_mode='constant'"):
         pg.extract(image, (4, 4), 3, edge="pad")

@@ -142,7 +142,8 @@ def test_view_keeps_the_dtype(dtype):
 def test_copy_equals_sliding_window_view(shape, size, stride, dtype):
     image = _volume(shape, dtype)
     np.testing.assert_array_equal(
-        pg.extract(image, size, stride, copy=True, edge="drop"), _sliding_reference(image, size, stride)
+        pg.extract(image, size, stride, copy=True, edge="drop"),
+        _sliding_reference(image, size, stride),
     )
 
 
@@ -356,7 +357,9 @@ def test_image_smaller_than_the_patch_is_padded(edge):
 def test_image_smaller_than_the_patch_with_a_pad_mode(edge):
     image = _volume((3, 2))
     expected = np.pad(image, ((0, 2), (0, 3)), mode="reflect")[None, None]
-    np.testing.assert_array_equal(pg.extract(image, (5, 5), edge=edge, pad_mode="reflect"), expected)
+    np.testing.assert_array_equal(
+        pg.extract(image, (5, 5), edge=edge, pad_mode="reflect"), expected
+    )
 
 
 def test_image_smaller_than_the_patch_with_drop_raises():
@@ -469,7 +472,9 @@ def test_noncontiguous_view_shares_memory():
 
 def test_read_only_input():
     image = np.broadcast_to(np.arange(12.0), (5, 12))
-    np.testing.assert_array_equal(pg.extract(image, 3, 2, edge="drop"), _sliding_reference(image, 3, 2))
+    np.testing.assert_array_equal(
+        pg.extract(image, 3, 2, edge="drop"), _sliding_reference(image, 3, 2)
+    )
 
 
 def test_nested_list_input():
@@ -547,9 +552,7 @@ def test_a_lazy_image_fills_a_non_contiguous_out(flatten):
     out = base[..., 0]  # a view that no reshape can keep
     result = pg.extract(image, 4, out=out, flatten=flatten)
     assert result is out
-    np.testing.assert_array_equal(
-        base[..., 0], pg.extract(image[:], 4, flatten=flatten)
-    )
+    np.testing.assert_array_equal(base[..., 0], pg.extract(image[:], 4, flatten=flatten))
 
 
 def test_an_empty_axis_gives_no_patches():

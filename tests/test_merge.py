@@ -416,7 +416,9 @@ def test_merge_with_a_shape_and_drop_equals_the_loop():
     image = _rng().standard_normal((11, 13))
     patches = layout.extract(image)
     expected, _ = layout.merge(patches.reshape(-1, 4, 5), fill=-1)
-    np.testing.assert_array_equal(pg.merge(patches, image.shape, (3, 2), fill=-1, edge="drop"), expected)
+    np.testing.assert_array_equal(
+        pg.merge(patches, image.shape, (3, 2), fill=-1, edge="drop"), expected
+    )
 
 
 def test_merge_with_a_shape_and_channels_in_grid_form():
@@ -951,14 +953,18 @@ def test_64_bit_integers_above_2_53_come_back_exactly(dtype):
 @needs_wide
 def test_int64_tiles_come_back_exactly_with_dtype_int64():
     image = (2**60 + np.arange(64)).reshape(8, 8).astype(np.int64)
-    np.testing.assert_array_equal(pg.merge(pg.extract(image, 4), image.shape, dtype=np.int64), image)
+    np.testing.assert_array_equal(
+        pg.merge(pg.extract(image, 4), image.shape, dtype=np.int64), image
+    )
 
 
 @needs_wide
 def test_an_image_holding_int64_max_comes_back_exactly():
     image = np.full((8, 8), np.iinfo(np.int64).max, np.int64)
     image[0, 0] = np.iinfo(np.int64).min
-    np.testing.assert_array_equal(pg.merge(pg.extract(image, 4), image.shape, dtype=np.int64), image)
+    np.testing.assert_array_equal(
+        pg.merge(pg.extract(image, 4), image.shape, dtype=np.int64), image
+    )
 
 
 def test_64_bit_integers_into_float64_are_refused_naming_what_to_use():
@@ -990,8 +996,7 @@ def test_a_narrowing_merger_is_refused_not_wrapped():
     grid = pg.PatchGrid((8, 8), 4)
     merger = pg.Merger(grid, reduce="max", dtype=np.uint8)
     with pytest.raises(ValueError, match="dtype=uint8 cannot hold"):
-        merger.add_all(np.full((4, 4, 4), 300, np.int16))
-        merger.result()
+        merger.add_all(np.full((4, 4, 4), 300, np.int16))  # finishes (and checks) every row
 
 
 def test_values_that_fit_the_narrower_dtype_are_cast():
@@ -1008,16 +1013,14 @@ def test_nan_merged_into_integers_is_refused():
 def test_nan_merged_into_an_integer_out_is_refused():
     merger = pg.Merger(pg.PatchGrid((8, 8), 4), out=np.zeros((8, 8), np.int32))
     with pytest.raises(ValueError, match="holds NaN, which dtype int32 cannot store"):
-        merger.add_all(np.full((4, 4, 4), np.nan))
-        merger.result()
+        merger.add_all(np.full((4, 4, 4), np.nan))  # finishes (and checks) every row
 
 
 def test_a_dtype_narrower_than_out_is_checked_on_the_way_to_out():
     out = np.zeros((8, 8), np.uint8)
     merger = pg.Merger(pg.PatchGrid((8, 8), 4), reduce="max", dtype=np.int16, out=out)
     with pytest.raises(ValueError, match="dtype=uint8 cannot hold"):
-        merger.add_all(np.full((4, 4, 4), 300, np.int16))
-        merger.result()
+        merger.add_all(np.full((4, 4, 4), 300, np.int16))  # finishes (and checks) every row
 
 
 @pytest.mark.parametrize("window", ["uniform", "gaussian", "hann", "triangular"])

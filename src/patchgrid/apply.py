@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, _fast, _kernels
+from . import _checks, _fast, _kernels, _memory
 from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor, shares_memory
 from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
@@ -376,9 +376,12 @@ def apply(
         raise PatchgridError(f"batch_size must be a positive integer, got {batch_size}")
     probe = PatchGrid(shape, size, axes=axes, edge="pad")
     k = len(probe.axes)
+    # size, stride, margin and edge follow the order of axes= as given (the grid sorts them).
+    order = probe.axes if axes is None else _checks.axes_tuple(axes, len(shape))
+    sizes = _checks.per_axis(size, k, "size")
     margins = _checks.per_axis(margin, k, "margin", positive=False)
     core = []
-    for a, p, m in zip(probe.axes, probe.size, margins):
+    for a, p, m in zip(order, sizes, margins):
         if m < 0:
             raise PatchgridError(f"margin must be non-negative integers, got {margins}")
         if p - 2 * m < 1:
@@ -387,13 +390,14 @@ def apply(
                 f"size - 2 * margin and must be at least 1"
             )
         core.append(p - 2 * m)
-    grid = PatchGrid(shape, core, stride, axes=probe.axes, edge=edge, pad_mode=pad_mode,
+    grid = PatchGrid(shape, core, stride, axes=order, edge=edge, pad_mode=pad_mode,
                      pad_value=pad_value)  # fmt: skip
+    margins = tuple(margins[order.index(a)] for a in grid.axes)  # in the grid's order
     plain = type(scale) is int and scale == 1
     out_grid = grid if plain else grid.scaled(scale)
     if is_dask(image):
         warn_uncovered(out_grid, fill)
-        return _apply_dask(fn, image, grid, out_grid, margins, size, stride, probe.axes,
+        return _apply_dask(fn, image, grid, out_grid, margins, size, stride, order,
                            dict(edge=edge, pad_mode=pad_mode, pad_value=pad_value, window=window,
                                 reduce=reduce, batch_size=batch_size, margin=margin, scale=scale,
                                 dtype=dtype, fill=fill, progress=progress), out)  # fmt: skip
@@ -471,7 +475,7 @@ def apply(
         return merger.result()
 
     try:
-        with grad:
+        with grad, _memory.bound(image, out) if on_disk else contextlib.nullcontext():
             if not tiles:
                 everything = np.arange(len(grid))
                 merger = Merger(out_grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
@@ -542,7 +546,7 @@ def _tiles(out: Any, grid: PatchGrid, reduce: str) -> list[_Tile]:
     if len(out.shape) != ndim - (drop is not None):
         return []  # the Merger reports the shape mismatch
     tiles = plan_tiles(grid, tuple(out.shape), out_axis, itemsize, TILE_BYTES, out)
-    return tiles if len(tiles) > 1 else []
+    return tiles if len(tiles) > 1 or _memory.chunked(out) else []  # chunks: written whole
 
 
 def _apply_dask(

@@ -185,7 +185,8 @@ class Backend:
 
     def numpy_dtype(self, dtype: Any) -> np.dtype:
         """The NumPy dtype that stands for ``dtype`` in the cast rule."""
-        return np.dtype(dtype)
+        result: np.dtype = np.dtype(dtype)
+        return result
 
     def value_range(self, x: Any) -> tuple[Any, Any]:
         """``(min, max)`` of ``x`` as Python numbers (NaN if ``x`` holds a NaN)."""
@@ -436,8 +437,8 @@ def lossless(src: np.dtype, dst: np.dtype) -> bool:
     if src.kind in "iu" and dst.kind in "fc":
         info = np.iinfo(src)
         limit = 2 ** (np.finfo(dst).nmant + 1)
-        return info.max <= limit and info.min >= -limit
-    if src.kind == "f" and dst.kind in "fc" or src.kind == "c" and dst.kind == "c":
+        return bool(info.max <= limit and info.min >= -limit)
+    if (src.kind == "f" and dst.kind in "fc") or (src.kind == "c" and dst.kind == "c"):
         return bool(np.finfo(dst).max >= np.finfo(src).max)
     return False
 
@@ -502,9 +503,13 @@ def check_cast(
             )
         return
     big = float(np.finfo(dst).max)
-    if (abs(lo) > big and lo != -np.inf) or (abs(hi) > big and hi != np.inf) or (
-        (lo == -np.inf or hi == np.inf)
-        and xp.count_inf(xp.astype(values, dtype)) > xp.count_inf(values)
+    if (
+        (abs(lo) > big and lo != -np.inf)
+        or (abs(hi) > big and hi != np.inf)
+        or (
+            (lo == -np.inf or hi == np.inf)
+            and xp.count_inf(xp.astype(values, dtype)) > xp.count_inf(values)
+        )
     ):
         raise PatchgridError(
             f"{what} runs from {lo:g} to {hi:g}, beyond what dtype={dst} holds (largest "
@@ -574,7 +579,7 @@ def shares_memory(a: Any, b: Any) -> bool:
                     sb.data_ptr() < sa.data_ptr() + sa.nbytes())  # fmt: skip
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         try:
-            return bool(np.shares_memory(a, b, max_work=1 << 20))
+            return bool(np.shares_memory(a, b, max_work=1 << 20))  # type: ignore[arg-type]
         except TOO_HARD:
             return bool(np.may_share_memory(a, b))
     return False

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._checks import PatchgridError
-from .backends import WIDE, NUMPY, check_cast, check_exact_sum, is_dask, lossless
+from .backends import NUMPY, WIDE, check_cast, check_exact_sum, is_dask, lossless
 from .grid import PatchGrid, _restore
 
 #: Most chunks along the second chained axis of a task's block (``out=``): the task keeps the
@@ -621,13 +621,13 @@ def _chunk(
     if data is not None:
         source = _Window(np.asarray(data), step.spans, spec.shape)
         reader = _Reader(source, grid, spec.margin, NUMPY)
-        wshape = [1] * grid.ndim
-        for a, p in zip(axes, out_grid.size):
-            wshape[a] = p
         w = (
-            weight_array(windows.as_window_array(spec.window, out_grid.size),
-                         windows.profiles(spec.window, out_grid.size), out_grid,
-                         np.longdouble if WIDE else np.float64)  # fmt: skip
+            weight_array(
+                windows.as_window_array(spec.window, out_grid.size),
+                windows.profiles(spec.window, out_grid.size),
+                out_grid,
+                np.longdouble if WIDE else np.float64,
+            )
             if weighted
             else None
         )

@@ -152,7 +152,7 @@ def _is_lazy(image: Any) -> bool:
 def _extract_lazy(
     image: Any, size: Any, stride: Any, axes: Any, edge: Any, pad_mode: str, pad_value: Any,
     flatten: bool, out: Any,
-) -> np.ndarray:  # fmt: skip
+) -> Any:  # fmt: skip
     """Patches of a lazy array, read patch by patch: only the regions the patches cover."""
     from .apply import _Reader
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, _fast, _kernels, windows
+from . import _checks, _fast, _kernels, _memory, windows
 from ._checks import PatchgridError, PatchgridWarning
 from .backends import NUMPY, Backend, backend_of, check_cast, check_exact_sum, lossless
 from .grid import PatchGrid, _restore
@@ -59,8 +59,8 @@ def weight_array(
     if profiles is None or np.dtype(dtype) == np.float64:
         return np.asarray(window, dtype=dtype).reshape(shape)
     out = np.ones(shape, dtype=dtype)
-    for a, p in zip(grid.axes, profiles):
-        out = out * _shaped(np.asarray(p, dtype=dtype), a, grid.ndim)
+    for a, prof in zip(grid.axes, profiles):
+        out = out * _shaped(np.asarray(prof, dtype=dtype), a, grid.ndim)
     return out
 
 
@@ -70,7 +70,8 @@ def sum_dtype(xp: Backend, acc_dtype: Any) -> np.dtype:
     if xp is NUMPY:
         real = np.finfo(np.dtype(acc_dtype)).dtype if np.dtype(acc_dtype).kind in "fc" else None
         if real is not None and real.itemsize > 8:
-            return np.dtype(real)
+            wide: np.dtype = np.dtype(real)
+            return wide
     return np.dtype(np.float64)
 
 
@@ -93,8 +94,7 @@ def cast_hint(reduce: str) -> str:
     if reduce == "argmax":
         return "give an out= or dtype= that holds every class number"
     return (
-        "give a dtype= (or an out=) that holds the merged values, e.g. a wider integer or a "
-        "float"
+        "give a dtype= (or an out=) that holds the merged values, e.g. a wider integer or a float"
     )
 
 
@@ -258,7 +258,9 @@ class Merger:
         self._starts0 = grid.axis_starts(0)
         self._starts_all: np.ndarray | None = None  # every patch's corner, once needed
         self._overlap: int | None = None  # the most patches over a voxel, once needed
-        self._warn = True  # result() says when voxels lie in no patch (tiles leave it to the caller)
+        self._warn = (
+            True  # result() says when voxels lie in no patch (tiles leave it to the caller)
+        )
         # Out-of-core work is bound by its files, and its budget is memory: there the kernels
         # serve only if the process has loaded them already (loading costs about 65 MiB).
         self._load_kernels = True
@@ -1096,7 +1098,7 @@ def release_memory() -> None:
 
 
 def _malloc_trim() -> Any:
-    from .io import _libc
+    from ._memory import _libc
 
     libc = _libc()
     return None if libc is None else libc.malloc_trim
@@ -1224,7 +1226,9 @@ class _Tile:
 
     def sink(self, out: Any) -> _Cropped:
         """``out`` as the sub-grid's output: writes land in the tile's own voxels only."""
-        return _Cropped(out, tuple(self.shape), self.origin, self.keep)
+        assert self.grid is not None  # whole chunks along the axis the tile streams on
+        sink = _memory.staged(out, self.out_axis[self.grid.axes[0]])
+        return _Cropped(sink, tuple(self.shape), self.origin, self.keep)
 
 
 def plan_tiles(
@@ -1244,6 +1248,7 @@ def plan_tiles(
     return [_Tile(grid, out_shape, out_axis, t) for t in _tiles(grid, itemsize, budget, per_axis)]
 
 
+@_memory.bound()
 def merge_tiled(
     read: Any,
     grid: PatchGrid,
