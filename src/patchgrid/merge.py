@@ -656,24 +656,76 @@ class Merger:
         if not len(grid):
             return  # nothing to add: result() gives the empty image
         self._check_sum(arr)
-        xp = self._xp
-        if self._add_all_compiled(arr):
+        if self._direct:
+            if self._add_all_compiled(arr):
+                return
+            self._add_rows(arr, 0, grid.counts[0])
             return
-        self._ensure(grid.padded_shape[grid.axes[0]])
+        # The accumulator is not the output (a wider dtype, a crop, labels): rows of patches a
+        # block at a time, each block's finished rows cast into the output and let go, so the
+        # accumulator stays a slab however large the image.
+        n0, rows = grid.counts[0], self._block_rows(arr)
+        for r0 in range(0, n0, rows):
+            self._add_rows(arr, r0, min(r0 + rows, n0))
+
+    def _block_rows(self, arr: Any) -> int:
+        """Rows of patches (along the first tiled axis) per block of :meth:`add_all`: a slab
+        of the accumulator of about ``TILE_BYTES``, at least one patch's worth of phases."""
+        grid, a0 = self.grid, self.grid.axes[0]
+        plane = math.prod(grid.padded_shape) // max(grid.padded_shape[a0], 1)
+        for a in range(grid.ndim):
+            if a not in grid.axes:
+                plane = plane // max(grid.shape[a], 1) * self._patch_shape[a]  # type: ignore[index]
+        plane_bytes = plane * np.dtype(self._xp.numpy_dtype(self._acc_dtype)).itemsize
+        phases = -(-grid.size[0] // grid.stride[0])
+        rows = TILE_BYTES // max(plane_bytes * grid.stride[0], 1)
+        return max(int(rows), phases, 1)
+
+    def _add_rows(self, arr: Any, r0: int, r1: int) -> None:
+        """Add the patches of grid rows ``[r0, r1)`` (along the first tiled axis): one strided
+        operation per regular sub-grid, through the compiled kernel where it serves."""
+        grid, xp, k = self.grid, self._xp, len(self.grid.axes)
+        self._ensure(int(self._starts0[r1 - 1]) + grid.size[0])
         op, weight = self._op(), self._weight()
-        for sub in _kernels.subgrids(grid):
-            pick = tuple(slice(i0, i0 + n) for i0, n, _, _ in sub)
-            first = [f for _, _, f, _ in sub]
-            step = [t for _, _, _, t in sub]
-            _kernels.accumulate(self._acc, arr[pick], grid.axes, first, step, op, weight, xp)
-            if self._wacc is not None:
-                counts = [n for _, n, _, _ in sub]
-                lead = weight.reshape((1,) * k + tuple(weight.shape))
-                lead = lead.expand(*counts, *weight.shape) if xp.name == "torch" else (
-                    np.broadcast_to(lead, (*counts, *weight.shape)))  # fmt: skip
-                _kernels.accumulate(self._wacc, lead, grid.axes, first, step, "add", None, xp)
-        self._seen[...] = True
+        block = arr[r0:r1]
+        if not self._add_rows_compiled(block, r0, r1, op, weight):
+            for sub in _kernels.subgrids(grid):
+                i0, n, f0, t0 = sub[0]
+                lo, hi = max(i0, r0), min(i0 + n, r1)
+                if hi <= lo:
+                    continue
+                pick = (slice(lo - r0, hi - r0), *(slice(i, i + m) for i, m, _, _ in sub[1:]))
+                first = [f0 + (lo - i0) * t0 - self._lo, *(f for _, _, f, _ in sub[1:])]
+                step = [t for _, _, _, t in sub]
+                _kernels.accumulate(self._acc, block[pick], grid.axes, first, step, op, weight, xp)
+                if self._wacc is not None:
+                    counts = [hi - lo, *(m for _, m, _, _ in sub[1:])]
+                    lead = weight.reshape((1,) * k + tuple(weight.shape))
+                    lead = lead.expand(*counts, *weight.shape) if xp.name == "torch" else (
+                        np.broadcast_to(lead, (*counts, *weight.shape)))  # fmt: skip
+                    _kernels.accumulate(self._wacc, lead, grid.axes, first, step, "add", None, xp)
+        self._seen[r0:r1] = True
         self._flush()
+
+    def _add_rows_compiled(self, block: Any, r0: int, r1: int, op: str, weight: Any) -> bool:
+        """Grid rows ``[r0, r1)`` through the compiled kernel, if it serves (NumPy floats, an
+        adding reduction, a separable window, no padding)."""
+        grid = self.grid
+        if not (
+            self._xp is NUMPY
+            and op == "add"
+            and self._wacc is None
+            and grid.padded_shape == grid.shape
+            and (self._load_kernels or _fast.loaded())
+            and _fast.serves(self._acc, block, grid.ndim, grid.axes)
+        ):
+            return False
+        starts = [grid.axis_starts(0)[r0:r1] - self._lo] + [
+            grid.axis_starts(j) for j in range(1, len(grid.axes))
+        ]
+        w = None if weight is None else np.asarray(weight).reshape(grid.size)
+        _fast.overlap_add(self._acc, block, starts, grid.size, w, False, None)
+        return True
 
     def _add_all_compiled(self, arr: Any) -> bool:
         """Every patch at once through the compiled kernel, normalised as it goes, if it serves.
@@ -683,17 +735,16 @@ class Merger:
         """
         grid = self.grid
         if not (
-            self._xp is NUMPY
+            self._direct
+            and self._xp is NUMPY
             and self._op() == "add"
             and not self._array_window
-            and self._class_axis is None
-            and grid.padded_shape == grid.shape
-            and (not self._direct or self._sink is None or isinstance(self._sink, np.ndarray))
+            and (self._sink is None or isinstance(self._sink, np.ndarray))
         ):
             return False
         if not _fast.serves(np.empty(0, self._acc_dtype), arr, grid.ndim, grid.axes):
             return False
-        acc = self._sink if self._direct else None
+        acc = self._sink
         if acc is None:
             acc = _fast.fresh(self._out_shape, self._acc_dtype)
         profiles = None
@@ -704,9 +755,7 @@ class Merger:
             weight = np.asarray(weight).reshape(grid.size)
         starts = [grid.axis_starts(j) for j in range(len(grid.axes))]
         _fast.overlap_add(acc, arr, starts, grid.size, weight, True, profiles)
-        if self._direct:
-            self._sink = acc
-        self._acc, self._lo = acc, 0  # finished below: cast (and cropped) into the output
+        self._sink = self._acc = acc
         self._normalised = True
         self._seen[...] = True
         self._flush()
