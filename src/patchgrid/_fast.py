@@ -75,7 +75,7 @@ def fresh(shape: Any, dtype: Any) -> np.ndarray:
     """
     out = np.empty(shape, dtype)
     if out.nbytes >= PREFAULT_BYTES:
-        from .io import _libc
+        from ._memory import _libc
 
         libc = _libc()
         if libc is not None and hasattr(libc, "madvise"):

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ._checks import PatchgridError
+from ._memory import tune_allocator
 
 __all__ = ["Image", "open", "save", "tune_allocator"]
 
@@ -1034,50 +1035,3 @@ def metadata_json(img: Any) -> str:
             "affine": None if affine is None else np.asarray(affine).tolist(),
         }
     )
-
-
-def tune_allocator(threshold: int = 4 << 20) -> bool:
-    """Keep resident memory flat over a long out-of-core job (Linux, glibc): give blocks of
-    ``threshold`` bytes or more pages of their own, handed back to the system when freed.
-
-    glibc raises this threshold to the largest block freed so far; blocks under it stay in
-    the heap once freed, per thread. A zarr writer that encodes chunks on threads then makes
-    resident memory grow with the number of chunks written, though nothing is still in use.
-    This setting is for the whole process and cannot be undone, so patchgrid never makes it
-    by itself: call it at the start of a script that streams a large image to disk. The
-    ``patchgrid`` command does.
-
-    Parameters
-    ----------
-    threshold : int
-        Bytes; blocks at least this large get their own pages.
-
-    Returns
-    -------
-    bool
-        Whether the setting was made (False where there is no glibc).
-
-    Examples
-    --------
-    >>> import patchgrid as pg
-    >>> pg.tune_allocator() in (True, False)
-    True
-    """
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-        raise TypeError(f"threshold must be a positive int of bytes, got {threshold!r}")
-    libc = _libc()
-    return libc is not None and bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-
-
-@functools.cache
-def _libc() -> Any:
-    """glibc, when this process runs on it (for its allocator's knobs), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
