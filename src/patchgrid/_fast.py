@@ -49,6 +49,7 @@ def _kernels() -> Any:
         return None
     return SimpleNamespace(
         overlap_add3=_numba.overlap_add3,
+        merge_planes3=_numba.merge_planes3,
         add_batch3=_numba.add_batch3,
         divide3=_numba.divide3,
         gather3=_numba.gather3,
@@ -201,6 +202,61 @@ def overlap_add(
         )  # fmt: skip
 
 
+def merge_planes(
+    out: np.ndarray,
+    patches: np.ndarray,
+    starts: list[np.ndarray],
+    size: tuple[int, ...],
+    weight: np.ndarray | None,
+    profiles: list[np.ndarray] | None,
+) -> None:
+    """Merge patches ``(*counts, *lead, *size)`` into ``out`` ``(*lead, *shape)``, every plane
+    summed in float64 and normalised by ``profiles`` (zeros already ones) on its own, then
+    written in ``out``'s dtype (float32 or float64): the wide accumulator of float32 patches
+    without a volume of it. The tiled axes are the last ``k`` (1 to 3) of ``out``."""
+    kernel = _kernels().merge_planes3
+    k = len(size)
+    pad = 3 - k
+    n_lead = out.ndim - k
+    starts3 = [np.zeros(1, np.intp)] * pad + [np.asarray(s, np.intp) for s in starts]
+    size3 = (1,) * pad + tuple(size)
+    profs = (
+        [np.ones(1)] * pad + [np.asarray(p, np.float64) for p in profiles]
+        if profiles is not None
+        else [np.ones(1)] * 3
+    )
+    n0 = out.shape[n_lead] if pad == 0 else 1
+    x = np.arange(n0)
+    lo0 = np.searchsorted(starts3[0] + size3[0], x, side="right").astype(np.intp)
+    hi0 = np.searchsorted(starts3[0], x, side="right").astype(np.intp)
+    w = np.ones((1, 1, 1), np.float64)
+    if weight is not None:
+        w = np.ascontiguousarray(np.broadcast_to(weight, size).reshape(size3), dtype=np.float64)
+    moved = np.moveaxis(patches, list(range(k, k + n_lead)), list(range(n_lead)))
+    for lead in np.ndindex(*out.shape[:n_lead]):
+        o3 = np.expand_dims(out[lead], tuple(range(pad)))
+        p3 = np.expand_dims(moved[lead], tuple(range(pad)) + tuple(range(3, 3 + pad)))
+        kernel(o3, p3, *starts3, lo0, hi0, w, weight is not None, *profs, profiles is not None)
+
+
+def serves_planes(out: Any, patches: Any, grid_ndim: int, axes: tuple[int, ...]) -> bool:
+    """Whether :func:`merge_planes` takes this job: float32 or float64 patches and output, the
+    tiled axes last, rows and a job large enough for the kernels."""
+    if not isinstance(out, np.ndarray) or not isinstance(patches, np.ndarray):
+        return False
+    k = len(axes)
+    return (
+        out.dtype in (np.float32, np.float64)
+        and patches.dtype in (np.float32, np.float64)
+        and 1 <= k <= 3
+        and axes == tuple(range(grid_ndim - k, grid_ndim))
+        and patches.shape[-1] >= MIN_ROW
+        and patches.nbytes >= MIN_BYTES
+        and out.flags.writeable
+        and available()
+    )
+
+
 def _as3(arr: np.ndarray, k: int, lead_at: int) -> np.ndarray | None:
     """A view of ``arr`` with its lead axes (before the ``k`` tiled ones, from ``lead_at``)
     as one, and unit axes so that three are tiled; None where a view cannot be had."""
@@ -325,6 +381,10 @@ def warm() -> bool:
         if dtype == np.float32:  # float32 patches into their float64 accumulator
             wide = acc.astype(np.float64)
             add_batch(wide, batch, starts, np.ones((1, 1, MIN_ROW), np.float64))
+        for into in (np.float32, np.float64):  # planes summed in float64, written in `into`
+            out = np.zeros((1, 2, MIN_ROW), into)
+            merge_planes(out, batch, [np.zeros(1, np.intp)] * 2, (1, MIN_ROW),
+                         np.ones((1, MIN_ROW)), [np.ones(2), np.ones(MIN_ROW)])  # fmt: skip
         divide(acc, 3, [np.ones(2), np.ones(2), np.ones(MIN_ROW)])
         gather(batch, acc, starts)
         gather(batch, acc, starts, stream=True)

@@ -117,6 +117,48 @@ def overlap_add3(  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
+def merge_planes3(  # pragma: no cover - compiled
+    out: Any,
+    patches: Any,
+    starts0: Any,
+    starts1: Any,
+    starts2: Any,
+    lo0: Any,
+    hi0: Any,
+    weight: Any,
+    weighted: bool,
+    prof0: Any,
+    prof1: Any,
+    prof2: Any,
+    normalise: bool,
+) -> None:
+    """Every output plane summed in a float64 plane of its own (one per thread at a time),
+    divided by the coverage, and written into ``out`` in its dtype: a float64 accumulator that
+    never holds more than a plane, so ``out`` may be float32 and the merge still exact."""
+    n_x = out.shape[0]
+    n_y = out.shape[1]
+    n_z = out.shape[2]
+    c1 = patches.shape[1]
+    c2 = patches.shape[2]
+    for x in numba.prange(n_x):
+        plane = np.zeros((n_y, n_z), dtype=np.float64)
+        for i0 in range(lo0[x], hi0[x]):
+            r = x - starts0[i0]
+            for i1 in range(c1):
+                for i2 in range(c2):
+                    add_plane(plane, patches[i0, i1, i2, r], starts1[i1], starts2[i2],
+                              weight[r if weighted else 0], weighted)  # fmt: skip
+        if normalise:
+            divide_plane(plane, prof0[x], prof1, prof2, np.empty(n_z, dtype=np.float64))
+        dst = out[x]
+        for y in range(n_y):
+            row = dst[y]
+            src = plane[y]
+            for z in range(n_z):
+                row[z] = src[z]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
 def add_batch3(  # pragma: no cover - compiled
     acc: Any, patches: Any, s0: Any, s1: Any, s2: Any, weight: Any, weighted: bool
 ) -> None:

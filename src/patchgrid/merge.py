@@ -656,9 +656,9 @@ class Merger:
         if not len(grid):
             return  # nothing to add: result() gives the empty image
         self._check_sum(arr)
+        if self._add_all_compiled(arr):
+            return
         if self._direct:
-            if self._add_all_compiled(arr):
-                return
             self._add_rows(arr, 0, grid.counts[0])
             return
         # The accumulator is not the output (a wider dtype, a crop, labels): rows of patches a
@@ -728,35 +728,41 @@ class Merger:
         return True
 
     def _add_all_compiled(self, arr: Any) -> bool:
-        """Every patch at once through the compiled kernel, normalised as it goes, if it serves.
+        """Every patch at once through the compiled kernel, if it serves: each output plane is
+        summed in a float64 plane of its own, normalised and written in the output's dtype, so
+        the wide accumulator never holds more than a plane per thread.
 
-        Only where the output is the accumulator (no cast, crop or reduction), the window is
-        separable and the reduction adds.
+        Only for a mean (or a sum whose output is the accumulator's dtype), a separable window,
+        no labels, no padding to crop, NumPy arrays.
         """
         grid = self.grid
         if not (
-            self._direct
-            and self._xp is NUMPY
+            self._xp is NUMPY
             and self._op() == "add"
             and not self._array_window
-            and (self._sink is None or isinstance(self._sink, np.ndarray))
+            and self._class_axis is None
+            and grid.padded_shape == grid.shape
+            and np.dtype(self._acc_dtype) == np.float64  # the kernel sums in float64
+            and (self.reduce == "mean" or self._out_dtype == self._acc_dtype)
         ):
             return False
-        if not _fast.serves(np.empty(0, self._acc_dtype), arr, grid.ndim, grid.axes):
+        out = self._sink
+        if out is not None and (not isinstance(out, np.ndarray) or out.dtype != self._out_dtype):
             return False
-        acc = self._sink
-        if acc is None:
-            acc = _fast.fresh(self._out_shape, self._acc_dtype)
+        probe = out if out is not None else np.empty(0, self._out_dtype)
+        if not _fast.serves_planes(probe, arr, grid.ndim, grid.axes):
+            return False
+        if out is None:
+            out = _fast.fresh(self._out_shape, self._out_dtype)
         profiles = None
         if self.reduce == "mean":
             profiles = [np.where(p > 0, p, 1) for p in self._profile_coverage(False)]
-        weight = self._weight()
-        if weight is not None:
-            weight = np.asarray(weight).reshape(grid.size)
+        weight = None if self._uniform else np.asarray(self._window, np.float64).reshape(grid.size)
         starts = [grid.axis_starts(j) for j in range(len(grid.axes))]
-        _fast.overlap_add(acc, arr, starts, grid.size, weight, True, profiles)
-        self._sink = self._acc = acc
-        self._normalised = True
+        _fast.merge_planes(out, arr, starts, grid.size, weight, profiles)
+        # Finished as a direct merge: only the voxels no patch covers are left to fill.
+        self._sink = self._acc = out
+        self._direct = self._normalised = True
         self._seen[...] = True
         self._flush()
         return True
