@@ -972,3 +972,18 @@ def test_a_structured_dtype_that_needs_padding_is_refused():
     image = np.zeros((5, 5), dtype=[("a", "f4")])
     with pytest.raises(ValueError, match=r"is not numeric.*pad_mode='constant'"):
         pg.extract(image, (4, 4), 3, edge="pad")
+
+
+def test_out_that_is_a_tensor_over_the_image_is_refused():
+    torch = pytest.importorskip("torch")
+    image = _image((40, 40)).astype(np.float32)
+    with pytest.raises(ValueError, match="out shares memory with the image"):
+        pg.apply(lambda b: b, image, 16, 8, out=torch.from_numpy(image))
+
+
+def test_out_that_maps_the_image_file_again_is_refused(tmp_path):
+    np.save(tmp_path / "a.npy", _image((40, 40)))
+    image = np.load(tmp_path / "a.npy", mmap_mode="r")
+    out = np.load(tmp_path / "a.npy", mmap_mode="r+")
+    with pytest.raises(ValueError, match="out shares memory with the image"):
+        pg.apply(lambda b: b, image, 16, 8, out=out)

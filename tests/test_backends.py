@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from patchgrid.backends import NUMPY, WIDE, check_cast, check_exact_sum, lossless
+from patchgrid.backends import NUMPY, WIDE, check_cast, check_exact_sum, lossless, shares_memory
 
 
 @pytest.mark.parametrize(
@@ -110,3 +110,37 @@ def test_integer_sums_beyond_the_accumulator_are_refused():
 
 def test_integer_sums_within_the_accumulator_pass():
     check_exact_sum(NUMPY, np.array([2**50], np.int64), np.dtype(np.float64), 4, False)
+
+
+def test_a_block_that_is_all_inf_passes_a_narrowing_float_cast():
+    check_cast(NUMPY, np.full(3, np.inf), np.float32)
+    check_cast(NUMPY, np.full(3, -np.inf), np.float32)
+
+
+def test_a_large_imaginary_part_is_seen_by_the_rule():
+    with pytest.raises(ValueError, match="would overflow to inf"):
+        check_cast(NUMPY, np.array([0, 1 + 1e39j, 2]), np.complex64)
+
+
+def test_memory_shared_across_numpy_and_torch_is_seen():
+    torch = pytest.importorskip("torch")
+    image = np.zeros((4, 4), np.float32)
+    assert shares_memory(image, torch.from_numpy(image))
+    assert not shares_memory(image, torch.zeros(4, 4))
+
+
+def test_two_mappings_of_one_file_share_it(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((4, 4)))
+    one = np.load(tmp_path / "a.npy", mmap_mode="r")
+    two = np.load(tmp_path / "a.npy", mmap_mode="r+")
+    assert shares_memory(one, two)
+
+
+def test_two_handles_on_one_zarr_array_share_it(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    a = zarr.open_array(str(tmp_path / "z.zarr"), mode="w", shape=(4,), dtype="f4")
+    b = zarr.open_array(str(tmp_path / "z.zarr"), mode="r+")
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    assert shares_memory(a, b)
+    assert not shares_memory(group.create_array("x", shape=(3,), dtype="f4"),
+                             group.create_array("y", shape=(3,), dtype="f4"))  # fmt: skip

@@ -471,3 +471,29 @@ def test_a_wrapped_border_is_read_in_pieces_not_whole():
     spans = [k[1].stop - k[1].start for k in store.reads]
     assert spans
     assert max(spans) < 30  # a chunk of 10 and its patches' reach, never the 100 of the axis
+
+
+def test_argmax_labels_that_a_zarr_out_cannot_hold_are_refused(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    image = da.from_array(np.ones((1, 16, 16), np.float32), chunks=(1, 8, 8))
+    out = zarr.create_array(str(tmp_path / "o.zarr"), shape=(16, 16), chunks=(8, 8), dtype="u1")
+    scores = lambda b: np.repeat(b, 300, axis=1) * np.arange(300)[:, None, None]  # noqa: E731
+    with pytest.raises(ValueError, match="class numbers of 300 classes"):
+        pg.apply(scores, image, 4, axes=(1, 2), reduce="argmax", out=out)
+
+
+def test_a_fill_that_a_zarr_out_cannot_hold_is_refused(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    image = da.from_array(np.ones((16, 16), np.float32), chunks=8)
+    out = zarr.create_array(str(tmp_path / "o.zarr"), shape=(16, 16), chunks=(8, 8), dtype="u1")
+    with pytest.raises(ValueError, match="fill=1.5 cannot be stored"):
+        pg.apply(lambda b: b, image, 2, 4, fill=1.5, out=out)
+
+
+def test_an_array_window_of_equal_float64_values_comes_back_exactly():
+    window = np.random.default_rng(3).uniform(0.1, 1, (6, 6))
+    image = np.full((20, 20), 0.1)
+    local = pg.apply(lambda b: b, image, 6, 2, window=window)
+    lazy = pg.apply(lambda b: b, da.from_array(image, chunks=7), 6, 2, window=window).compute()
+    np.testing.assert_array_equal(local, image)
+    np.testing.assert_array_equal(lazy, image)

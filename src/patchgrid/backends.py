@@ -189,10 +189,19 @@ class Backend:
         return result
 
     def value_range(self, x: Any) -> tuple[Any, Any]:
-        """``(min, max)`` of ``x`` as Python numbers (NaN if ``x`` holds a NaN)."""
+        """``(min, max)`` of ``x`` as numbers (NaN if ``x`` holds a NaN); for complex
+        values, over the real and imaginary parts together (each must fit)."""
+        if x.dtype.kind == "c":
+            parts = (x.real, x.imag)
+            lows = [p.min().item() for p in parts]
+            highs = [p.max().item() for p in parts]
+            nan = any(v != v for v in (*lows, *highs))
+            return (np.nan, np.nan) if nan else (min(lows), max(highs))
         return x.min().item(), x.max().item()
 
     def count_inf(self, x: Any) -> int:
+        if x.dtype.kind == "c":
+            return int(np.isinf(x.real).sum() + np.isinf(x.imag).sum())
         return int(np.isinf(x).sum())
 
 
@@ -411,9 +420,13 @@ class TorchBackend(Backend):
             return Backend().value_range(self.to_numpy(x))  # uint16-64: few ops in torch
         if x.dtype == self.torch.bool:
             x = x.to(self.torch.uint8)
+        if x.is_complex():
+            x = self.torch.view_as_real(x.resolve_conj())  # real and imaginary parts
         return x.min().item(), x.max().item()
 
     def count_inf(self, x: Any) -> int:
+        if x.is_complex():
+            x = self.torch.view_as_real(x.resolve_conj())
         return int(self.torch.isinf(x).sum().item())
 
 
@@ -503,16 +516,14 @@ def check_cast(
             )
         return
     big = float(np.finfo(dst).max)
-    if (
-        (abs(lo) > big and lo != -np.inf)
-        or (abs(hi) > big and hi != np.inf)
-        or (
-            (lo == -np.inf or hi == np.inf)
-            and xp.count_inf(xp.astype(values, dtype)) > xp.count_inf(values)
-        )
-    ):
+    if np.isfinite(lo) and np.isfinite(hi):
+        over = abs(lo) > big or abs(hi) > big
+    else:  # infinities are held; finite values between them must not become more of them
+        with np.errstate(over="ignore"):
+            over = xp.count_inf(xp.astype(values, dtype)) > xp.count_inf(values)
+    if over:
         raise PatchgridError(
-            f"{what} runs from {lo:g} to {hi:g}, beyond what dtype={dst} holds (largest "
+            f"{what} runs from {lo} to {hi}, beyond what dtype={dst} holds (largest "
             f"{big:g}): values would overflow to inf{tail}"
         )
 
@@ -569,20 +580,71 @@ TOO_HARD = getattr(np, "exceptions", np).TooHardError  # NumPy 1.24 has it at th
 
 
 def shares_memory(a: Any, b: Any) -> bool:
-    """Whether two arrays (NumPy arrays, tensors, memmaps) may use the same memory: NumPy's
-    exact test where it is quick, else its bounds; for tensors, the same storage."""
-    if is_tensor(a) and is_tensor(b):
-        sa, sb = a.untyped_storage(), b.untyped_storage()
-        if a.device != b.device or not sa.nbytes() or not sb.nbytes():
-            return False
-        return bool(sa.data_ptr() < sb.data_ptr() + sb.nbytes() and
-                    sb.data_ptr() < sa.data_ptr() + sa.nbytes())  # fmt: skip
+    """Whether two arrays may hold the same data: NumPy's exact test where it is quick (else
+    its bounds), the byte ranges of tensors and of a tensor beside a NumPy array, and for
+    arrays backed by files (memmaps, zarr, HDF5, ``pg.open`` images) the same file and array
+    in it, however many handles or mappings there are."""
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         try:
-            return bool(np.shares_memory(a, b, max_work=1 << 20))  # type: ignore[arg-type]
+            if np.shares_memory(a, b, max_work=1 << 20):  # type: ignore[arg-type]
+                return True
         except TOO_HARD:
-            return bool(np.may_share_memory(a, b))
-    return False
+            return True if np.may_share_memory(a, b) else _same_file(a, b)
+        return _same_file(a, b)
+    ra, rb = _byte_range(a), _byte_range(b)
+    if ra is not None and rb is not None:
+        return ra[0] == rb[0] and ra[1] < rb[2] and rb[1] < ra[2]
+    return _same_file(a, b)
+
+
+def _byte_range(x: Any) -> tuple[str, int, int] | None:
+    """``(device, lo, hi)``: the addresses of a NumPy array's bytes or a tensor's storage
+    (host memory is device "cpu"); None for anything else."""
+    if is_tensor(x):
+        storage = x.untyped_storage()
+        return str(x.device), storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    if isinstance(x, np.ndarray):
+        lo, hi = _BYTE_BOUNDS(x)
+        return "cpu", int(lo), int(hi)
+    return None
+
+
+# NumPy 2 keeps byte_bounds in np.lib.array_utils; NumPy 1.24 at the top.
+_BYTE_BOUNDS = getattr(getattr(np.lib, "array_utils", np), "byte_bounds", None) or getattr(
+    np, "byte_bounds"
+)
+
+
+def _file_of(x: Any) -> tuple[str, str] | None:
+    """The file (and the array inside it) behind a memmap, zarr array, h5py dataset or
+    ``pg.open`` image; None for an array in memory."""
+    import os
+
+    name = getattr(x, "filename", None)  # np.memmap
+    if isinstance(x, np.ndarray) and isinstance(name, (str, os.PathLike)):
+        return os.path.realpath(name), ""
+    base = getattr(x, "base", None)  # a view of a memmap (np.load gives one)
+    if isinstance(x, np.ndarray) and isinstance(base, np.ndarray):
+        return _file_of(base)
+    store = getattr(x, "store", None)
+    root = getattr(store, "root", None)  # zarr's LocalStore
+    if root is not None:
+        return os.path.realpath(str(root)), str(getattr(x, "path", ""))
+    h5 = getattr(getattr(x, "file", None), "filename", None)  # h5py
+    if isinstance(h5, str):
+        return os.path.realpath(h5), str(getattr(x, "name", ""))
+    inner = getattr(x, "_data", None)  # a pg.open image: the array it reads
+    if inner is not None and inner is not x:
+        return _file_of(inner)
+    return None
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    fa, fb = _file_of(a), _file_of(b)
+    if fa is None or fb is None or fa[0] != fb[0]:
+        return False
+    pa, pb = fa[1].strip("/"), fb[1].strip("/")
+    return not pa or not pb or pa == pb or pa.startswith(pb + "/") or pb.startswith(pa + "/")
 
 
 def backend_of(x: Any) -> Backend:

@@ -307,6 +307,11 @@ def apply_dask(
         maps.append(index_map(image.shape[a], before, after, grid.pad_mode))
     if out is not None:
         _check_out(out, out_chunks, class_axis)
+    if not NUMPY.fits(fill, np.dtype(dtype)):
+        raise PatchgridError(
+            f"fill={fill!r} cannot be stored in the output dtype {np.dtype(dtype)}; give a fill "
+            f"that fits or a dtype= that holds it"
+        )
     plan = _plan(out_grid, [out_chunks[a] for a in grid.axes], _threads(), out is not None)
     store = _store(image)
     name = f"patchgrid-apply-{uuid.uuid4().hex}"
@@ -616,7 +621,7 @@ def _chunk(
                  else NUMPY.extreme(kind_dtype, spec.reduce == "min"))  # fmt: skip
         acc = np.full(shape, first, dtype=kind_dtype)
         if array_window:
-            wacc = np.zeros(wshape_acc)
+            wacc = np.zeros(wshape_acc, dtype=np.finfo(kind_dtype).dtype)
 
     if data is not None:
         source = _Window(np.asarray(data), step.spans, spec.shape)
@@ -683,7 +688,7 @@ def _chunk(
         op(acc[into], part, out=acc[into])
         if wpart is not None:
             if wacc is None:
-                wacc = np.zeros(wshape_acc)
+                wacc = np.zeros(wshape_acc, dtype=wpart.dtype)
             wacc[into] += wpart
     carries: list[Carry] = []
     for j, go in enumerate(send):
@@ -742,6 +747,9 @@ def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
     mask = np.logical_or.reduce(uncovered) if uncovered else None
     if spec.class_axis is not None:
         result = np.argmax(acc, axis=spec.class_axis)
+        check_cast(NUMPY, np.arange(acc.shape[spec.class_axis]), spec.dtype,
+                   what=f"class numbers of {acc.shape[spec.class_axis]} classes",
+                   hint=cast_hint("argmax"))  # fmt: skip
         if mask is not None:
             mask = mask.take(0, axis=spec.class_axis)
     else:

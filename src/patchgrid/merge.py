@@ -790,7 +790,8 @@ class Merger:
         if complete and not ones and running and self._wacc is not None:
             head: list[Any] = [slice(None)] * grid.ndim
             head[a0] = slice(start - self._lo, upto - self._lo)
-            return "volume", self._xp.to_numpy(self._wacc[tuple(head)]).astype(np.float64)
+            wide = sum_dtype(self._xp, self._acc_dtype)  # the weights' own precision
+            return "volume", self._xp.to_numpy(self._wacc[tuple(head)]).astype(wide)
         # Some patches are missing: add up the weights of those present, one by one.
         shape = [1] * grid.ndim
         for a in grid.axes:
