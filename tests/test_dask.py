@@ -486,7 +486,7 @@ def test_a_fill_that_a_zarr_out_cannot_hold_is_refused(tmp_path):
     zarr = pytest.importorskip("zarr")
     image = da.from_array(np.ones((16, 16), np.float32), chunks=8)
     out = zarr.create_array(str(tmp_path / "o.zarr"), shape=(16, 16), chunks=(8, 8), dtype="u1")
-    with pytest.raises(ValueError, match="fill=1.5 cannot be stored"):
+    with pytest.raises(ValueError, match=r"fill=1\.5 cannot be stored"):
         pg.apply(lambda b: b, image, 2, 4, fill=1.5, out=out)
 
 

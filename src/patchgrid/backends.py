@@ -609,10 +609,10 @@ def _byte_range(x: Any) -> tuple[str, int, int] | None:
     return None
 
 
-# NumPy 2 keeps byte_bounds in np.lib.array_utils; NumPy 1.24 at the top.
-_BYTE_BOUNDS = getattr(getattr(np.lib, "array_utils", np), "byte_bounds", None) or getattr(
-    np, "byte_bounds"
-)
+try:  # NumPy 2 keeps byte_bounds in np.lib.array_utils, NumPy 1 at the top
+    from numpy.lib.array_utils import byte_bounds as _BYTE_BOUNDS
+except ImportError:  # pragma: no cover - NumPy 1
+    from numpy import byte_bounds as _BYTE_BOUNDS  # type: ignore[attr-defined,no-redef]
 
 
 def _file_of(x: Any) -> tuple[str, str] | None:
