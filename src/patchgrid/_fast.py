@@ -153,6 +153,46 @@ def serves(acc: Any, patches: Any, grid_ndim: int, axes: tuple[int, ...]) -> boo
     )
 
 
+def _whole_grid(
+    out: np.ndarray,
+    patches: np.ndarray,
+    starts: list[np.ndarray],
+    size: tuple[int, ...],
+    weight: np.ndarray | None,
+    profiles: list[np.ndarray] | None,
+    wdtype: Any,
+) -> tuple[list[Any], Any]:
+    """What the whole-grid kernels share: their arguments seen in three tiled axes (the
+    starts, the patches reaching each plane, the weight, the profiles), and an iterator over
+    the lead axes of ``out`` and ``patches`` as 3-D views (always views: the kernels write
+    into ``out``)."""
+    k = len(size)
+    pad = 3 - k
+    n_lead = out.ndim - k
+    starts3 = [np.zeros(1, np.intp)] * pad + [np.asarray(s, np.intp) for s in starts]
+    size3 = (1,) * pad + tuple(size)
+    profs = (
+        [np.ones(1)] * pad + [np.asarray(p, np.float64) for p in profiles]
+        if profiles is not None
+        else [np.ones(1)] * 3
+    )
+    x = np.arange(out.shape[n_lead] if pad == 0 else 1)
+    lo0 = np.searchsorted(starts3[0] + size3[0], x, side="right").astype(np.intp)
+    hi0 = np.searchsorted(starts3[0], x, side="right").astype(np.intp)
+    if weight is None:
+        w = np.ones((1, 1, 1), wdtype)
+    else:
+        w = np.ascontiguousarray(np.broadcast_to(weight, size).reshape(size3), dtype=wdtype)
+    # Patches as (*counts, *lead, *size): move the lead axes to the front to loop over them.
+    moved = np.moveaxis(patches, list(range(k, k + n_lead)), list(range(n_lead)))
+    views = (
+        (np.expand_dims(out[lead], tuple(range(pad))),
+         np.expand_dims(moved[lead], tuple(range(pad)) + tuple(range(3, 3 + pad))))
+        for lead in np.ndindex(*out.shape[:n_lead])
+    )  # fmt: skip
+    return [*starts3, lo0, hi0, w, weight is not None, profs], views
+
+
 def overlap_add(
     acc: np.ndarray,
     patches: np.ndarray,
@@ -170,36 +210,10 @@ def overlap_add(
     is complete. ``weight`` broadcasts against one patch's tiled axes.
     """
     kernel = _kernels().overlap_add3
-    k = len(size)
-    pad = 3 - k
-    n_lead = acc.ndim - k
-    dtype = acc.dtype
-    starts3 = [np.zeros(1, np.intp)] * pad + [np.asarray(s, np.intp) for s in starts]
-    size3 = (1,) * pad + tuple(size)
-    profs = (
-        [np.ones(1)] * pad + [np.asarray(p, np.float64) for p in profiles]
-        if profiles is not None
-        else [np.ones(1)] * 3
-    )
-    n0 = acc.shape[n_lead] if pad == 0 else 1
-    x = np.arange(n0)
-    lo0 = np.searchsorted(starts3[0] + size3[0], x, side="right").astype(np.intp)
-    hi0 = np.searchsorted(starts3[0], x, side="right").astype(np.intp)
-    if weight is None:
-        w = np.ones((1, 1, 1), dtype)
-    else:
-        w = np.ascontiguousarray(np.broadcast_to(weight, size).reshape(size3), dtype=dtype)
-    # Patches as (*counts, *lead, *size): move the lead axes to the front to loop over them.
-    lead_shape = acc.shape[:n_lead]
-    moved = np.moveaxis(patches, list(range(k, k + n_lead)), list(range(n_lead)))
-    for lead in np.ndindex(*lead_shape):
-        # Unit axes in front of the tiled ones: always views, so the kernel writes into acc.
-        a3 = np.expand_dims(acc[lead], tuple(range(pad)))
-        p3 = np.expand_dims(moved[lead], tuple(range(pad)) + tuple(range(3, 3 + pad)))
-        kernel(
-            a3, p3, *starts3, lo0, hi0, w, weight is not None, init, *profs,
-            profiles is not None,
-        )  # fmt: skip
+    args, views = _whole_grid(acc, patches, starts, size, weight, profiles, acc.dtype)
+    *grid_args, profs = args
+    for a3, p3 in views:
+        kernel(a3, p3, *grid_args, init, *profs, profiles is not None)
 
 
 def merge_planes(
@@ -215,28 +229,10 @@ def merge_planes(
     written in ``out``'s dtype (float32 or float64): the wide accumulator of float32 patches
     without a volume of it. The tiled axes are the last ``k`` (1 to 3) of ``out``."""
     kernel = _kernels().merge_planes3
-    k = len(size)
-    pad = 3 - k
-    n_lead = out.ndim - k
-    starts3 = [np.zeros(1, np.intp)] * pad + [np.asarray(s, np.intp) for s in starts]
-    size3 = (1,) * pad + tuple(size)
-    profs = (
-        [np.ones(1)] * pad + [np.asarray(p, np.float64) for p in profiles]
-        if profiles is not None
-        else [np.ones(1)] * 3
-    )
-    n0 = out.shape[n_lead] if pad == 0 else 1
-    x = np.arange(n0)
-    lo0 = np.searchsorted(starts3[0] + size3[0], x, side="right").astype(np.intp)
-    hi0 = np.searchsorted(starts3[0], x, side="right").astype(np.intp)
-    w = np.ones((1, 1, 1), np.float64)
-    if weight is not None:
-        w = np.ascontiguousarray(np.broadcast_to(weight, size).reshape(size3), dtype=np.float64)
-    moved = np.moveaxis(patches, list(range(k, k + n_lead)), list(range(n_lead)))
-    for lead in np.ndindex(*out.shape[:n_lead]):
-        o3 = np.expand_dims(out[lead], tuple(range(pad)))
-        p3 = np.expand_dims(moved[lead], tuple(range(pad)) + tuple(range(3, 3 + pad)))
-        kernel(o3, p3, *starts3, lo0, hi0, w, weight is not None, *profs, profiles is not None)
+    args, views = _whole_grid(out, patches, starts, size, weight, profiles, np.float64)
+    *grid_args, profs = args
+    for o3, p3 in views:
+        kernel(o3, p3, *grid_args, *profs, profiles is not None)
 
 
 def serves_planes(out: Any, patches: Any, grid_ndim: int, axes: tuple[int, ...]) -> bool:

@@ -81,6 +81,20 @@ def divide_plane(  # pragma: no cover - compiled
             row[z] = row[z] / divisor[z]
 
 
+@numba.njit(inline="always", cache=True, nogil=True)  # type: ignore[untyped-decorator]
+def sum_plane(  # pragma: no cover - compiled
+    plane: Any, x: Any, patches: Any, starts0: Any, starts1: Any, starts2: Any, lo0: Any,
+    hi0: Any, weight: Any, weighted: bool,
+) -> None:  # fmt: skip
+    """Every patch plane that lands on output plane ``x``, added into ``plane``."""
+    for i0 in range(lo0[x], hi0[x]):
+        r = x - starts0[i0]
+        for i1 in range(patches.shape[1]):
+            for i2 in range(patches.shape[2]):
+                add_plane(plane, patches[i0, i1, i2, r], starts1[i1], starts2[i2],
+                          weight[r if weighted else 0], weighted)  # fmt: skip
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
 def overlap_add3(  # pragma: no cover - compiled
     acc: Any,
@@ -100,18 +114,11 @@ def overlap_add3(  # pragma: no cover - compiled
 ) -> None:
     n_x = acc.shape[0]
     n_z = acc.shape[2]
-    c1 = patches.shape[1]
-    c2 = patches.shape[2]
     for x in numba.prange(n_x):
         plane = acc[x]
         if init:
             plane[:, :] = 0
-        for i0 in range(lo0[x], hi0[x]):
-            r = x - starts0[i0]
-            for i1 in range(c1):
-                for i2 in range(c2):
-                    add_plane(plane, patches[i0, i1, i2, r], starts1[i1], starts2[i2],
-                              weight[r if weighted else 0], weighted)  # fmt: skip
+        sum_plane(plane, x, patches, starts0, starts1, starts2, lo0, hi0, weight, weighted)
         if normalise:
             divide_plane(plane, prof0[x], prof1, prof2, np.empty(n_z, dtype=acc.dtype))
 
@@ -138,16 +145,9 @@ def merge_planes3(  # pragma: no cover - compiled
     n_x = out.shape[0]
     n_y = out.shape[1]
     n_z = out.shape[2]
-    c1 = patches.shape[1]
-    c2 = patches.shape[2]
     for x in numba.prange(n_x):
         plane = np.zeros((n_y, n_z), dtype=np.float64)
-        for i0 in range(lo0[x], hi0[x]):
-            r = x - starts0[i0]
-            for i1 in range(c1):
-                for i2 in range(c2):
-                    add_plane(plane, patches[i0, i1, i2, r], starts1[i1], starts2[i2],
-                              weight[r if weighted else 0], weighted)  # fmt: skip
+        sum_plane(plane, x, patches, starts0, starts1, starts2, lo0, hi0, weight, weighted)
         if normalise:
             divide_plane(plane, prof0[x], prof1, prof2, np.empty(n_z, dtype=np.float64))
         dst = out[x]
