@@ -121,7 +121,7 @@ def _chunk_bytes(array: Any) -> int:
     if not isinstance(chunks, tuple) or not all(isinstance(c, (int, np.integer)) for c in chunks):
         return 0
     try:
-        itemsize = np.dtype(array.dtype).itemsize
+        itemsize = int(np.dtype(array.dtype).itemsize)
     except TypeError:
         return 0
     n = itemsize
