@@ -1,6 +1,9 @@
 """merge_tiled (the CLI's out-of-core merge) against merge in memory and the plain loop."""
 
 import importlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patchgrid as pg
+from patchgrid import _memory
 from patchgrid.merge import _tiles, merge_tiled, plan_tiles
 from reference import Layout
 
@@ -193,3 +197,168 @@ def _grids(image, kwargs):
     if "scale" in kwargs:
         grid = grid.scaled(kwargs["scale"])
     return grid, "mean"
+
+
+class ChunkedStore(Store):
+    """A chunked array stand-in (zarr, HDF5): ``chunks``, and every box written, in order."""
+
+    def __init__(self, shape, dtype, chunks):
+        super().__init__(shape, dtype)
+        self.chunks = chunks
+        self.boxes = []
+
+    def __setitem__(self, where, value):
+        self.boxes.append(tuple((w.start, w.stop) if isinstance(w, slice) else w for w in where))
+        super().__setitem__(where, value)
+
+
+@pytest.mark.parametrize("step", [32, 48, 20, 64, 100], ids=lambda s: f"rows{s}")
+@pytest.mark.parametrize("axis", [0, 1], ids=["axis0", "axis1"])
+def test_staged_writes_only_whole_chunk_rows(step, axis):
+    shape = (200, 30, 40) if axis == 0 else (3, 200, 40)
+    out = ChunkedStore(shape, np.float32, tuple(64 if a == axis else 8 for a in range(3)))
+    values = np.random.default_rng(4).random(shape, dtype=np.float32)
+    sink = _memory.staged(out, axis)
+    for lo in range(0, 200, step):
+        where = [slice(None)] * 3
+        where[axis] = slice(lo, min(lo + step, 200))
+        sink[tuple(where)] = values[tuple(where)]
+    np.testing.assert_array_equal(out.data, values)
+    for box in out.boxes:
+        lo, hi = box[axis]
+        assert lo % 64 == 0
+        assert hi % 64 == 0 or hi == 200
+    assert len(out.boxes) == 4  # 0-64, 64-128, 128-192, 192-200: each chunk row once
+
+
+def test_staged_lets_rows_go_when_the_box_changes():
+    out = ChunkedStore((100, 20), np.float64, (50, 10))
+    sink = _memory.staged(out, 0)
+    sink[0:20, 0:10] = np.ones((20, 10))
+    sink[0:30, 10:20] = np.full((30, 10), 2.0)  # another box: the rows held go out first
+    sink[30:60, 10:20] = np.full((30, 10), 3.0)
+    assert out.boxes == [((0, 20), (0, 10)), ((0, 50), (10, 20))]  # 50-60 waits for 60-100
+    sink[60:100, 10:20] = np.full((40, 10), 4.0)  # the last rows: everything goes out
+    assert out.boxes[2:] == [((50, 100), (10, 20))]
+    assert out.data[:20, :10].min() == 1
+    assert (out.data[50:60, 10:20] == 3).all()
+    assert (out.data[60:, 10:20] == 4).all()
+
+
+def test_staged_passes_other_writes_and_arrays_through():
+    plain = Store((10, 10), np.float32)
+    assert _memory.staged(plain, 0) is plain
+    assert _memory.staged(np.zeros((4, 4)), 0).shape == (4, 4)
+    out = ChunkedStore((10, 10), np.float32, (5, 5))
+    sink = _memory.staged(out, 0)
+    sink[0:2, :] = 1
+    sink[3, :] = 2  # not a box of slices: written as it is, after the rows held
+    assert out.boxes[0] == ((0, 2), (0, 10))
+    assert (out.data[3] == 2).all()
+
+
+def _counting_zarr(zarr, shape, chunks):
+    """A zarr array in memory, and how many times its store wrote each chunk."""
+    sets = {}
+
+    class Counting(zarr.storage.MemoryStore):
+        async def set(self, key, value, byte_range=None):
+            if not key.endswith("zarr.json"):
+                sets[key] = sets.get(key, 0) + 1
+            await super().set(key, value)
+
+    return zarr.create_array(store=Counting(), shape=shape, dtype="float32", chunks=chunks), sets
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunks", "tile_bytes"),
+    [((80, 64, 64), (16, 64, 64), None), ((80, 96, 96), (16, 32, 32), 60_000)],
+    ids=["one-tile", "tiles"],
+)
+def test_apply_into_zarr_writes_every_chunk_once(monkeypatch, shape, chunks, tile_bytes):
+    zarr = pytest.importorskip("zarr")
+    apply_module = importlib.import_module("patchgrid.apply")
+    if tile_bytes:
+        monkeypatch.setattr(apply_module, "TILE_BYTES", tile_bytes)
+    image = np.random.default_rng(5).random(shape, dtype=np.float32)
+    out, sets = _counting_zarr(zarr, shape, chunks)
+    # Stride 12 against chunks of 16 rows: the merge finishes rows that straddle chunks.
+    pg.apply(_model, image, 16, 12, out=out, progress=False)
+    np.testing.assert_allclose(out[...], pg.apply(_model, image, 16, 12), rtol=1e-6)
+    n_chunks = int(np.prod([-(-n // c) for n, c in zip(shape, chunks)]))
+    assert len(sets) == n_chunks
+    assert set(sets.values()) == {1}  # none written in parts, none read back
+
+
+def test_apply_into_zarr_limits_zarr_while_it_runs_and_puts_it_back():
+    zarr = pytest.importorskip("zarr")
+    image = np.random.default_rng(6).random((40, 32, 32), dtype=np.float32)
+    # Chunks of 16 MiB (larger than the array): two in flight, not ten.
+    out = zarr.create_array(store={}, shape=image.shape, dtype="float32", chunks=(64, 256, 256))
+    seen = []
+
+    def model(batch):
+        seen.append(zarr.config.get("async.concurrency"))
+        return batch
+
+    before = zarr.config.get("async.concurrency")
+    with zarr.config.set({"async.concurrency": 10}):
+        pg.apply(model, image, 16, 8, out=out, progress=False)
+        assert set(seen) == {2}
+        assert zarr.config.get("async.concurrency") == 10
+    assert zarr.config.get("async.concurrency") == before
+
+    def broken(batch):
+        raise RuntimeError("model failed")
+
+    with pytest.raises(RuntimeError, match="model failed"):
+        pg.apply(broken, image, 16, 8, out=out, progress=False)
+    assert zarr.config.get("async.concurrency") == before
+    assert _memory._state.jobs == 0
+
+
+def test_zarr_concurrency_follows_the_chunk_bytes():
+    class Chunked:
+        def __init__(self, chunks):
+            self.dtype, self.chunks = np.dtype("float32"), chunks
+
+    assert _memory.zarr_concurrency(Chunked((64, 64, 64)), now=10) == 10
+    assert _memory.zarr_concurrency(Chunked((64, 256, 256)), now=10) == 2
+    assert _memory.zarr_concurrency(Chunked((64, 256, 256)), Chunked((64, 512, 512))) == 1
+    assert _memory.zarr_concurrency(np.zeros(3), now=7) == 7
+
+
+CHILD = """
+import sys
+import numpy as np, zarr, patchgrid as pg
+where = sys.argv[1]
+src = zarr.create_array(store=where + "/src.zarr", shape=(128,) * 3, dtype="float32",
+                        chunks=(64, 128, 128))
+for lo in (0, 64):
+    src[lo:lo + 64] = np.random.default_rng(lo).random((64, 128, 128), dtype=np.float32)
+out = zarr.create_array(store=where + "/out.zarr", shape=(128,) * 3, dtype="float32",
+                        chunks=(64, 512, 512))
+def peak():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) << 10
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = peak()
+pg.apply(lambda b: b, src, 64, 48, out=out, progress=False)
+print(peak() - before)
+"""
+
+
+def test_apply_into_zarr_bounds_its_memory_without_the_user(tmp_path):
+    """The call's own peak, in a fresh process that makes no allocator call: 64 MiB output
+    chunks written by rows of 48. It adds about 115 MiB; before the library bounded itself
+    (glibc's rising threshold, ten chunks in flight, every chunk read back and written in
+    parts) it added about 210."""
+    pytest.importorskip("zarr")
+    if not (sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")):
+        pytest.skip("reads the peak of a Linux process")
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    added = int(done.stdout.split()[-1])
+    assert added < 160 << 20, f"the call added {added >> 20} MiB"

@@ -250,7 +250,7 @@ class _Staged:
         box = spans[:ax] + spans[ax + 1 :]
         if self._lo < self._hi and (box != self._box or lo != self._hi):
             self.flush()
-        block = np.asarray(block)
+        block = np.broadcast_to(np.asarray(block), [b - a for a, b in spans])
         at = lo
         while at < hi:
             first = at - at % self._rows
