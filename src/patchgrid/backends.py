@@ -129,6 +129,10 @@ class Backend:
             torch.from_numpy(target).add_(torch.from_numpy(source))
             return
         ufunc = {"add": np.add, "max": np.maximum, "min": np.minimum}[op]
+        if target.dtype != source.dtype and source.size >= TORCH_ADD_MIN:
+            # Mixed dtypes (float32 patches into a float64 accumulator): one contiguous cast
+            # first, which NumPy does far faster than casting through its ufunc buffers.
+            source = source.astype(target.dtype)
         ufunc(target, source, out=target, order=order)
 
     def add_product(self, target: Any, source: Any, weight: Any, scratch: list[Any]) -> None:
