@@ -5,10 +5,12 @@ of 64^3 and of (64, 512, 512), at strides 32 and 48, in a script that calls noth
 ``pg.apply`` (no ``pg.tune_allocator()``). The source is a random float32 zarr array in chunks
 of 64 x 256 x 256; patches are 64^3, ``fn`` is the identity, the window gaussian.
 
-    python benchmarks/bench_memory.py                 # 256^3 and 512^3, the 8 cases each
+    python benchmarks/bench_memory.py                 # 256^3 and 512^3, four cases each
     python benchmarks/bench_memory.py --quick         # 128^3 and 256^3
+    python benchmarks/bench_memory.py --shapes 512,1024x512x512 --strides 48
+    python benchmarks/bench_memory.py --chunks 64,512,512 --chunks 32,64,64
     python benchmarks/bench_memory.py --tune          # the script calls pg.tune_allocator() too
-    python benchmarks/bench_memory.py --sides 512 --strides 48 --chunks 64,512,512
+    python benchmarks/bench_memory.py --unbounded     # as before the library bounded itself
     python benchmarks/bench_memory.py --markdown results/memory.md
 
 Every case runs in a fresh process; its peak is that process's own peak resident set
@@ -16,7 +18,7 @@ Every case runs in a fresh process; its peak is that process's own peak resident
 the import-only baseline measured the same way. Every output is compared with the input over
 the whole volume (the identity, blended, gives the input back); a mismatch prints
 ``CORRECTNESS FAILURE`` and the exit status is 1. Volumes live in a temporary folder under
-/tmp, removed at the end (``--keep`` keeps it; ``--volumes DIR`` reuses one).
+/tmp, removed at the end (``--volumes DIR`` keeps them there for the next run).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -46,16 +49,15 @@ SRC_CHUNKS = (64, 256, 256)
 IMPORTS = "import numpy, zarr, patchgrid"
 
 
-def make_volume(path: str, side: int, seed: int) -> None:
-    """A random float32 zarr array of ``side``^3, written one chunk row at a time."""
+def make_volume(path: str, shape: tuple[int, ...], seed: int) -> None:
+    """A random float32 zarr array, written one chunk row at a time."""
     import zarr
 
-    shape = (side,) * 3
-    chunks = tuple(min(c, side) for c in SRC_CHUNKS)
+    chunks = tuple(min(c, n) for c, n in zip(SRC_CHUNKS, shape))
     z = zarr.create_array(store=path, shape=shape, dtype="float32", chunks=chunks)
-    for lo in range(0, side, chunks[0]):
-        hi = min(lo + chunks[0], side)
-        z[lo:hi] = np.random.default_rng([seed, lo]).random((hi - lo, side, side), np.float32)
+    for lo in range(0, shape[0], chunks[0]):
+        hi = min(lo + chunks[0], shape[0])
+        z[lo:hi] = np.random.default_rng([seed, lo]).random((hi - lo, *shape[1:]), np.float32)
 
 
 def compare(path_a: str, path_b: str) -> tuple[bool, float]:
@@ -73,21 +75,37 @@ def compare(path_a: str, path_b: str) -> tuple[bool, float]:
     return ok, worst
 
 
-def child(volume: str, output: str, stride: int, chunks: tuple[int, ...], tune: bool) -> None:
-    """One case in this (fresh) process: print its timings and peaks as JSON."""
+def unbound() -> None:
+    """Undo what the library does around an out-of-core job (allocator and zarr settings,
+    writes held until whole chunks), to show what the job cost before. Private names, for
+    this comparison only."""
+    import contextlib
+
+    from patchgrid import _memory
+
+    _memory.bound = lambda *arrays: contextlib.nullcontext()  # type: ignore[assignment,misc]
+    _memory.staged = lambda out, axis: out
+    _memory.chunked = lambda out: False
+
+
+def child(volume: str, output: str, stride: int, chunks: tuple[int, ...], how: str) -> None:
+    """One case in this (fresh) process: print its times and peaks as JSON."""
     import zarr
 
     import patchgrid as pg
 
-    if tune:
+    if how == "tune":
         pg.tune_allocator()
+    elif how == "unbounded":
+        unbound()
     src = zarr.open_array(volume, mode="r")
     out = zarr.create_array(store=output, shape=src.shape, dtype=src.dtype, chunks=chunks)
     before = peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     pg.apply(lambda b: b, src, SIZE, stride, out=out, progress=False)
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"time": seconds, "before": before, "peak": peak_rss()}))
+    seconds, c1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
+    print(json.dumps({"time": seconds, "cpu": cpu, "before": before, "peak": peak_rss()}))
 
 
 def run(cmd: list[str]) -> dict[str, Any]:
@@ -99,8 +117,14 @@ def run(cmd: list[str]) -> dict[str, Any]:
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def chunk_name(chunks: tuple[int, ...]) -> str:
-    return f"{chunks[0]}^3" if len(set(chunks)) == 1 else "x".join(map(str, chunks))
+def shape_of(text: str) -> tuple[int, ...]:
+    """``512`` is 512^3; ``1024x512x512`` is that shape."""
+    sides = tuple(int(n) for n in text.split("x"))
+    return sides * 3 if len(sides) == 1 else sides
+
+
+def name_of(shape: tuple[int, ...]) -> str:
+    return f"{shape[0]}^3" if len(set(shape)) == 1 else "x".join(map(str, shape))
 
 
 def say(text: str) -> None:
@@ -110,26 +134,30 @@ def say(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="128^3 and 256^3")
-    parser.add_argument("--sides", help="volume sides, comma-separated (default 256,512)")
+    parser.add_argument("--shapes", help="volumes: 512 for 512^3, or 1024x512x512; comma-separated")
     parser.add_argument("--strides", default="32,48", help="strides, comma-separated")
     parser.add_argument(
         "--chunks", action="append",
         help="output chunks as D,H,W; repeat for more (default 64,64,64 and 64,512,512)",
     )  # fmt: skip
     parser.add_argument("--tune", action="store_true", help="call pg.tune_allocator() first")
+    parser.add_argument(
+        "--unbounded", action="store_true", help="undo the library's bounds: the before numbers"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip comparing the outputs")
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     parser.add_argument("--volumes", help="a folder to keep the volumes in, reused across runs")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        vol, output, stride, chunks, tune = args.child
-        child(vol, output, int(stride), tuple(int(c) for c in chunks.split(",")), tune == "1")
+        vol, output, stride, chunks, how = args.child
+        child(vol, output, int(stride), tuple(int(c) for c in chunks.split(",")), how)
         return 0
 
-    sides = [int(s) for s in args.sides.split(",")] if args.sides else None
-    sides = sides or ([128, 256] if args.quick else [256, 512])
+    how = "tune" if args.tune else "unbounded" if args.unbounded else "plain"
+    shapes = [
+        shape_of(s) for s in (args.shapes or ("128,256" if args.quick else "256,512")).split(",")
+    ]
     strides = [int(s) for s in args.strides.split(",")]
     chunk_list = [tuple(int(c) for c in spec.split(",")) for spec in args.chunks or []]
     chunk_list = chunk_list or [(64, 64, 64), (64, 512, 512)]
@@ -142,28 +170,28 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     t_all = time.perf_counter()
     try:
-        for i, side in enumerate(sides):
-            vol = os.path.join(folder, f"volume-{side}.zarr")
+        for i, shape in enumerate(shapes):
+            vol = os.path.join(folder, f"volume-{'x'.join(map(str, shape))}.zarr")
             if not os.path.exists(vol):
-                say(f"{side}^3: writing the volume ...")
-                make_volume(vol, side, i)
+                say(f"{name_of(shape)}: writing the volume ...")
+                make_volume(vol, shape, i)
             for chunks in chunk_list:
                 for stride in strides:
                     out = os.path.join(folder, "out.zarr")
                     shutil.rmtree(out, ignore_errors=True)
-                    say(f"{side}^3, stride {stride}, out chunks {chunk_name(chunks)} ...")
+                    say(f"{name_of(shape)}, stride {stride}, out chunks {name_of(chunks)} ...")
                     spec = ",".join(map(str, chunks))
-                    r = run([me, "--child", vol, out, str(stride), spec, "1" if args.tune else "0"])
-                    r.update(side=side, stride=stride, chunks=chunks)
+                    r = run([me, "--child", vol, out, str(stride), spec, how])
+                    r.update(shape=shape, stride=stride, chunks=chunks)
                     if "error" not in r and not args.no_check:
                         r["ok"], r["worst"] = compare(vol, out)
                     shutil.rmtree(out, ignore_errors=True)
                     rows.append(r)
     finally:
-        if not (args.keep or args.volumes):
+        if not args.volumes:
             shutil.rmtree(folder, ignore_errors=True)
 
-    text, ok = report(rows, sides, strides, chunk_list, base, args.tune)
+    text, ok = report(rows, shapes, strides, chunk_list, base, how)
     text += f"\n- whole run: {time.perf_counter() - t_all:.0f} s"
     print(text)
     if args.markdown:
@@ -175,13 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+HOW = {
+    "plain": "The script calls nothing else (no `pg.tune_allocator()`).",
+    "tune": "The script calls `pg.tune_allocator()` first.",
+    "unbounded": "Run `--unbounded`: the library's own bounds undone, as before it had them.",
+}
+
+
 def report(
     rows: list[dict[str, Any]],
-    sides: list[int],
+    shapes: list[tuple[int, ...]],
     strides: list[int],
     chunk_list: list[tuple[int, ...]],
     base: dict[str, Any],
-    tune: bool,
+    how: str,
 ) -> tuple[str, bool]:
     """One row per (output chunks, stride), the volumes beside each other."""
     import zarr
@@ -193,38 +228,35 @@ def report(
         "",
         f"`pg.apply(lambda b: b, src, {SIZE}, stride, out=out)`: src a random float32 zarr "
         f"array in chunks of {'x'.join(map(str, SRC_CHUNKS))}, out a new zarr array; gaussian "
-        "window. Peak: the process's own peak resident set (`VmHWM`), imports included. "
-        + ("The script calls `pg.tune_allocator()` first." if tune else
-           "The script calls nothing else (no `pg.tune_allocator()`)."),
+        "window. Peak: the process's own peak resident set (`VmHWM`), imports included; call: "
+        f"wall time of the call (CPU time, user + system, in brackets). {HOW[how]}",
         "",
-    ]  # fmt: skip
-    cols = " | ".join(f"{s}^3 peak | {s}^3 call" for s in sides)
+    ]
+    names = [name_of(s) for s in shapes]
+    cols = " | ".join(f"{n} peak | {n} call" for n in names)
     lines = [f"| out chunks | stride | {cols} | under {TARGET_MIB} MiB |",
-             "|---|---|" + "---|---|" * len(sides) + "---|"]  # fmt: skip
+             "|---|---|" + "---|---|" * len(shapes) + "---|"]  # fmt: skip
     met = True
     for chunks in chunk_list:
         for stride in strides:
             cells, under = [], True
-            for side in sides:
-                r = next(r for r in rows if (r["side"], r["stride"], r["chunks"]) ==
-                         (side, stride, chunks))  # fmt: skip
+            for shape in shapes:
+                key = (shape, stride, chunks)
+                r = next(r for r in rows if (r["shape"], r["stride"], r["chunks"]) == key)
                 if "error" in r:
                     cells += [r["error"], ""]
                     under = False
                     continue
-                cells += [f"{r['peak'] / MiB:.0f} MiB", f"{r['time']:.1f} s"]
+                cells += [f"{r['peak'] / MiB:.0f} MiB", f"{r['time']:.1f} s ({r['cpu']:.0f} s)"]
                 under = under and r["peak"] < TARGET_MIB * MiB
             met = met and under
-            lines.append(f"| {chunk_name(chunks)} | {stride} | " + " | ".join(cells) +
+            lines.append(f"| {name_of(chunks)} | {stride} | " + " | ".join(cells) +
                          f" | {'yes' if under else 'NO'} |")  # fmt: skip
     peak = base.get("peak", 0) / MiB
     lines.append(f"| baseline: `python -c '{IMPORTS}'` | | " +
-                 " | ".join([f"{peak:.0f} MiB", ""] * len(sides)) + " | |")  # fmt: skip
+                 " | ".join([f"{peak:.0f} MiB", ""] * len(shapes)) + " | |")  # fmt: skip
+    tail = ["", f"Target: under {TARGET_MIB} MiB in every case: {'MET' if met else 'NOT MET'}."]
     checked = [r for r in rows if "ok" in r]
-    tail = [
-        "",
-        f"Target: under {TARGET_MIB} MiB in every case: {'MET' if met else 'NOT MET'}.",
-    ]
     if checked:
         worst = max(r["worst"] for r in checked)
         same = all(r["ok"] for r in checked)
