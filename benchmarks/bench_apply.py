@@ -108,10 +108,6 @@ def child(case: str, side: int, repeats: int) -> dict[str, Any]:
         _fast.warm()
     if "zarr" in case:
         import zarr  # noqa: F401
-
-        # An out-of-core script's first line (see the README): keep glibc from holding on to
-        # the zarr writer threads' freed buffers.
-        pg.tune_allocator()
     # Memory on the first call: later calls reuse what the allocators kept from it.
     before = peak_rss(reset=True)
     result = fn()
