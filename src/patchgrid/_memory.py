@@ -270,7 +270,7 @@ class _Staged:
                 self._out[self._where(box, at, at + take)] = part
             else:
                 if self._lo == self._hi:
-                    self._start(box, first, at, part)
+                    self._start(box, first, last, at)
                 into = (slice(None),) * ax + (slice(at - first, at - first + take),)
                 assert self._buf is not None
                 self._buf[into] = part
@@ -281,9 +281,9 @@ class _Staged:
         if hi >= n and self._lo == self._hi:
             self._buf = None  # the axis is done: nothing more comes to this box
 
-    def _start(self, box: list[tuple[int, int]], first: int, at: int, part: np.ndarray) -> None:
+    def _start(self, box: list[tuple[int, int]], first: int, last: int, at: int) -> None:
         shape = [b - a for a, b in box]
-        shape.insert(self._axis, self._rows)
+        shape.insert(self._axis, last - first)
         if self._buf is None or list(self._buf.shape) != shape:
             self._buf = np.empty(shape, self.dtype)
         self._box, self._first, self._lo, self._hi = box, first, at, at
