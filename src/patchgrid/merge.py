@@ -774,9 +774,14 @@ class Merger:
         r = int(np.argmin(rows_done)) if not rows_done.all() else n_rows
         a0 = self.grid.axes[0]
         upto = int(self._starts0[r]) if r < n_rows else self.grid.padded_shape[a0]
-        if upto > self._done:
-            self._ensure(upto)
-            self._finish(upto, complete=True)
+        if upto <= self._done:
+            return
+        self._ensure(upto)
+        # Finished rows a few MiB at a time: their normalised, cast copy stays that small.
+        row = self._xp.nbytes(self._acc) // max(self._acc.shape[a0], 1)
+        step = upto - self._done if self._direct else max(1, FINISH_BYTES // max(row, 1))
+        while self._done < upto:
+            self._finish(min(upto, self._done + step), complete=True)
 
     def _coverage_block(
         self, start: int, upto: int, complete: bool, ones: bool, running: bool = True
@@ -1133,6 +1138,9 @@ def merge(
     merger.add_all(arr)
     return merger.result()
 
+
+# Accumulator bytes of finished rows normalised, cast and written at once.
+FINISH_BYTES = 16 << 20
 
 # Accumulator bytes one tile of merge_tiled may hold: a slab of patch + stride rows across the
 # tile's extent on the other tiled axes.
