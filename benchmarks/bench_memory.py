@@ -41,6 +41,7 @@ import numpy as np
 # Run as a script, the folder is on the path; run as a child through ``-c`` it is not.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _memory import peak_rss
+from bench_files import compare  # one zarr comparison for both benchmarks
 
 MiB = 1 << 20
 TARGET_MIB = 400
@@ -58,21 +59,6 @@ def make_volume(path: str, shape: tuple[int, ...], seed: int) -> None:
     for lo in range(0, shape[0], chunks[0]):
         hi = min(lo + chunks[0], shape[0])
         z[lo:hi] = np.random.default_rng([seed, lo]).random((hi - lo, *shape[1:]), np.float32)
-
-
-def compare(path_a: str, path_b: str) -> tuple[bool, float]:
-    """Whether two zarr arrays are allclose everywhere (read 64 rows at a time)."""
-    import zarr
-
-    a, b = zarr.open_array(path_a, mode="r"), zarr.open_array(path_b, mode="r")
-    if tuple(a.shape) != tuple(b.shape):
-        return False, float("inf")
-    ok, worst = True, 0.0
-    for lo in range(0, a.shape[0], 64):
-        x, y = np.asarray(a[lo : lo + 64]), np.asarray(b[lo : lo + 64])
-        ok = ok and bool(np.allclose(x, y, rtol=1e-5, atol=1e-6))
-        worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y))))
-    return ok, worst
 
 
 def unbound() -> None:

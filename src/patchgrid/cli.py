@@ -238,13 +238,9 @@ def _profiles(grid: Any) -> list[np.ndarray]:
     return profiles
 
 
-def _uncovered(grid: Any, profiles: list[np.ndarray] | None = None) -> tuple[int, int]:
-    """(voxels no patch covers, voxels of the image), from the per-axis profiles."""
-    total = math.prod(grid.shape)
-    profiles = _profiles(grid) if profiles is None else profiles
-    covered = math.prod(int(np.count_nonzero(p)) for p in profiles)
-    others = math.prod(n for a, n in enumerate(grid.shape) if a not in grid.axes)
-    return total - covered * others, total
+def _uncovered(grid: Any) -> tuple[int, int]:
+    """(voxels no patch covers, voxels of the image)."""
+    return grid.uncovered, math.prod(grid.shape)
 
 
 def _coverage_summary(grid: Any) -> str:
@@ -254,7 +250,7 @@ def _coverage_summary(grid: Any) -> str:
     low = math.prod(int(p.min()) for p in profiles)
     high = math.prod(int(p.max()) for p in profiles)
     mean = math.prod(float(p.mean()) for p in profiles)
-    missing, total = _uncovered(grid, profiles)
+    missing, total = _uncovered(grid)
     where = (
         "every voxel"
         if not missing
@@ -916,6 +912,16 @@ def _fmt(value: Any) -> str:
 # -------------------------------------------------------------------------------------- parser
 
 
+def _blend_args(p: argparse.ArgumentParser) -> None:
+    """--window and --reduce, as merge and apply take them (the library's defaults)."""
+    p.add_argument(
+        "--window",
+        default="uniform",
+        help="uniform, gaussian, hann or triangular (default: uniform)",
+    )
+    p.add_argument("--reduce", default="mean", help="mean, sum, max, min or argmax (default: mean)")
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -981,12 +987,7 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="output image (.nii.gz, .tif, .zarr, .h5:dataset, .npy)",
     )
-    p.add_argument(
-        "--window",
-        default="uniform",
-        help="uniform, gaussian, hann or triangular (default: uniform)",
-    )
-    p.add_argument("--reduce", default="mean", help="mean, sum, max, min or argmax (default: mean)")
+    _blend_args(p)
     p.add_argument(
         "--dtype", default=None, help="output dtype (default: the source's, for mean, max, min)"
     )
@@ -1011,12 +1012,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file")
     p.add_argument("--model", required=True, help="module:function or path/file.py:function")
     p.add_argument("-o", "--output", required=True, help="output image")
-    p.add_argument(
-        "--window",
-        default="uniform",
-        help="uniform, gaussian, hann or triangular (default: uniform)",
-    )
-    p.add_argument("--reduce", default="mean", help="mean, sum, max, min or argmax (default: mean)")
+    _blend_args(p)
     p.add_argument(
         "--batch-size", type=_positive_int, default=4, help="patches per call (default: 4)"
     )
