@@ -103,9 +103,9 @@ def child(case: str, side: int, repeats: int) -> dict[str, Any]:
         import monai.inferers  # noqa: F401
     if case.startswith("pg"):
         # The compiled kernels (the `fast` extra), loaded once per process like a module.
-        from patchgrid import _fast
+        from patchgrid import _compiled
 
-        _fast.warm()
+        _compiled.warm()
     if "zarr" in case:
         import zarr  # noqa: F401
     # Memory on the first call: later calls reuse what the allocators kept from it.

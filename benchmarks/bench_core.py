@@ -40,7 +40,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import patchgrid as pg
 from _memory import peak_rss
-from patchgrid import _fast
+from patchgrid import _compiled
 
 MiB = 1 << 20
 
@@ -238,15 +238,15 @@ def child(case: str, side: int, size: int, stride: int) -> None:
     # Loading the compiled kernels (numba and LLVM, and each kernel's types on first use) is a
     # cost of the process, once, like importing NumPy; it is reported beside the table, not
     # counted in each call. A small merge of the same kinds of arrays loads it all.
-    if _fast.warm() and case.startswith("merge"):
+    if _compiled.warm() and case.startswith("merge"):
         small = Workload("warm", 4 * stride, size, stride)
         warm_patches = distinct_patches(image(small), small)
-        saved, _fast.MIN_BYTES = _fast.MIN_BYTES, 0
+        saved, _compiled.MIN_BYTES = _compiled.MIN_BYTES, 0
         try:
             pg.merge(warm_patches, small.grid)
             pg.merge(warm_patches, small.grid, window="gaussian")
         finally:
-            _fast.MIN_BYTES = saved
+            _compiled.MIN_BYTES = saved
     gc.collect()
     rss0 = peak_rss(reset=True)
     tracemalloc.start()
@@ -371,7 +371,7 @@ def run_workload(w: Workload, repeats: int, rows: list[Row], log: Callable[[str]
     out_buf.fill(1)
 
     # Large patches are copied by the compiled kernel where numba is installed.
-    compiled = _fast.available() and p**3 * x.itemsize >= _fast.MIN_PATCH
+    compiled = _compiled.available() and p**3 * x.itemsize >= _compiled.MIN_PATCH
     t = best_of_each(
         {
             "numpy": partial(numpy_extract, x, p, s),
@@ -469,7 +469,7 @@ def run_workload(w: Workload, repeats: int, rows: list[Row], log: Callable[[str]
             met=yes(ok),
         )
     )
-    if _fast.available():
+    if _compiled.available():
         rows.append(
             Row(
                 W,
@@ -574,22 +574,22 @@ def header(quick: bool, repeats: int) -> list[str]:
 
 def numpy_path(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call ``f`` with the compiled kernels out of reach: NumPy's own path."""
-    saved = _fast.MIN_BYTES
-    _fast.MIN_BYTES = 1 << 62
+    saved = _compiled.MIN_BYTES
+    _compiled.MIN_BYTES = 1 << 62
     try:
         return f(*args, **kwargs)
     finally:
-        _fast.MIN_BYTES = saved
+        _compiled.MIN_BYTES = saved
 
 
 def kernels() -> str:
-    if not _fast.available():
+    if not _compiled.available():
         return "none (NumPy only; `pip install numba` for the compiled overlap-add)"
     import numba
 
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); from _memory import peak_rss; "
-        "from patchgrid import _fast; b = peak_rss(True); _fast.warm(); "
+        "from patchgrid import _compiled; b = peak_rss(True); _compiled.warm(); "
         "print(peak_rss() - b)"
     )
     here = os.path.dirname(os.path.abspath(__file__))
@@ -604,9 +604,9 @@ def kernels() -> str:
 
 def threads() -> str:
     """The kernels' thread count, if this version has one (a private detail, read only)."""
-    from patchgrid import _kernels
+    from patchgrid import _strided
 
-    return str(getattr(_kernels, "THREADS", 1))
+    return str(getattr(_strided, "THREADS", 1))
 
 
 def render_text(rows: list[Row]) -> str:

@@ -456,7 +456,7 @@ def release_free_memory() -> None:
 def child_measure(job: Job, peer: str, op: str, repeats: int) -> dict[str, Any]:
     """Time and peak memory of one operation, in this (fresh) process."""
     warm = Job("warm", (job.size + job.stride,) * 3, job.size, job.stride, "")
-    fast = importlib.import_module("patchgrid._fast")
+    fast = importlib.import_module("patchgrid._compiled")
     saved = fast.MIN_BYTES
     patch_bytes = (
         4
@@ -893,7 +893,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "versions": versions,
         "torch_threads": threads,
-        "pg_threads": str(getattr(importlib.import_module("patchgrid._kernels"), "THREADS", 1)),
+        "pg_threads": str(getattr(importlib.import_module("patchgrid._strided"), "THREADS", 1)),
         "source": source_state(),
         "load": load(),
     }

@@ -988,7 +988,7 @@ def test_model_failing_with_overwrite_keeps_the_old_output(capsys, tmp_path, nif
 
 
 def _fail_on_third_read(monkeypatch):
-    from patchgrid.apply import _Reader
+    from patchgrid._apply import _Reader
 
     real = _Reader.read
     calls = [0]

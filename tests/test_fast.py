@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import patchgrid as pg
-from patchgrid import _fast, backends
+from patchgrid import _compiled, backends
 from patchgrid.backends import WIDE
 from reference import Layout, window_nd
 
@@ -24,8 +24,8 @@ SETTINGS = settings(
 @pytest.fixture
 def compiled(monkeypatch):
     """Send every eligible merge, however small, through the kernel; count the calls."""
-    monkeypatch.setattr(_fast, "MIN_BYTES", 0)
-    monkeypatch.setattr(_fast, "MIN_ROW", 1)
+    monkeypatch.setattr(_compiled, "MIN_BYTES", 0)
+    monkeypatch.setattr(_compiled, "MIN_ROW", 1)
     calls = _spy(monkeypatch, "overlap_add")
     planes = _spy(monkeypatch, "merge_planes")
     return _Both(calls, planes)
@@ -44,13 +44,13 @@ class _Both(list):
 
 def _spy(monkeypatch, name):
     calls = []
-    real = getattr(_fast, name)
+    real = getattr(_compiled, name)
 
     def spy(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_fast, name, spy)
+    monkeypatch.setattr(_compiled, name, spy)
     return calls
 
 
@@ -142,7 +142,7 @@ def test_numpy_path_serves_what_the_kernel_does_not(compiled):
 
 
 def test_no_kernel_without_numba(compiled, monkeypatch):
-    monkeypatch.setattr(_fast, "available", lambda: False)
+    monkeypatch.setattr(_compiled, "available", lambda: False)
     image = np.random.default_rng(3).random((16, 16)).astype(np.float32)
     grid = pg.PatchGrid(image.shape, 8, 4)
     merged = pg.merge(pg.extract(image, grid), grid)
@@ -154,8 +154,8 @@ def test_large_merges_take_the_kernel_by_default():
     image = np.random.default_rng(4).random((128, 128, 128)).astype(np.float32)
     grid = pg.PatchGrid(image.shape, 32, 16)
     patches = pg.extract(image, grid, copy=True)
-    assert patches.nbytes >= _fast.MIN_BYTES
-    assert _fast.serves(np.empty(image.shape, np.float32), patches, 3, (0, 1, 2))
+    assert patches.nbytes >= _compiled.MIN_BYTES
+    assert _compiled.serves(np.empty(image.shape, np.float32), patches, 3, (0, 1, 2))
     np.testing.assert_allclose(pg.merge(patches, grid, window="hann"), image, rtol=1e-5)
 
 
@@ -166,11 +166,11 @@ def test_large_merges_take_the_kernel_by_default():
 @pytest.fixture
 def batched(monkeypatch):
     """Send every eligible batch, however small, through the batch kernels; count the calls."""
-    monkeypatch.setattr(_fast, "MIN_BYTES", 0)
-    monkeypatch.setattr(_fast, "MIN_ROW", 1)
-    monkeypatch.setattr(_fast, "MIN_PATCH", 0)
-    monkeypatch.setattr(_fast, "MIN_DIVIDE", 0)
-    _fast.warm()  # loaded, so that the division takes its kernel too
+    monkeypatch.setattr(_compiled, "MIN_BYTES", 0)
+    monkeypatch.setattr(_compiled, "MIN_ROW", 1)
+    monkeypatch.setattr(_compiled, "MIN_PATCH", 0)
+    monkeypatch.setattr(_compiled, "MIN_DIVIDE", 0)
+    _compiled.warm()  # loaded, so that the division takes its kernel too
     return {name: _spy(monkeypatch, name) for name in ("add_batch", "gather", "divide")}
 
 
@@ -228,8 +228,8 @@ def test_batch_kernels_round_as_numpy_does(batched, monkeypatch, window):
     compiled = _merge_in_batches(image, grid, window)
     assert batched["add_batch"]
     assert batched["divide"]
-    monkeypatch.setattr(_fast, "available", lambda: False)
-    monkeypatch.setattr(_fast, "loaded", lambda: False)
+    monkeypatch.setattr(_compiled, "available", lambda: False)
+    monkeypatch.setattr(_compiled, "loaded", lambda: False)
     monkeypatch.setattr(backends, "_torch_can", lambda *a: False)  # NumPy's own ufuncs
     plain = _merge_in_batches(image, grid, window)
     # The same products, sums and divisions in the same order: equal, not merely close.
@@ -252,8 +252,8 @@ def test_apply_reads_and_merges_through_the_kernels(batched, monkeypatch, edge, 
     got = pg.apply(fn, image, (6, 8, 16), (3, 4, 8), **kw)
     assert batched["add_batch"]
     assert bool(batched["gather"]) == (edge == "shift")  # padding is read by the gathers
-    monkeypatch.setattr(_fast, "available", lambda: False)
-    monkeypatch.setattr(_fast, "loaded", lambda: False)
+    monkeypatch.setattr(_compiled, "available", lambda: False)
+    monkeypatch.setattr(_compiled, "loaded", lambda: False)
     want = pg.apply(fn, image, (6, 8, 16), (3, 4, 8), **kw)
     # Close, not equal: without the kernels, torch (when loaded) may fuse multiply and add.
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
@@ -295,18 +295,18 @@ def test_cpu_tensors_take_the_kernels_on_their_own_memory(batched):
 def test_tensors_that_need_grad_stay_with_torch(batched):
     torch = pytest.importorskip("torch")
     x = torch.ones(3, requires_grad=True)
-    assert _fast.host(x) is None
-    assert _fast.host(x.detach()) is not None
-    assert _fast.host(torch.ones(3, dtype=torch.int32)) is None  # floats only
+    assert _compiled.host(x) is None
+    assert _compiled.host(x.detach()) is not None
+    assert _compiled.host(torch.ones(3, dtype=torch.int32)) is None  # floats only
 
 
 def test_the_batch_kernels_need_a_large_job():
     image = np.zeros((1, 64, 64, 64), np.float32)
     batch = np.zeros((4, 1, 32, 32, 32), np.float32)
-    assert batch.nbytes // 4 >= _fast.MIN_PATCH
+    assert batch.nbytes // 4 >= _compiled.MIN_PATCH
     # 27 such patches are 3.4 MiB: NumPy's job; 1,000 of them, the kernel's.
-    assert not _fast.serves_batch(image, batch, (1, 2, 3), 27)
-    assert _fast.serves_batch(image, batch, (1, 2, 3), 1000) == _fast.available()
+    assert not _compiled.serves_batch(image, batch, (1, 2, 3), 27)
+    assert _compiled.serves_batch(image, batch, (1, 2, 3), 1000) == _compiled.available()
 
 
 @settings(SETTINGS, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -355,8 +355,8 @@ def test_compiled_extract_casts_with_numpy_and_writes_strided_outs(batched):
 
 
 def test_fresh_outputs_are_plain_empty_arrays(monkeypatch):
-    monkeypatch.setattr(_fast, "PREFAULT_BYTES", 0)
-    a = _fast.fresh((3, 1000, 7), np.float32)  # mapped up front where the OS allows
+    monkeypatch.setattr(_compiled, "PREFAULT_BYTES", 0)
+    a = _compiled.fresh((3, 1000, 7), np.float32)  # mapped up front where the OS allows
     assert a.shape == (3, 1000, 7)
     assert a.dtype == np.float32
     assert a.flags.c_contiguous
@@ -371,8 +371,8 @@ def test_out_of_core_work_never_loads_the_kernels(batched, monkeypatch, tmp_path
     """Files bound the work, memory is the budget: an ``out`` on disk, in tiles or not, takes
     the kernels only if the process has loaded them."""
     if tiled:
-        monkeypatch.setattr(importlib.import_module("patchgrid.apply"), "TILE_BYTES", 40_000)
-    monkeypatch.setattr(_fast, "loaded", lambda: loaded)
+        monkeypatch.setattr(importlib.import_module("patchgrid._apply"), "TILE_BYTES", 40_000)
+    monkeypatch.setattr(_compiled, "loaded", lambda: loaded)
     image = np.random.default_rng(9).random((1, 16, 40, 48)).astype(np.float32)
     out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.float32,
                                     shape=image.shape)  # fmt: skip

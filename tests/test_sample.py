@@ -7,7 +7,7 @@ import pytest
 
 import patchgrid as pg
 
-SAMPLE = sys.modules["patchgrid.sample"]  # the module; pg.sample is the function
+SAMPLE = sys.modules["patchgrid._sample"]  # the module; pg.sample is the function
 
 
 def _volume(shape=(12, 14, 16), seed=0):

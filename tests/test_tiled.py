@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import patchgrid as pg
 from patchgrid import _memory
-from patchgrid.merge import _tiles, merge_tiled, plan_tiles
+from patchgrid._merge import _tiles, merge_tiled, plan_tiles
 from reference import Layout
 
 SETTINGS = settings(max_examples=80, deadline=None)
@@ -155,7 +155,7 @@ def _upsample(batch):
     ids=["gaussian", "uniform-pad", "gaps", "margin", "channels", "scale"],
 )
 def test_apply_into_a_store_in_tiles_equals_apply_in_memory(monkeypatch, shape, kwargs):
-    apply_module = importlib.import_module("patchgrid.apply")
+    apply_module = importlib.import_module("patchgrid._apply")
 
     image = np.random.default_rng(2).random(shape).astype(np.float32)
     kwargs = dict(kwargs)
@@ -172,7 +172,7 @@ def test_apply_into_a_store_in_tiles_equals_apply_in_memory(monkeypatch, shape, 
 
 
 def test_apply_argmax_into_a_store_in_tiles(monkeypatch):
-    apply_module = importlib.import_module("patchgrid.apply")
+    apply_module = importlib.import_module("patchgrid._apply")
 
     image = np.random.default_rng(3).random((1, 20, 60, 50)).astype(np.float32)
 
@@ -277,7 +277,7 @@ def _counting_zarr(zarr, shape, chunks):
 )
 def test_apply_into_zarr_writes_every_chunk_once(monkeypatch, shape, chunks, tile_bytes):
     zarr = pytest.importorskip("zarr")
-    apply_module = importlib.import_module("patchgrid.apply")
+    apply_module = importlib.import_module("patchgrid._apply")
     if tile_bytes:
         monkeypatch.setattr(apply_module, "TILE_BYTES", tile_bytes)
     image = np.random.default_rng(5).random(shape, dtype=np.float32)

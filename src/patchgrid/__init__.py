@@ -1,12 +1,12 @@
 """patchgrid: cut N-dimensional images into patches, know where each sits, put them back."""
 
 from ._checks import PatchgridError, PatchgridWarning
-from .apply import apply
-from .extract import extract
+from ._apply import apply
+from ._extract import extract
 from .grid import PatchGrid
 from .io import Image, open, save, tune_allocator
-from .merge import Merger, coverage, merge
-from .sample import label_weights, sample
+from ._merge import Merger, coverage, merge
+from ._sample import label_weights, sample
 from .windows import window
 
 __all__ = [

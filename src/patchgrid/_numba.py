@@ -1,4 +1,4 @@
-"""The compiled kernels themselves (numba), imported only by :func:`patchgrid._fast._kernels`.
+"""The compiled kernels themselves (numba), imported only by :func:`patchgrid._compiled.kernels`.
 
 Module-level functions, so that numba's on-disk cache finds them again in the next process
 (kernels made inside a function, calling other kernels, are compiled again every time).

@@ -282,7 +282,7 @@ def _shifted_affine(affine: Any, grid: Any, start: Sequence[int]) -> Any:
 
 def _extract(args: argparse.Namespace) -> int:
     import patchgrid as pg
-    from patchgrid.apply import _Reader
+    from patchgrid._apply import _Reader
     from patchgrid.backends import NUMPY
     from patchgrid.io import atomic_path
 
@@ -577,7 +577,7 @@ def _sink(
 def _merge(args: argparse.Namespace) -> int:
     import patchgrid as pg
     from patchgrid.io import split_path
-    from patchgrid.merge import merge_tiled
+    from patchgrid._merge import merge_tiled
 
     grid, patches, source = _open_store(args.patches)
     n = len(grid)

@@ -60,7 +60,7 @@ def extract_dask(image: Any, grid: PatchGrid, flatten: bool = False) -> Any:
 
     # Pad through index maps, as in memory: da.pad gets reflect and wrap wrong when the padding
     # is longer than the axis.
-    from .extract import INDEX_MODES, extract, index_map
+    from ._extract import INDEX_MODES, extract, index_map
 
     for a, (_, after) in enumerate(grid.pad_width):
         if not after:
@@ -285,7 +285,7 @@ def apply_dask(
     import dask
     import dask.array as da
 
-    from .extract import index_map
+    from ._extract import index_map
 
     free = [a for a in range(grid.ndim) if a not in grid.axes]
     class_axis = free[-1] if reduce == "argmax" else None
@@ -408,7 +408,7 @@ def _compute(tasks: Sequence[Any], patches: Sequence[int], progress: Any) -> Non
     Dask's config, else on Dask's scheduler."""
     import dask
 
-    from .apply import _progress
+    from ._apply import _progress
 
     step, close = _progress(progress, sum(patches))
     try:
@@ -473,7 +473,7 @@ def _coverage(out_grid: PatchGrid, window: Any, reduce: str) -> tuple[np.ndarray
     """Per tiled axis, the sum of the window's profile over every patch of the whole grid
     (ones for reductions that do not divide); None for a window that is not separable."""
     from . import windows
-    from .merge import _profile_sum
+    from ._merge import _profile_sum
 
     profs = windows.profiles(None if reduce != "mean" else window, out_grid.size)
     if profs is None:
@@ -597,8 +597,8 @@ def _chunk(
     when there is no next chunk in the run or nothing to pass on).
     """
     from . import windows
-    from .apply import _check_output, _core, _Reader
-    from .merge import weight_array
+    from ._apply import _check_output, _core, _Reader
+    from ._merge import weight_array
 
     grid, out_grid, axes = spec.grid, spec.out_grid, spec.grid.axes
     picks, cores, reach, send = step.picks, step.cores, step.reach, step.send
@@ -713,7 +713,7 @@ def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
     """A chunk's complete sums (the corner of ``acc``) normalised, reduced and cast.
 
     ``patch_dtype`` is fn's output dtype where this task saw one (else the sums' own)."""
-    from .merge import _divide_by_profiles, cast_hint
+    from ._merge import _divide_by_profiles, cast_hint
 
     axes = spec.out_grid.axes
     if acc is None:  # no patch touches this chunk

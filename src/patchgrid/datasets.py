@@ -26,7 +26,7 @@ except ImportError as error:
 from . import _checks
 from ._checks import PatchgridError
 from .grid import PatchGrid
-from .sample import _read, label_weights, sample
+from ._sample import _read, label_weights, sample
 
 __all__ = ["PatchDataset", "RandomPatchDataset"]
 

@@ -50,7 +50,7 @@ def preview(image: Any, grid: PatchGrid, path: str | None = None, *, title: str 
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from .merge import coverage
+    from ._merge import coverage
 
     cover = coverage(grid)
     peak = max(float(cover.max()), 1.0)

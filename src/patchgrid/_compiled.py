@@ -36,7 +36,7 @@ MIN_ROW = 4
 
 
 @cache
-def _kernels() -> Any:
+def kernels() -> Any:
     """Load the kernels (compiled once, then from numba's on-disk cache); None when numba
     cannot be had."""
     if os.environ.get("PATCHGRID_NUMBA", "1") == "0":
@@ -58,7 +58,7 @@ def _kernels() -> Any:
 
 def available() -> bool:
     """Whether the compiled kernels can run here."""
-    return _kernels() is not None
+    return kernels() is not None
 
 
 # Outputs this large that a kernel will write are given their pages up front.
@@ -128,7 +128,7 @@ def takes(image: np.ndarray | None, axes: tuple[int, ...], patch_bytes: int, n: 
 
 def loaded() -> bool:
     """Whether the kernels are loaded already (asking never loads them)."""
-    return _kernels.cache_info().currsize > 0 and _kernels() is not None
+    return kernels.cache_info().currsize > 0 and kernels() is not None
 
 
 def _pair(acc: np.dtype, patches: np.dtype) -> bool:
@@ -209,7 +209,7 @@ def overlap_add(
     are the per-axis coverages to divide by (zeros already replaced by ones) once each plane
     is complete. ``weight`` broadcasts against one patch's tiled axes.
     """
-    kernel = _kernels().overlap_add3
+    kernel = kernels().overlap_add3
     args, views = _whole_grid(acc, patches, starts, size, weight, profiles, acc.dtype)
     *grid_args, profs = args
     for a3, p3 in views:
@@ -228,7 +228,7 @@ def merge_planes(
     summed in float64 and normalised by ``profiles`` (zeros already ones) on its own, then
     written in ``out``'s dtype (float32 or float64): the wide accumulator of float32 patches
     without a volume of it. The tiled axes are the last ``k`` (1 to 3) of ``out``."""
-    kernel = _kernels().merge_planes3
+    kernel = kernels().merge_planes3
     args, views = _whole_grid(out, patches, starts, size, weight, profiles, np.float64)
     *grid_args, profs = args
     for o3, p3 in views:
@@ -314,7 +314,7 @@ def add_batch(
         w = np.ones((1, 1, 1), acc.dtype)
     else:
         w = np.ascontiguousarray(np.asarray(weight).reshape(size3), dtype=acc.dtype)
-    _kernels().add_batch3(acc4, patches5, s0, s1, s2, w, weight is not None)
+    kernels().add_batch3(acc4, patches5, s0, s1, s2, w, weight is not None)
     return True
 
 
@@ -325,7 +325,7 @@ def divide(acc: np.ndarray, k: int, profiles: list[np.ndarray]) -> bool:
     if acc4 is None:
         return False
     profs = [np.ones(1)] * (3 - k) + [np.asarray(p, np.float64) for p in profiles]
-    _kernels().divide3(acc4, *profs)
+    kernels().divide3(acc4, *profs)
     return True
 
 
@@ -359,7 +359,7 @@ def gather(out: np.ndarray, image: np.ndarray, starts: np.ndarray, stream: bool 
     )
     cols = [np.zeros(len(starts), np.intp)] * (3 - k)
     s0, s1, s2 = cols + [np.ascontiguousarray(starts[:, j], np.intp) for j in range(k)]
-    _kernels().gather3(out5, image4, s0, s1, s2, bool(stream))
+    kernels().gather3(out5, image4, s0, s1, s2, bool(stream))
     return True
 
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, _fast, _kernels, _memory
+from . import _checks, _compiled, _strided, _memory
 from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor, shares_memory
-from .extract import INDEX_MODES, check_pad_value, index_map, pad_array
+from ._extract import INDEX_MODES, check_pad_value, index_map, pad_array
 from .grid import PatchGrid
-from .merge import (
+from ._merge import (
     RUN_BYTES,
     TILE_BYTES,
     Merger,
@@ -222,7 +222,7 @@ def _copy_patch(dst: Any, src: Any, xp: Backend) -> None:
         except TypeError:  # a dtype torch does not have
             pass
     if xp is NUMPY and src.ndim:
-        _kernels.copy(dst[None], src[None], 1)
+        _strided.copy(dst[None], src[None], 1)
     else:
         xp.assign(dst, src)
 
@@ -420,14 +420,14 @@ def apply(
     dtype_in = xp.dtype(image) if xp.name == "torch" else image.dtype
 
     pool = _Pool((batch_size, *in_shape), dtype_in, xp, image)
-    source = _fast.host(reader.image)
+    source = _compiled.host(reader.image)
     each = math.prod(in_shape) * source.itemsize if source is not None else 0
     # Large patches of an image in memory (an ndarray, a CPU tensor), cut by the compiled
     # kernel on all cores; padding is read by the gathers below.
     compiled = (
         all(m is None for m in reader.maps)
-        and (not on_disk or _fast.loaded())  # out of core: not worth loading them (Merger)
-        and _fast.takes(source, grid.axes, each, len(grid))
+        and (not on_disk or _compiled.loaded())  # out of core: not worth loading them (Merger)
+        and _compiled.takes(source, grid.axes, each, len(grid))
     )
     corners = grid.starts() if compiled else None
 
@@ -439,8 +439,8 @@ def apply(
         if batch is None:
             batch = xp.empty((len(rows), *in_shape), dtype_in, image)
         if corners is not None and source is not None:
-            into = _fast.host(batch)
-            if into is not None and _fast.gather(into, source, corners[rows]):
+            into = _compiled.host(batch)
+            if into is not None and _compiled.gather(into, source, corners[rows]):
                 return ids, batch
         done = np.zeros(len(rows), dtype=bool)
         last = grid.axes[-1]
@@ -451,10 +451,10 @@ def apply(
         for b0, b1 in _runs(rows, grid.counts[-1]) if stretch else []:
             # A stretch of one row: one read, cut into patches as strided views.
             block, offsets = reader.read_run(int(rows[b0]), b1 - b0)
-            for r0, count, start, step in _kernels.runs(offsets.tolist(), reader.size[-1]):
-                view = _kernels.window_view(block, [last], [start], [step], [count],
+            for r0, count, start, step in _strided.runs(offsets.tolist(), reader.size[-1]):
+                view = _strided.window_view(block, [last], [start], [step], [count],
                                             [reader.size[-1]], xp)  # fmt: skip
-                _kernels.copy(batch[b0 + r0 : b0 + r0 + count], view, 1, xp)
+                _strided.copy(batch[b0 + r0 : b0 + r0 + count], view, 1, xp)
             done[b0:b1] = True
         for i in np.flatnonzero(~done).tolist():
             _copy_patch(batch[i], reader.read(int(rows[i])), xp)

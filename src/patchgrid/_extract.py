@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _fast, _kernels
+from . import _compiled, _strided
 from ._checks import PatchgridError
 from .backends import NUMPY, Backend, backend_of, check_cast, is_dask, is_tensor
 from .grid import PatchGrid
@@ -154,7 +154,7 @@ def _extract_lazy(
     flatten: bool, out: Any,
 ) -> Any:  # fmt: skip
     """Patches of a lazy array, read patch by patch: only the regions the patches cover."""
-    from .apply import _Reader
+    from ._apply import _Reader
 
     grid = as_grid(tuple(int(n) for n in image.shape), size, stride, axes=axes, edge=edge,
                    pad_mode=pad_mode, pad_value=pad_value)  # fmt: skip
@@ -320,12 +320,12 @@ def extract(
         # One look at the values (padding included) where out's dtype may not hold them.
         check_cast(xp, src, xp.dtype(out), what="the image")
     if out is None and not copy and grid.is_regular:
-        view = _kernels.window_view(
+        view = _strided.window_view(
             src, grid.axes, [0] * k, grid.stride, grid.counts, grid.size, xp
         )
         view = xp.readonly(view)
         return view.reshape(flat_shape) if flatten else view
-    compiled = _compiled(src, grid)
+    compiled = _compiled_takes(src, grid)
     if out is None:
         # Left to be faulted in by the copy (mapping them up front measured slower here).
         target = xp.empty(shape, xp.dtype(arr), arr)
@@ -334,9 +334,9 @@ def extract(
         target = out.view(shape) if xp.name == "torch" else out.reshape(shape)
     if compiled and _compiled_copy(src, target, grid, stream=out is not None):
         return out if out is not None else (target.reshape(flat_shape) if flatten else target)
-    for sub in _kernels.subgrids(grid):
+    for sub in _strided.subgrids(grid):
         pick = tuple(slice(i0, i0 + n) for i0, n, _, _ in sub)
-        view = _kernels.window_view(
+        view = _strided.window_view(
             src,
             grid.axes,
             [f for _, _, f, _ in sub],
@@ -345,25 +345,25 @@ def extract(
             grid.size,
             xp,
         )
-        _kernels.copy(target[pick], view, k, xp)
+        _strided.copy(target[pick], view, k, xp)
     if out is not None:
         return out
     return target.reshape(flat_shape) if flatten else target
 
 
-def _compiled(src: Any, grid: PatchGrid) -> bool:
-    """Whether the compiled kernel copies these patches (see :func:`_fast.takes`)."""
-    image = _fast.host(src)
+def _compiled_takes(src: Any, grid: PatchGrid) -> bool:
+    """Whether the compiled kernel copies these patches (see :func:`_compiled.takes`)."""
+    image = _compiled.host(src)
     each = math.prod(grid.patch_shape) * image.itemsize if image is not None else 0
-    return _fast.takes(image, grid.axes, each, len(grid))
+    return _compiled.takes(image, grid.axes, each, len(grid))
 
 
 def _compiled_copy(src: Any, target: Any, grid: PatchGrid, stream: bool) -> bool:
     """The patches copied by the compiled kernel on all cores; into a caller's buffer
     (``stream``), past the caches. False (nothing done) where the arrays do not serve."""
     k = len(grid.axes)
-    image, into = _fast.host(src), _fast.host(target)
+    image, into = _compiled.host(src), _compiled.host(target)
     if image is None or into is None or image.dtype != into.dtype:
         return False
-    flat = _fast.reshaped(into, (len(grid), *into.shape[k:]))
-    return flat is not None and _fast.gather(flat, image, grid.starts(), stream=stream)
+    flat = _compiled.reshaped(into, (len(grid), *into.shape[k:]))
+    return flat is not None and _compiled.gather(flat, image, grid.starts(), stream=stream)

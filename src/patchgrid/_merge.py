@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, _fast, _kernels, _memory, windows
+from . import _checks, _compiled, _strided, _memory, windows
 from ._checks import PatchgridError, PatchgridWarning
 from .backends import NUMPY, Backend, backend_of, check_cast, check_exact_sum, lossless
 from .grid import PatchGrid, _restore
@@ -114,14 +114,14 @@ def _divide_by_profiles(
     ndim = acc.ndim
     safe = [np.where(p > 0, p, 1) for p in profs]
     k = len(axes)
-    host = _fast.host(acc) if _fast.loaded() else None
+    host = _compiled.host(acc) if _compiled.loaded() else None
     if (
         host is not None
-        and host.nbytes >= _fast.MIN_DIVIDE
+        and host.nbytes >= _compiled.MIN_DIVIDE
         and host.dtype in (np.float32, np.float64)
         and tuple(axes) == tuple(range(ndim - k, ndim))
         and host.flags.writeable
-        and _fast.divide(host, k, safe)
+        and _compiled.divide(host, k, safe)
     ):
         return  # a large merge has the compiled kernels loaded: divide on all cores
     rest = np.ones([1] * ndim)
@@ -131,7 +131,7 @@ def _divide_by_profiles(
     n0 = acc.shape[a0]
     plane = xp.nbytes(acc) // max(n0, 1)
     # Small outputs go a row at a time: the temporaries stay small beside them.
-    room = _kernels.CHUNK_BYTES // 2 if xp.nbytes(acc) >= 1 << 20 else 0
+    room = _strided.CHUNK_BYTES // 2 if xp.nbytes(acc) >= 1 << 20 else 0
     step = max(1, room // max(plane, 1))
     buf = None
     cpu_torch = xp.name == "torch" and acc.device.type == "cpu" and acc.dtype.is_floating_point
@@ -574,19 +574,19 @@ class Merger:
         grid = self.grid
         if not (op == "add" and self._wacc is None):
             return False
-        if not (self._load_kernels or _fast.loaded()):
+        if not (self._load_kernels or _compiled.loaded()):
             return False
-        acc, patches = _fast.host(self._acc), _fast.host(arr)
-        w = None if weight is None else _fast.host(weight)
+        acc, patches = _compiled.host(self._acc), _compiled.host(arr)
+        w = None if weight is None else _compiled.host(weight)
         if acc is None or patches is None or (weight is not None and w is None):
             return False
-        if not _fast.serves_batch(acc, patches, grid.axes, len(grid)):
+        if not _compiled.serves_batch(acc, patches, grid.axes, len(grid)):
             return False
         if self._starts_all is None:
             self._starts_all = grid.starts()
         starts = self._starts_all[idx]
         starts[:, 0] -= self._lo
-        return _fast.add_batch(acc, patches, starts, w)
+        return _compiled.add_batch(acc, patches, starts, w)
 
     def _add_run(
         self, patches: Any, first: int, op: str, weight: Any, scratch: list[Any], seen: Any
@@ -606,12 +606,12 @@ class Merger:
             lead[0] -= self._lo
         else:
             last = last - self._lo
-        for r0, count, start, step in _kernels.runs(last.tolist(), grid.size[-1]):
+        for r0, count, start, step in _strided.runs(last.tolist(), grid.size[-1]):
             phases = 1 if step >= grid.size[-1] else -(-grid.size[-1] // step)
             for q in range(min(phases, count)):
                 sel = range(r0 + q, r0 + count, phases)
                 where = [*lead, start + q * step]
-                target = _kernels.window_view(
+                target = _strided.window_view(
                     self._acc, grid.axes, where, [*grid.size[:-1], phases * step],
                     [1] * (k - 1) + [len(sel)], grid.size, xp,
                 )  # fmt: skip
@@ -622,7 +622,7 @@ class Merger:
                 else:
                     xp.add_product(target, source, weight, scratch)
                 if self._wacc is not None:
-                    wtarget = _kernels.window_view(
+                    wtarget = _strided.window_view(
                         self._wacc, grid.axes, where, [*grid.size[:-1], phases * step],
                         [1] * (k - 1) + [len(sel)], grid.size, xp,
                     )  # fmt: skip
@@ -689,7 +689,7 @@ class Merger:
         op, weight = self._op(), self._weight()
         block = arr[r0:r1]
         if not self._add_rows_compiled(block, r0, r1, op, weight):
-            for sub in _kernels.subgrids(grid):
+            for sub in _strided.subgrids(grid):
                 i0, n, f0, t0 = sub[0]
                 lo, hi = max(i0, r0), min(i0 + n, r1)
                 if hi <= lo:
@@ -697,13 +697,13 @@ class Merger:
                 pick = (slice(lo - r0, hi - r0), *(slice(i, i + m) for i, m, _, _ in sub[1:]))
                 first = [f0 + (lo - i0) * t0 - self._lo, *(f for _, _, f, _ in sub[1:])]
                 step = [t for _, _, _, t in sub]
-                _kernels.accumulate(self._acc, block[pick], grid.axes, first, step, op, weight, xp)
+                _strided.accumulate(self._acc, block[pick], grid.axes, first, step, op, weight, xp)
                 if self._wacc is not None:
                     counts = [hi - lo, *(m for _, m, _, _ in sub[1:])]
                     lead = weight.reshape((1,) * k + tuple(weight.shape))
                     lead = lead.expand(*counts, *weight.shape) if xp.name == "torch" else (
                         np.broadcast_to(lead, (*counts, *weight.shape)))  # fmt: skip
-                    _kernels.accumulate(self._wacc, lead, grid.axes, first, step, "add", None, xp)
+                    _strided.accumulate(self._wacc, lead, grid.axes, first, step, "add", None, xp)
         self._seen[r0:r1] = True
         self._flush()
 
@@ -716,15 +716,15 @@ class Merger:
             and op == "add"
             and self._wacc is None
             and grid.padded_shape == grid.shape
-            and (self._load_kernels or _fast.loaded())
-            and _fast.serves(self._acc, block, grid.ndim, grid.axes)
+            and (self._load_kernels or _compiled.loaded())
+            and _compiled.serves(self._acc, block, grid.ndim, grid.axes)
         ):
             return False
         starts = [grid.axis_starts(0)[r0:r1] - self._lo] + [
             grid.axis_starts(j) for j in range(1, len(grid.axes))
         ]
         w = None if weight is None else np.asarray(weight).reshape(grid.size)
-        _fast.overlap_add(self._acc, block, starts, grid.size, w, False, None)
+        _compiled.overlap_add(self._acc, block, starts, grid.size, w, False, None)
         return True
 
     def _add_all_compiled(self, arr: Any) -> bool:
@@ -750,16 +750,16 @@ class Merger:
         if out is not None and (not isinstance(out, np.ndarray) or out.dtype != self._out_dtype):
             return False
         probe = out if out is not None else np.empty(0, self._out_dtype)
-        if not _fast.serves_planes(probe, arr, grid.ndim, grid.axes):
+        if not _compiled.serves_planes(probe, arr, grid.ndim, grid.axes):
             return False
         if out is None:
-            out = _fast.fresh(self._out_shape, self._out_dtype)
+            out = _compiled.fresh(self._out_shape, self._out_dtype)
         profiles = None
         if self.reduce == "mean":
             profiles = [np.where(p > 0, p, 1) for p in self._profile_coverage(False)]
         weight = None if self._uniform else np.asarray(self._window, np.float64).reshape(grid.size)
         starts = [grid.axis_starts(j) for j in range(len(grid.axes))]
-        _fast.merge_planes(out, arr, starts, grid.size, weight, profiles)
+        _compiled.merge_planes(out, arr, starts, grid.size, weight, profiles)
         # Finished as a direct merge: only the voxels no patch covers are left to fill.
         self._sink = self._acc = out
         self._direct = self._normalised = True
@@ -874,7 +874,7 @@ class Merger:
         labels = xp.empty(shape, self._out_dtype, scores)
         at = a0 if a0 < ca else a0 - 1
         n = scores.shape[a0]
-        step = max(1, _kernels.CHUNK_BYTES // max(xp.nbytes(scores) // max(n, 1), 1))
+        step = max(1, _strided.CHUNK_BYTES // max(xp.nbytes(scores) // max(n, 1), 1))
         for lo in range(0, n, step):
             src: list[Any] = [slice(None)] * scores.ndim
             dst: list[Any] = [slice(None)] * len(shape)

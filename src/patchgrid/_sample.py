@@ -10,7 +10,7 @@ import numpy as np
 from . import _checks
 from ._checks import PatchgridError
 from .backends import NUMPY
-from .extract import INDEX_MODES, gather, index_map
+from ._extract import INDEX_MODES, gather, index_map
 from .grid import PatchGrid
 
 __all__ = ["label_weights", "sample"]
