@@ -1,7 +1,5 @@
 """The optional compiled overlap-add (numba) against the plain-loop reference and NumPy's path."""
 
-import importlib
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -371,7 +369,7 @@ def test_out_of_core_work_never_loads_the_kernels(batched, monkeypatch, tmp_path
     """Files bound the work, memory is the budget: an ``out`` on disk, in tiles or not, takes
     the kernels only if the process has loaded them."""
     if tiled:
-        monkeypatch.setattr(importlib.import_module("patchgrid._apply"), "TILE_BYTES", 40_000)
+        monkeypatch.setattr(pg.settings, "TILE_BYTES", 40_000)
     monkeypatch.setattr(_compiled, "loaded", lambda: loaded)
     image = np.random.default_rng(9).random((1, 16, 40, 48)).astype(np.float32)
     out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.float32,

@@ -637,6 +637,6 @@ def test_tiles_find_malloc_trim_where_glibc_runs():
     import importlib
     import sys
 
-    merge_module = importlib.import_module("patchgrid._merge")
+    memory = importlib.import_module("patchgrid._memory")
     glibc = sys.platform.startswith("linux") and "glibc" in " ".join(platform_libc())
-    assert (merge_module._malloc_trim() is not None) == glibc
+    assert (getattr(memory.libc(), "malloc_trim", None) is not None) == glibc

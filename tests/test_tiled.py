@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import patchgrid as pg
 from patchgrid import _memory
-from patchgrid._merge import _tiles, merge_tiled, plan_tiles
+from patchgrid._tiled import merge_tiled, plan_tiles, tile_ranges
 from reference import Layout
 
 SETTINGS = settings(max_examples=80, deadline=None)
@@ -74,7 +74,7 @@ def test_merge_tiled_argmax_drops_the_class_axis():
     scores = rng.random((len(grid), 3, 8, 8)).astype(np.float32)
     out = np.zeros((30, 40), np.uint8)
     merge_tiled(lambda lo, hi: scores[lo:hi], grid, out, reduce="argmax", budget=2000)
-    assert len(_tiles(grid, 4 * 3, 2000)) > 1
+    assert len(tile_ranges(grid, 4 * 3, 2000)) > 1
     np.testing.assert_array_equal(out, pg.merge(scores, grid, reduce="argmax"))
 
 
@@ -155,24 +155,23 @@ def _upsample(batch):
     ids=["gaussian", "uniform-pad", "gaps", "margin", "channels", "scale"],
 )
 def test_apply_into_a_store_in_tiles_equals_apply_in_memory(monkeypatch, shape, kwargs):
-    apply_module = importlib.import_module("patchgrid._apply")
+    tiled_module = importlib.import_module("patchgrid._tiled")
 
     image = np.random.default_rng(2).random(shape).astype(np.float32)
     kwargs = dict(kwargs)
     fn = kwargs.pop("fn", _model)
     expected = pg.apply(fn, image, progress=False, **kwargs)
-    monkeypatch.setattr(apply_module, "TILE_BYTES", 40_000)
+    monkeypatch.setattr(pg.settings, "TILE_BYTES", 40_000)
     out = Store(expected.shape, expected.dtype)
     done = []
     got = pg.apply(fn, image, out=out, progress=lambda d, t: done.append((d, t)), **kwargs)
     assert got is out
-    assert len(apply_module._tiles(out, *_grids(image, kwargs))) > 1
+    assert len(tiled_module.apply_tiles(out, *_grids(image, kwargs))) > 1
     np.testing.assert_allclose(out.data, expected, rtol=1e-5, atol=1e-6)
     assert done[-1][0] == done[-1][1] > 0
 
 
 def test_apply_argmax_into_a_store_in_tiles(monkeypatch):
-    apply_module = importlib.import_module("patchgrid._apply")
 
     image = np.random.default_rng(3).random((1, 20, 60, 50)).astype(np.float32)
 
@@ -181,7 +180,7 @@ def test_apply_argmax_into_a_store_in_tiles(monkeypatch):
 
     kwargs = dict(size=10, stride=5, axes=(1, 2, 3), reduce="argmax", progress=False)
     expected = pg.apply(classes, image, **kwargs)
-    monkeypatch.setattr(apply_module, "TILE_BYTES", 20_000)
+    monkeypatch.setattr(pg.settings, "TILE_BYTES", 20_000)
     out = Store(expected.shape, expected.dtype)
     pg.apply(classes, image, out=out, **kwargs)
     np.testing.assert_array_equal(out.data, expected)
@@ -277,9 +276,8 @@ def _counting_zarr(zarr, shape, chunks):
 )
 def test_apply_into_zarr_writes_every_chunk_once(monkeypatch, shape, chunks, tile_bytes):
     zarr = pytest.importorskip("zarr")
-    apply_module = importlib.import_module("patchgrid._apply")
     if tile_bytes:
-        monkeypatch.setattr(apply_module, "TILE_BYTES", tile_bytes)
+        monkeypatch.setattr(pg.settings, "TILE_BYTES", tile_bytes)
     image = np.random.default_rng(5).random(shape, dtype=np.float32)
     out, sets = _counting_zarr(zarr, shape, chunks)
     # Stride 12 against chunks of 16 rows: the merge finishes rows that straddle chunks.

@@ -1,12 +1,13 @@
 """patchgrid: cut N-dimensional images into patches, know where each sits, put them back."""
 
-from ._checks import PatchgridError, PatchgridWarning
+from . import settings as settings  # the module, for its settings: pg.settings.TILE_BYTES
 from ._apply import apply
+from ._checks import PatchgridError, PatchgridWarning
 from ._extract import extract
-from .grid import PatchGrid
-from .io import Image, open, save, tune_allocator
 from ._merge import Merger, coverage, merge
 from ._sample import label_weights, sample
+from .grid import PatchGrid
+from .io import Image, open, save, tune_allocator
 from .windows import window
 
 __all__ = [

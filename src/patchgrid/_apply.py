@@ -12,21 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, _compiled, _strided, _memory
+from . import _checks, _compiled, _memory, _strided
 from ._checks import PatchgridError
-from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor, shares_memory
 from ._extract import INDEX_MODES, check_pad_value, index_map, pad_array
+from ._finish import warn_uncovered
+from ._merge import RUN_BYTES, Merger, _runs
+from ._tiled import apply_tiles
+from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor, shares_memory
 from .grid import PatchGrid
-from ._merge import (
-    RUN_BYTES,
-    TILE_BYTES,
-    Merger,
-    _runs,
-    _Tile,
-    plan_tiles,
-    release_memory,
-    warn_uncovered,
-)
 
 __all__ = ["apply"]
 
@@ -407,7 +400,7 @@ def apply(
         dtype_empty = dtype if dtype is not None else xp.dtype(image)
         return xp.empty(out_grid.shape, dtype_empty, image)
     reader = _Reader(image, grid, margins, xp)
-    tiles = _tiles(out, out_grid, reduce)
+    tiles = apply_tiles(out, out_grid, reduce)
     on_disk = out is not None and type(out) is not np.ndarray and not is_tensor(out)
     in_shape = reader.patch_shape(shape)
     full = [p * f for p, f in zip(reader.size, _factors(out_grid, grid))]
@@ -495,7 +488,7 @@ def apply(
                 merger._load_kernels = False
                 merger._warn = False
                 run(merger, *tile.ids())
-                release_memory()
+                _memory.release_memory()
             return out
     finally:
         close()
@@ -523,30 +516,6 @@ def _check_out(out: Any, image: Any) -> None:
             "out shares memory with the image: apply reads the image while it writes the "
             "result, so the two must be apart; give a new array (or a copy of the image)"
         )
-
-
-def _tiles(out: Any, grid: PatchGrid, reduce: str) -> list[_Tile]:
-    """Tiles across the plane for an ``out`` on disk whose plane is too large for one slab.
-
-    Patches that reach two tiles run twice, so an in-memory ``out`` (or none) is never
-    tiled; a file-backed one is, only when one slab across the whole plane would exceed
-    :data:`patchgrid.merge.TILE_BYTES`.
-    """
-    if out is None or type(out) is np.ndarray or is_tensor(out):
-        return []
-    ndim = grid.ndim
-    free = [a for a in range(ndim) if a not in grid.axes]
-    drop = free[-1] if reduce == "argmax" and free and len(out.shape) == ndim - 1 else None
-    out_axis = [a if drop is None or a < drop else a - 1 for a in range(ndim)]
-    carried = 1
-    for a in free:
-        if a != drop and len(out.shape) == ndim - (drop is not None):
-            carried *= int(out.shape[out_axis[a]])
-    itemsize = max(4, np.dtype(out.dtype).itemsize) * carried
-    if len(out.shape) != ndim - (drop is not None):
-        return []  # the Merger reports the shape mismatch
-    tiles = plan_tiles(grid, tuple(out.shape), out_axis, itemsize, TILE_BYTES, out)
-    return tiles if len(tiles) > 1 or _memory.chunked(out) else []  # chunks: written whole
 
 
 def _apply_dask(

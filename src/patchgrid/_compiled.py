@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _memory
+
 # The least patch data (bytes) worth a call into the compiled kernel. Loading it costs a
 # process about 0.5 s and 65 MiB once (compiling it, the first time ever, a few seconds; numba
 # caches the result on disk), so small merges stay with NumPy and never load numba.
@@ -76,9 +78,7 @@ def fresh(shape: Any, dtype: Any) -> np.ndarray:
     """
     out = np.empty(shape, dtype)
     if out.nbytes >= PREFAULT_BYTES:
-        from ._memory import _libc
-
-        libc = _libc()
+        libc = _memory.libc()
         if libc is not None and hasattr(libc, "madvise"):
             import ctypes
 

@@ -53,15 +53,15 @@ ZARR_BYTES = 64 << 20
 
 
 @functools.cache
-def _libc() -> Any:
+def libc() -> Any:
     """glibc, when this process runs on it (for its allocator's knobs), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
     except OSError:
         return None
 
@@ -109,8 +109,8 @@ def tune_allocator(threshold: int = 4 << 20) -> bool:
     """
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
         raise TypeError(f"threshold must be a positive int of bytes, got {threshold!r}")
-    libc = _libc()
-    if libc is None or not libc.mallopt(_M_MMAP_THRESHOLD, threshold):
+    glibc = libc()
+    if glibc is None or not glibc.mallopt(_M_MMAP_THRESHOLD, threshold):
         return False
     with _state.lock:
         _state.tuned = threshold
@@ -119,9 +119,9 @@ def tune_allocator(threshold: int = 4 << 20) -> bool:
 
 def release_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc); a no-op elsewhere."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    glibc = libc()
+    if glibc is not None:
+        glibc.malloc_trim(0)
 
 
 def _chunk_bytes(array: Any) -> int:
@@ -191,10 +191,10 @@ class bound(contextlib.ContextDecorator):
 
 
 def _set_allocator(mmap_bytes: int, trim_bytes: int) -> None:
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)
-        libc.mallopt(_M_TRIM_THRESHOLD, trim_bytes)
+    glibc = libc()
+    if glibc is not None:
+        glibc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)
+        glibc.mallopt(_M_TRIM_THRESHOLD, trim_bytes)
 
 
 def _limit_zarr(arrays: tuple[Any, ...]) -> Any:

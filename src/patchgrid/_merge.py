@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from . import _checks, _compiled, _strided, _memory, windows
-from ._checks import PatchgridError, PatchgridWarning
+from . import _checks, _compiled, _strided, settings, windows
+from ._checks import PatchgridError
+from ._finish import (
+    REDUCES,
+    cast_hint,
+    divide_by_profiles,
+    profile_sum,
+    shaped,
+    sum_dtype,
+    warn_uncovered,
+    weight_array,
+)
 from .backends import NUMPY, Backend, backend_of, check_cast, check_exact_sum, lossless
-from .grid import PatchGrid, _restore
+from .grid import PatchGrid
 
 __all__ = ["Merger", "coverage", "merge"]
-
-REDUCES = ("mean", "sum", "max", "min", "argmax")
 
 
 # Patches smaller than this (bytes) go in stretches of a grid row rather than one by one.
@@ -32,135 +39,6 @@ def _runs(idx: np.ndarray, row: int) -> list[tuple[int, int]]:
     joined = (np.diff(idx) == 1) & ((idx[1:] // row) == (idx[:-1] // row))
     edges = [0, *(np.flatnonzero(~joined) + 1).tolist(), len(idx)]
     return [(b0, b1) for b0, b1 in itertools.pairwise(edges) if b1 - b0 >= 2]
-
-
-def _profile_sum(
-    starts: np.ndarray, weights: np.ndarray, length: int, dtype: Any = np.float64
-) -> np.ndarray:
-    """Sum of a 1-D window placed at every start: one axis of the coverage, summed in ``dtype``
-    (the accumulator's precision, so that a weighted mean of equal values is that value)."""
-    out = np.zeros(length, dtype=dtype)
-    w = np.asarray(weights, dtype=dtype)
-    for s in starts.tolist():
-        out[s : s + len(w)] += w
-    return out
-
-
-def weight_array(
-    window: np.ndarray, profiles: list[np.ndarray] | None, grid: PatchGrid, dtype: Any
-) -> np.ndarray:
-    """The window shaped to broadcast against one patch (1 on the free axes), in ``dtype``.
-
-    A separable window is the outer product of its profiles made in ``dtype``, as the coverage
-    it is divided by is summed: equal values then come back exactly."""
-    shape = [1] * grid.ndim
-    for a, p in zip(grid.axes, grid.size):
-        shape[a] = p
-    if profiles is None or np.dtype(dtype) == np.float64:
-        return np.asarray(window, dtype=dtype).reshape(shape)
-    out = np.ones(shape, dtype=dtype)
-    for a, prof in zip(grid.axes, profiles):
-        out = out * _shaped(np.asarray(prof, dtype=dtype), a, grid.ndim)
-    return out
-
-
-def sum_dtype(xp: Backend, acc_dtype: Any) -> np.dtype:
-    """The real NumPy dtype in which weights and coverages are made for an accumulator: its
-    own precision where NumPy has it (extended precision for longdouble), float64 else."""
-    if xp is NUMPY:
-        real = np.finfo(np.dtype(acc_dtype)).dtype if np.dtype(acc_dtype).kind in "fc" else None
-        if real is not None and real.itemsize > 8:
-            wide: np.dtype = np.dtype(real)
-            return wide
-    return np.dtype(np.float64)
-
-
-def warn_uncovered(grid: PatchGrid, fill: Any, stacklevel: int = 3) -> None:
-    """Say, once per result, that voxels no patch covers hold ``fill`` (never silently)."""
-    n = grid.uncovered
-    if n:
-        edges = grid.edge[0] if len(set(grid.edge)) == 1 else grid.edge
-        warnings.warn(
-            f"{n} of {math.prod(grid.shape)} voxels lie in no patch (edge={edges!r}, stride "
-            f"{grid.stride}, size {grid.size}) and hold fill={fill!r}; edge='shift' covers "
-            f"every voxel",
-            PatchgridWarning,
-            stacklevel=stacklevel,
-        )
-
-
-def cast_hint(reduce: str) -> str:
-    """What to do instead, for an error of the cast rule in a merge."""
-    if reduce == "argmax":
-        return "give an out= or dtype= that holds every class number"
-    return (
-        "give a dtype= (or an out=) that holds the merged values, e.g. a wider integer or a float"
-    )
-
-
-def _shaped(p: Any, a: int, ndim: int) -> Any:
-    shape = [1] * ndim
-    shape[a] = len(p)
-    return p.reshape(shape)
-
-
-def _divide_by_profiles(
-    acc: Any, axes: Sequence[int], profs: list[np.ndarray], xp: Backend = NUMPY
-) -> None:
-    """``acc /= outer(*profs)`` in one pass, chunk by chunk along the first tiled axis.
-
-    Zeros in the profiles (voxels no patch covers) divide by 1; the caller fills them.
-    """
-    ndim = acc.ndim
-    safe = [np.where(p > 0, p, 1) for p in profs]
-    k = len(axes)
-    host = _compiled.host(acc) if _compiled.loaded() else None
-    if (
-        host is not None
-        and host.nbytes >= _compiled.MIN_DIVIDE
-        and host.dtype in (np.float32, np.float64)
-        and tuple(axes) == tuple(range(ndim - k, ndim))
-        and host.flags.writeable
-        and _compiled.divide(host, k, safe)
-    ):
-        return  # a large merge has the compiled kernels loaded: divide on all cores
-    rest = np.ones([1] * ndim)
-    for a, p in zip(axes[1:], safe[1:]):
-        rest = rest * _shaped(p, a, ndim)
-    a0 = axes[0]
-    n0 = acc.shape[a0]
-    plane = xp.nbytes(acc) // max(n0, 1)
-    # Small outputs go a row at a time: the temporaries stay small beside them.
-    room = _strided.CHUNK_BYTES // 2 if xp.nbytes(acc) >= 1 << 20 else 0
-    step = max(1, room // max(plane, 1))
-    buf = None
-    cpu_torch = xp.name == "torch" and acc.device.type == "cpu" and acc.dtype.is_floating_point
-    if (xp is NUMPY or cpu_torch) and xp.nbytes(acc) >= 1 << 20:
-        # The float64 product cast straight into one small buffer of the output's dtype (a
-        # single rounding, as below), reused for every block of rows.
-        shape = list(rest.shape)
-        shape[a0] = min(step, n0)
-        dtype = str(acc.dtype).replace("torch.", "")
-        buf = np.empty(shape, dtype=np.dtype(dtype) if dtype != "bfloat16" else np.float32)
-        if cpu_torch and dtype not in ("float32", "float64"):
-            buf = None
-    for lo in range(0, n0, step):
-        hi = min(lo + step, n0)
-        where: list[Any] = [slice(None)] * ndim
-        where[a0] = slice(lo, hi)
-        part = acc[tuple(where)]
-        column = _shaped(safe[0][lo:hi], a0, ndim)
-        if buf is not None:
-            cut: list[Any] = [slice(None)] * ndim
-            cut[a0] = slice(0, hi - lo)
-            divisor = buf[tuple(cut)]
-            np.multiply(column, rest, out=divisor, casting="same_kind")
-            if cpu_torch:
-                part.div_(xp.torch.from_numpy(divisor))  # type: ignore[attr-defined]
-            else:
-                np.divide(part, divisor, out=part)
-        else:
-            xp.divide(part, xp.constant(column * rest, xp.dtype(acc), acc))
 
 
 class Merger:
@@ -678,7 +556,7 @@ class Merger:
                 plane = plane // max(grid.shape[a], 1) * self._patch_shape[a]  # type: ignore[index]
         plane_bytes = plane * np.dtype(self._xp.numpy_dtype(self._acc_dtype)).itemsize
         phases = -(-grid.size[0] // grid.stride[0])
-        rows = TILE_BYTES // max(plane_bytes * grid.stride[0], 1)
+        rows = settings.TILE_BYTES // max(plane_bytes * grid.stride[0], 1)
         return max(int(rows), phases, 1)
 
     def _add_rows(self, arr: Any, r0: int, r1: int) -> None:
@@ -779,7 +657,7 @@ class Merger:
         self._ensure(upto)
         # Finished rows a few MiB at a time: their normalised, cast copy stays that small.
         row = self._xp.nbytes(self._acc) // max(self._acc.shape[a0], 1)
-        step = upto - self._done if self._direct else max(1, FINISH_BYTES // max(row, 1))
+        step = upto - self._done if self._direct else max(1, settings.FINISH_BYTES // max(row, 1))
         while self._done < upto:
             self._finish(min(upto, self._done + step), complete=True)
 
@@ -828,7 +706,7 @@ class Merger:
         kind, cov = self._coverage_block(start, upto, complete, ones)
         if kind == "profiles":
             if not ones and not self._normalised:
-                _divide_by_profiles(block, grid.axes, cov, xp)
+                divide_by_profiles(block, grid.axes, cov, xp)
             empty = [(a, p == 0) for a, p in zip(grid.axes, cov) if (p == 0).any()]
         else:
             if not ones:
@@ -981,7 +859,7 @@ class Merger:
         )
         dtype = sum_dtype(self._xp, self._acc_dtype) if self._patch_shape else np.float64
         return [
-            _profile_sum(grid.axis_starts(j), profs[j], grid.padded_shape[a], dtype)
+            profile_sum(grid.axis_starts(j), profs[j], grid.padded_shape[a], dtype)
             for j, a in enumerate(grid.axes)
         ]
 
@@ -998,7 +876,7 @@ class Merger:
         if kind == "profiles":
             out = np.ones([1] * grid.ndim)
             for a, prof in zip(grid.axes, cov):
-                out = out * _shaped(prof, a, grid.ndim)
+                out = out * shaped(prof, a, grid.ndim)
             cov = out
         crop = tuple(
             slice(0, s) if a in grid.axes else slice(None) for a, s in enumerate(grid.shape)
@@ -1137,232 +1015,3 @@ def merge(
     merger = Merger(grid, reduce=reduce, window=window, fill=fill, dtype=dtype)
     merger.add_all(arr)
     return merger.result()
-
-
-# Accumulator bytes of finished rows normalised, cast and written at once.
-FINISH_BYTES = 16 << 20
-
-# Accumulator bytes one tile of merge_tiled may hold: a slab of patch + stride rows across the
-# tile's extent on the other tiled axes.
-TILE_BYTES = 24 << 20
-
-
-def release_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc) during out-of-core work.
-
-    Writers such as zarr encode chunks on threads, and glibc keeps freed memory for later
-    (per thread, and above a threshold that rises with the largest block freed): over a large
-    image that shows as resident memory growing with the number of chunks written, though
-    patchgrid's own memory stays put. Trimming as tiles write keeps most of it down. A no-op
-    where there is no glibc.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def _malloc_trim() -> Any:
-    from ._memory import _libc
-
-    libc = _libc()
-    return None if libc is None else libc.malloc_trim
-
-
-class _Cropped:
-    """A sink seen through a sub-image: writes keep only the tile's own voxels."""
-
-    def __init__(
-        self, sink: Any, shape: tuple[int, ...], origin: list[int], keep: list[slice]
-    ) -> None:
-        self.shape, self.dtype = shape, sink.dtype
-        self._sink, self._origin, self._keep = sink, origin, keep
-
-    def __setitem__(self, where: tuple[slice, ...], block: Any) -> None:
-        src: list[slice] = []
-        dst: list[slice] = []
-        for a, (w, k) in enumerate(zip(where, self._keep)):
-            first, last, _ = w.indices(self.shape[a])
-            lo, hi = max(first, k.start), min(last, k.stop)
-            if hi <= lo:
-                return
-            src.append(slice(lo - first, hi - first))
-            dst.append(slice(self._origin[a] + lo, self._origin[a] + hi))
-        self._sink[tuple(dst)] = np.asarray(block)[tuple(src)]
-        release_memory()  # what the writer's threads freed
-
-
-def _tiles(
-    grid: PatchGrid, acc_itemsize: int, budget: int, chunks: Sequence[int] | None = None
-) -> list[list[tuple[int, int]]]:
-    """Ranges of the image along the tiled axes after the first, one list per tile.
-
-    A tile's sub-image (the tile and the patches that reach into it) holds about ``budget``
-    bytes in a slab of patch + stride rows. Tiles are whole multiples of the stride, and of
-    the output's ``chunks`` (one per tiled axis) where given, so that no chunk is written
-    in parts by two tiles.
-    """
-    k = len(grid.axes)
-    steps = np.diff(grid.axis_starts(0))
-    rows = grid.size[0] + (int(steps.max()) if len(steps) else 0)
-    # Share the budget out evenly among the axes.
-    room = budget / max(rows * acc_itemsize, 1)
-    extent = room ** (1 / max(k - 1, 1))
-    ranges: list[list[tuple[int, int]]] = []
-    for j in range(1, k):
-        n, p, s = grid.shape[grid.axes[j]], grid.size[j], grid.stride[j]
-        # Patches reach into a tile from either side by at most size - stride.
-        t = int(extent) - 2 * max(p - s, 0)
-        t = max(t - t % s, s, 1)
-        c = 1 if chunks is None else max(int(chunks[j]), 1)
-        t = max(c, t - t % c)
-        ranges.append([(lo, min(lo + t, n)) for lo in range(0, n, t)])
-    return [list(r) for r in itertools.product(*ranges)]
-
-
-class _Tile:
-    """One tile of :func:`merge_tiled`: a sub-grid over a sub-image, and where it writes."""
-
-    def __init__(self, grid: PatchGrid, out_shape: tuple[int, ...], out_axis: list[int],
-                 tile: list[tuple[int, int]]) -> None:  # fmt: skip
-        k = len(grid.axes)
-        starts = [grid.axis_starts(j) for j in range(k)]
-        a0 = grid.axes[0]
-        self.picks: list[range] = [range(len(starts[0]))]
-        self.shape = list(out_shape)
-        self.origin = [0] * len(out_shape)
-        self.keep = [slice(0, n) for n in out_shape]
-        self.where: list[slice] = [slice(None)] * len(out_shape)
-        sub_shape = list(grid.shape)
-        sub_starts = [starts[0]]
-        pads = [grid.padded_shape[a0] - grid.shape[a0]]
-        self.empty = False
-        for j, (t_lo, t_hi) in enumerate(tile, start=1):
-            a, st, p = grid.axes[j], starts[j], grid.size[j]
-            self.where[out_axis[a]] = slice(t_lo, t_hi)
-            i_lo = int(np.searchsorted(st + p, t_lo, side="right"))
-            i_hi = int(np.searchsorted(st, t_hi, side="left"))
-            if i_hi <= i_lo:
-                self.empty = True
-                continue
-            # The sub-image spans the tile and every patch that reaches it.
-            r_lo, r_hi = min(int(st[i_lo]), t_lo), int(st[i_hi - 1]) + p
-            end = max(min(r_hi, grid.shape[a]), t_hi)
-            sub_starts.append(st[i_lo:i_hi] - r_lo)
-            self.picks.append(range(i_lo, i_hi))
-            sub_shape[a] = end - r_lo
-            pads.append(max(r_hi - end, 0))
-            self.shape[out_axis[a]] = end - r_lo
-            self.origin[out_axis[a]] = r_lo
-            self.keep[out_axis[a]] = slice(t_lo - r_lo, t_hi - r_lo)
-        self.reads = 0 if self.empty else math.prod(len(p) for p in self.picks)
-        self._counts = grid.counts
-        self.out_axis = out_axis
-        self.grid = None if self.empty else _restore(
-            tuple(sub_shape), grid.size, grid.stride, grid.axes, grid.edge, grid.pad_mode,
-            grid.pad_value, [tuple(int(v) for v in s) for s in sub_starts], pads,
-        )  # fmt: skip
-
-    def runs(self) -> Iterator[tuple[int, int, int]]:
-        """The tile's patches as runs contiguous in grid order, in grid order: (first patch
-        of the whole grid, first patch of the tile's sub-grid, count)."""
-        assert self.grid is not None
-        last = self.picks[-1]
-        for row in itertools.product(*self.picks[:-1]):
-            lo = int(np.ravel_multi_index((*row, last.start), self._counts))
-            local = (*[r - pk.start for r, pk in zip(row, self.picks[:-1])], 0)
-            yield lo, int(np.ravel_multi_index(local, self.grid.counts)), len(last)
-
-    def ids(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every patch of the tile: its number in the whole grid and in the sub-grid."""
-        runs = list(self.runs())
-        glob = np.concatenate([np.arange(g, g + n) for g, _, n in runs])
-        local = np.concatenate([np.arange(s, s + n) for _, s, n in runs])
-        return glob, local
-
-    def fill(self, out: Any, a: int, step: int, value: Any, dtype: Any) -> None:
-        """Write ``value`` over the whole tile, ``step`` rows along out's axis ``a`` at a time."""
-        where = list(self.where)
-        n = out.shape[a]
-        for lo in range(0, n, max(step, 1)):
-            where[a] = slice(lo, min(lo + step, n))
-            extent = [len(range(*w.indices(m))) for w, m in zip(where, out.shape)]
-            out[tuple(where)] = np.full(extent, value, dtype)
-
-    def sink(self, out: Any) -> _Cropped:
-        """``out`` as the sub-grid's output: writes land in the tile's own voxels only."""
-        assert self.grid is not None  # whole chunks along the axis the tile streams on
-        sink = _memory.staged(out, self.out_axis[self.grid.axes[0]])
-        return _Cropped(sink, tuple(self.shape), self.origin, self.keep)
-
-
-def plan_tiles(
-    grid: PatchGrid,
-    out_shape: tuple[int, ...],
-    out_axis: list[int],
-    itemsize: int,
-    budget: int,
-    out: Any = None,
-) -> list[_Tile]:
-    """The tiles that cover the output, each holding about ``budget`` bytes, aligned with the
-    chunks of ``out`` when it has any (zarr, HDF5)."""
-    chunks = getattr(out, "chunks", None)
-    per_axis = None
-    if isinstance(chunks, tuple) and len(chunks) == len(out_shape):
-        per_axis = [int(chunks[out_axis[a]]) for a in grid.axes]
-    return [_Tile(grid, out_shape, out_axis, t) for t in _tiles(grid, itemsize, budget, per_axis)]
-
-
-@_memory.bound()
-def merge_tiled(
-    read: Any,
-    grid: PatchGrid,
-    out: Any,
-    *,
-    reduce: str = "mean",
-    window: Any = None,
-    fill: Any = 0,
-    dtype: Any = None,
-    batch: int = 16,
-    budget: int = TILE_BYTES,
-    progress: Any = None,
-) -> None:
-    """Merge patches read on demand into ``out``, tile by tile, in memory that the image's
-    size does not set.
-
-    ``read(lo, hi)`` returns patches ``lo`` to ``hi`` (flat grid order) as an array. The image
-    is cut into tiles across the tiled axes after the first; each tile merges the patches
-    that reach it, streaming along the first tiled axis, and writes only its own voxels. A
-    patch that reaches several tiles is read once for each. ``progress(done, total)`` counts
-    the patches read.
-    """
-    a0 = grid.axes[0]
-    probe = Merger(grid, reduce=reduce, window=window, dtype=dtype)
-    first = np.asarray(read(0, 1))
-    probe._start(first, tuple(first.shape[1:]))
-    carried = math.prod(first.shape[1 + a] for a in range(grid.ndim) if a not in grid.axes)
-    itemsize = np.dtype(probe._acc_dtype).itemsize * carried
-    class_axis = probe._class_axis
-    out_axis = [a if class_axis is None or a < class_axis else a - 1 for a in range(grid.ndim)]
-    out_shape = probe._out_shape
-    tiles = plan_tiles(grid, out_shape, out_axis, itemsize, budget, out)
-    total = sum(t.reads for t in tiles)
-    done = 0
-    for tile in tiles:
-        if tile.empty:  # no patch reaches this tile: it is all fill
-            tile.fill(out, out_axis[a0], grid.stride[0], fill, probe._out_dtype)
-            continue
-        assert tile.grid is not None
-        merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill,
-                        dtype=probe._out_dtype, out=tile.sink(out))  # fmt: skip
-        merger._load_kernels = False
-        merger._warn = False  # the caller says it once for the whole image
-        # Runs of patches contiguous in grid order, read a batch at most at a time.
-        for lo, first_id, count in tile.runs():
-            for c in range(0, count, batch):
-                n = min(batch, count - c)
-                merger.add(np.asarray(read(lo + c, lo + c + n)), np.arange(n) + first_id + c)
-                done += n
-                if progress is not None:
-                    progress(done, total)
-        merger.result()
-        release_memory()

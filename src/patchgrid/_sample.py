@@ -9,8 +9,8 @@ import numpy as np
 
 from . import _checks
 from ._checks import PatchgridError
-from .backends import NUMPY
 from ._extract import INDEX_MODES, gather, index_map
+from .backends import NUMPY
 from .grid import PatchGrid
 
 __all__ = ["label_weights", "sample"]

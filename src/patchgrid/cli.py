@@ -576,8 +576,8 @@ def _sink(
 
 def _merge(args: argparse.Namespace) -> int:
     import patchgrid as pg
+    from patchgrid._tiled import merge_tiled
     from patchgrid.io import split_path
-    from patchgrid._merge import merge_tiled
 
     grid, patches, source = _open_store(args.patches)
     n = len(grid)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ._checks import PatchgridError
 from .backends import NUMPY, WIDE, check_cast, check_exact_sum, is_dask, lossless
-from .grid import PatchGrid, _restore
+from .grid import PatchGrid, restore
 
 #: Most chunks along the second chained axis of a task's block (``out=``): the task keeps the
 #: partial sums for the next row of its block, one chunk's face each.
@@ -45,7 +45,7 @@ def _sub_grid(grid: PatchGrid, picks: Sequence[range], shape: Sequence[int],
         tuple(int(s) - o for s in grid.axis_starts(j)[r.start : r.stop])
         for j, (r, o) in enumerate(zip(picks, origin))
     ]
-    return _restore(tuple(shape), grid.size, grid.stride, grid.axes, grid.edge, grid.pad_mode,
+    return restore(tuple(shape), grid.size, grid.stride, grid.axes, grid.edge, grid.pad_mode,
                     grid.pad_value, starts, [0] * len(grid.axes))  # fmt: skip
 
 
@@ -473,7 +473,7 @@ def _coverage(out_grid: PatchGrid, window: Any, reduce: str) -> tuple[np.ndarray
     """Per tiled axis, the sum of the window's profile over every patch of the whole grid
     (ones for reductions that do not divide); None for a window that is not separable."""
     from . import windows
-    from ._merge import _profile_sum
+    from ._finish import profile_sum
 
     profs = windows.profiles(None if reduce != "mean" else window, out_grid.size)
     if profs is None:
@@ -481,7 +481,7 @@ def _coverage(out_grid: PatchGrid, window: Any, reduce: str) -> tuple[np.ndarray
     # In extended precision where there is one, as the weights of the tasks: float64 patches
     # summed in longdouble then come back exactly where they are equal.
     wide = np.longdouble if WIDE else np.float64
-    return tuple(_profile_sum(out_grid.axis_starts(j), prof, out_grid.padded_shape[a], wide)
+    return tuple(profile_sum(out_grid.axis_starts(j), prof, out_grid.padded_shape[a], wide)
                  for j, (a, prof) in enumerate(zip(out_grid.axes, profs)))  # fmt: skip
 
 
@@ -598,7 +598,7 @@ def _chunk(
     """
     from . import windows
     from ._apply import _check_output, _core, _Reader
-    from ._merge import weight_array
+    from ._finish import weight_array
 
     grid, out_grid, axes = spec.grid, spec.out_grid, spec.grid.axes
     picks, cores, reach, send = step.picks, step.cores, step.reach, step.send
@@ -713,7 +713,7 @@ def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
     """A chunk's complete sums (the corner of ``acc``) normalised, reduced and cast.
 
     ``patch_dtype`` is fn's output dtype where this task saw one (else the sums' own)."""
-    from ._merge import _divide_by_profiles, cast_hint
+    from ._finish import cast_hint, divide_by_profiles
 
     axes = spec.out_grid.axes
     if acc is None:  # no patch touches this chunk
@@ -738,7 +738,7 @@ def _finish(acc: np.ndarray | None, wacc: np.ndarray | None,
         assert spec.coverage is not None
         sliced = [prof[lo:hi] for prof, (lo, hi) in zip(spec.coverage, cores)]
         if not ones:
-            _divide_by_profiles(acc, axes, sliced)
+            divide_by_profiles(acc, axes, sliced)
         for a, prof in zip(axes, sliced):
             if (prof == 0).any():
                 shape1 = [1] * acc.ndim

@@ -25,8 +25,8 @@ except ImportError as error:
 
 from . import _checks
 from ._checks import PatchgridError
-from .grid import PatchGrid
 from ._sample import _read, label_weights, sample
+from .grid import PatchGrid
 
 __all__ = ["PatchDataset", "RandomPatchDataset"]
 

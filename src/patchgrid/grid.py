@@ -342,7 +342,7 @@ class PatchGrid:
             yield self.slices(i)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_restore, (*self._fields(), self._starts, self._pad_after))
+        return (restore, (*self._fields(), self._starts, self._pad_after))
 
     @property
     def ndim(self) -> int:
@@ -487,7 +487,7 @@ class PatchGrid:
         return tuple(out)
 
 
-def _restore(*args: Any) -> PatchGrid:
+def restore(*args: Any) -> PatchGrid:
     grid = object.__new__(PatchGrid)
     grid._set(*args)
     return grid
