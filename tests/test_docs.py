@@ -126,6 +126,13 @@ def test_design_names_only_modules_that_exist() -> None:
     assert sorted((named | set(_layers_table())) - set(MODULES)) == []
 
 
+@pytest.mark.parametrize("module", MODULES)
+def test_readme_layout_lists_each_module(module: str) -> None:
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :]
+    assert f"{module}.py" in layout[: layout.index("```", layout.index("```") + 3)]
+
+
 def _hooks() -> ModuleType:
     """``docs/hooks.py``, loaded without mkdocs (its picture needs only the standard library)."""
     spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
