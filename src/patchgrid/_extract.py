@@ -1,16 +1,30 @@
-"""Cutting an image into patches: strided views for regular grids, fast copies and gathers."""
+"""Layer L4: extract(), cutting an image into patches, the path picked once per call.
+
+What lives here: :func:`extract` and the choice it makes: a read-only strided view for a
+regular grid, a fast copy (the compiled kernel, or strided copies of regular sub-grids) for
+the others and for ``copy=True`` / ``out=``, a patch-by-patch read for a lazy array, and the
+one gate to the Dask path. The checked geometry is a plan cached per layout (the array's shape,
+strides and dtype and the grid's arguments, as einops caches its recipes): a repeat call of the
+same layout makes its view straight from the plan.
+
+Imports: NumPy and the layers below (``_checks``, ``grid``, ``backends``, ``_regions``,
+``_strided``, ``_compiled``); ``dask`` (L3) only inside :func:`extract`, for a Dask image.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from . import _compiled, _strided
 from ._checks import PatchgridError
+from ._regions import Reader, padded
 from .backends import NUMPY, Backend, backend_of, check_cast, is_dask, is_tensor
 from .grid import PatchGrid
 
@@ -37,105 +51,94 @@ def as_grid(
         return size
     key = _key(shape, size, stride, axes, edge, pad_mode, pad_value)
     if key is not None:
-        return _cached_grid(*key)
+        return _cached_grid(key)
     return PatchGrid(
         shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
     )
+
+
+_PLAIN = frozenset({int, float, str, bool, type(None)})
 
 
 def _key(*args: Any) -> tuple[Any, ...] | None:
-    """The arguments as a hashable key when each is a plain int, str, or tuple of them."""
+    """The arguments as a hashable key when each is a plain int, float, str, bool or None, a
+    tuple or list of them, or a grid; None otherwise.
+
+    The key holds every value's type, inside tuples too: ``4``, ``4.0`` and ``True`` compare
+    equal, but only one of them is a valid size, so they must never share a cached plan.
+    """
     key: list[Any] = []
     for a in args:
-        if isinstance(a, list):
-            a = tuple(a)
-        items = a if isinstance(a, tuple) else (a,)
-        if not all(type(v) in (int, str, float) or v is None for v in items):
+        t = type(a)
+        if t in _PLAIN or t is PatchGrid:
+            key.append((t, a))
+        elif (t is tuple or t is list) and all(type(v) in _PLAIN for v in a):
+            key.append((t, tuple(a), tuple(map(type, a))))
+        else:
             return None
-        key.append(a)
     return tuple(key)
 
 
-@functools.lru_cache(maxsize=64, typed=True)
-def _cached_grid(
-    shape: Any, size: Any, stride: Any, axes: Any, edge: Any, pad_mode: str, pad_value: Any
-) -> PatchGrid:
+@functools.lru_cache(maxsize=64)
+def _cached_grid(key: tuple[Any, ...]) -> PatchGrid:
     # A grid is a frozen value of its arguments: the same call gives the same grid, and
     # building one costs as much as cutting a small image.
+    shape, size, stride, axes, edge, pad_mode, pad_value = (k[1] for k in key)
     return PatchGrid(
         shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
     )
 
 
-INDEX_MODES = ("constant", "edge", "reflect", "symmetric", "wrap")
+class _Plan(NamedTuple):
+    """What a call of one layout needs again: the checked grid and, where the result is a view
+    of the image itself, its shape and strides (and whether the image exports a buffer)."""
+
+    grid: PatchGrid
+    view: tuple[tuple[int, ...], tuple[int, ...], bool] | None
 
 
-def index_map(length: int, before: int, after: int, mode: str) -> np.ndarray:
-    """Source index of every position of an axis padded by ``(before, after)``; -1 for constants.
-
-    For the modes that copy voxels (``edge``, ``reflect``, ``symmetric``, ``wrap``), padding
-    is a gather, which any backend and any lazy array can do region by region.
-    """
-    base = np.arange(length)
-    if mode == "constant":
-        return np.pad(base, (before, after), mode="constant", constant_values=-1)
-    return np.pad(base, (before, after), mode=mode)  # type: ignore[call-overload, no-any-return]
+#: Plans by layout, oldest first; at most ``_PLANS_KEPT`` of them.
+_PLANS: dict[Any, _Plan] = {}
+_PLANS_KEPT = 256
 
 
-def pad_array(x: Any, pad_width: Any, mode: str, value: Any, xp: Backend) -> Any:
-    """``numpy.pad`` for any backend (torch takes the modes that copy voxels)."""
-    if not any(b or a for b, a in pad_width):
-        return x
-    check_pad_value(value, mode, xp.dtype(x), xp)
-    if xp is NUMPY:
-        if mode == "constant":
-            return np.pad(x, pad_width, mode="constant", constant_values=value)
-        return np.pad(x, pad_width, mode=mode)  # type: ignore[call-overload]
-    if mode not in INDEX_MODES:
-        raise PatchgridError(
-            f"pad_mode={mode!r} is not available for {xp.name} arrays; use one of {INDEX_MODES}"
-        )
-    for axis, (before, after) in enumerate(pad_width):
-        if before or after:
-            x = gather(x, axis, index_map(x.shape[axis], before, after, mode), value, xp)
-    return x
+def _layout(image: Any, *args: Any) -> tuple[Any, ...] | None:
+    """The plan's key: the array's type, shape, strides and dtype, and the typed arguments
+    (None for an array or arguments whose result cannot be planned)."""
+    t = type(image)
+    if t is np.ndarray:
+        head = (t, image.shape, image.strides, image.dtype)
+    elif is_tensor(image):
+        head = (t, tuple(image.shape), image.stride(), image.dtype)
+    else:
+        return None
+    rest = _key(*args)
+    return None if rest is None else (head, rest)
 
 
-def check_pad_value(value: Any, mode: str, dtype: Any, xp: Backend) -> None:
-    """A constant pad must be storable in the image's dtype (-1 would wrap to 255 in uint8)."""
-    kind = xp.kind(dtype) if xp.name == "torch" else np.dtype(dtype).kind
-    if kind not in "biufc":
-        raise PatchgridError(
-            f"the image's dtype {dtype} is not numeric, and these patches need padding "
-            f"(pad_mode={mode!r}); use edge='drop' or 'shift' with patches that fit, or a "
-            f"numeric image"
-        )
-    if mode == "constant" and not xp.fits(value, dtype):
-        raise PatchgridError(
-            f"pad_value={value!r} cannot be stored in the image's dtype {dtype}; give a "
-            f"pad_value that fits"
-        )
+def _remember(key: Any, grid: PatchGrid, arr: Any, result: Any, xp: Backend) -> None:
+    """Keep the plan of ``key``; the result's geometry too where it is a view of ``arr``."""
+    view = None
+    if xp is NUMPY and result.size and result.ctypes.data == arr.ctypes.data:
+        view = (result.shape, result.strides, bool(arr.flags.c_contiguous))
+    elif xp is not NUMPY and result.numel() and result.data_ptr() == arr.data_ptr():
+        view = (tuple(result.shape), result.stride(), False)
+    if len(_PLANS) >= _PLANS_KEPT:
+        with contextlib.suppress(RuntimeError, StopIteration, KeyError):  # another thread's
+            del _PLANS[next(iter(_PLANS))]
+    _PLANS[key] = _Plan(grid, view)
 
 
-def gather(x: Any, axis: int, index: np.ndarray, value: Any, xp: Backend) -> Any:
-    """``x`` taken at ``index`` along ``axis``, with ``value`` where the index is -1."""
-    out = xp.take(x, np.maximum(index, 0), axis) if x.shape[axis] else None
-    if out is None or (index < 0).any():
-        shape = list(x.shape)
-        shape[axis] = len(index)
-        if out is None:
-            return xp.full(shape, value, xp.dtype(x), x)
-        where: list[Any] = [slice(None)] * x.ndim
-        where[axis] = np.flatnonzero(index < 0)
-        if xp.name == "torch":
-            where[axis] = xp.constant(where[axis], np.int64, x)
-        out[tuple(where)] = value
-    return out
-
-
-def padded(image: Any, grid: PatchGrid, xp: Backend = NUMPY) -> Any:
-    """The image padded as the grid needs (the image itself when it needs nothing)."""
-    return pad_array(image, grid.pad_width, grid.pad_mode, grid.pad_value, xp)
+def _view(image: Any, shape: tuple[int, ...], strides: tuple[int, ...], buffer: bool) -> Any:
+    """The planned view of ``image``: read-only for NumPy (torch has no read-only tensors)."""
+    if type(image) is not np.ndarray:
+        return image.as_strided(shape, strides)
+    if not buffer:
+        return as_strided(image, shape, strides, writeable=False)
+    # The ndarray constructor over the image's buffer: a third of as_strided's cost.
+    view = np.ndarray(shape, image.dtype, image, 0, strides)
+    view.flags.writeable = False
+    return view
 
 
 def _is_lazy(image: Any) -> bool:
@@ -154,8 +157,6 @@ def _extract_lazy(
     flatten: bool, out: Any,
 ) -> Any:  # fmt: skip
     """Patches of a lazy array, read patch by patch: only the regions the patches cover."""
-    from ._apply import _Reader
-
     grid = as_grid(tuple(int(n) for n in image.shape), size, stride, axes=axes, edge=edge,
                    pad_mode=pad_mode, pad_value=pad_value)  # fmt: skip
     shape = (*grid.counts, *grid.patch_shape)
@@ -164,7 +165,7 @@ def _extract_lazy(
     if out is not None:
         check_out(out, NUMPY, dtype, shape, flat_shape, "a NumPy array (the image is read "
                   "into NumPy)")  # fmt: skip
-    reader = _Reader(image, grid, [0] * len(grid.axes), NUMPY)
+    reader = Reader(image, grid, [0] * len(grid.axes), NUMPY)
     if out is None:
         target = np.empty(flat_shape, dtype=dtype)
         for i in range(len(grid)):
@@ -292,6 +293,12 @@ def extract(
            [3, 4, 5, 6],
            [6, 7, 8, 9]])
     """
+    key = None
+    if out is None:
+        key = _layout(image, size, stride, axes, edge, pad_mode, pad_value, flatten, copy)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None and plan.view is not None:
+        return _view(image, *plan.view)
     if is_dask(image):
         from .dask import extract_dask
 
@@ -301,14 +308,25 @@ def extract(
             raise PatchgridError(
                 "out= is not taken with a Dask image; store the patches with .to_zarr()"
             )
-        return extract_dask(image, grid, flatten)
+        return extract_dask(image, grid, extract, flatten)
     if _is_lazy(image):
         return _extract_lazy(image, size, stride, axes, edge, pad_mode, pad_value, flatten, out)
     arr = _as_ndarray(image)
     xp = backend_of(arr)
-    grid = as_grid(
-        tuple(arr.shape), size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
-    )
+    if plan is not None:
+        grid = plan.grid
+    else:
+        grid = as_grid(tuple(arr.shape), size, stride, axes=axes, edge=edge, pad_mode=pad_mode,
+                       pad_value=pad_value)  # fmt: skip
+    result = _extract_array(arr, grid, xp, flatten, copy, out)
+    if key is not None and plan is None:
+        _remember(key, grid, arr, result, xp)
+    return result
+
+
+def _extract_array(arr: Any, grid: PatchGrid, xp: Backend, flatten: bool, copy: bool,
+                   out: Any) -> Any:  # fmt: skip
+    """extract of an array in memory (NumPy or torch): a view, or the patches copied."""
     k = len(grid.axes)
     shape = (*grid.counts, *grid.patch_shape)
     flat_shape = (len(grid), *grid.patch_shape)

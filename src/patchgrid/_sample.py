@@ -1,4 +1,12 @@
-"""Random patches for training: uniform, or with centres weighted by a map such as labels."""
+"""Layer L2: random patches for training, uniform or with centres weighted by a map.
+
+What lives here: :func:`sample` (patches at random corners, reaching into padding with
+``edge="pad"``) and :class:`label_weights` (a lazy foreground/background weight map), with the
+two-level draw that reads a weight map on disk slab by slab, never whole. Each patch is read
+with :func:`_regions.read_patch`, the region reader every path shares.
+
+Imports: NumPy and the layers below (``_checks``, ``grid``, ``_regions``).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +17,7 @@ import numpy as np
 
 from . import _checks
 from ._checks import PatchgridError
-from ._extract import INDEX_MODES, gather, index_map
-from .backends import NUMPY
+from ._regions import INDEX_MODES, read_patch
 from .grid import PatchGrid
 
 __all__ = ["label_weights", "sample"]
@@ -234,26 +241,5 @@ def sample(
     starts = centres - np.array([p // 2 for p in grid.size])
     patches = np.empty((n, *grid.patch_shape), dtype=np.dtype(image.dtype))
     for i, start in enumerate(starts):
-        patches[i] = _read(image, grid, start)
+        patches[i] = read_patch(image, grid, start)
     return patches, starts
-
-
-def _read(image: Any, grid: PatchGrid, start: np.ndarray) -> np.ndarray:
-    """One patch at ``start`` (which may reach past either end), padded as the grid says."""
-    region: list[Any] = [slice(None)] * grid.ndim
-    gathers = []
-    for j, (a, p) in enumerate(zip(grid.axes, grid.size)):
-        s, length = int(start[j]), grid.shape[a]
-        if s >= 0 and s + p <= length:
-            region[a] = slice(s, s + p)
-            continue
-        before, after = max(0, -s), max(0, s + p - length)
-        ids = index_map(length, before, after, grid.pad_mode)[s + before : s + before + p]
-        valid = ids[ids >= 0]
-        lo, hi = (int(valid.min()), int(valid.max()) + 1) if len(valid) else (0, 0)
-        region[a] = slice(lo, hi)
-        gathers.append((a, np.where(ids >= 0, ids - lo, -1)))
-    block = np.asarray(image[tuple(region)])
-    for a, ids in gathers:
-        block = gather(block, a, ids, grid.pad_value, NUMPY)
-    return block

@@ -1,9 +1,16 @@
-"""torch datasets over many volumes: every patch of a grid, or random patches drawn forever.
+"""Layer L4: torch datasets over many volumes, every patch of a grid or random patches forever.
+
+What lives here: :class:`PatchDataset` (every patch of each volume's grid, by index) and
+:class:`RandomPatchDataset` (patches drawn with :func:`sample`, an iterable without end), and
+the volumes that reopen themselves in each worker. Patches are read with
+:func:`_regions.read_patch`, the region reader every path shares.
 
 This module imports torch; ``patchgrid`` imports it only when one of its names is asked for.
 Volumes may be arrays, lazy arrays or paths. Workers of a ``DataLoader`` get the paths, file
 names of memory maps, or zarr references, and open the files themselves: no volume is copied
 into every worker.
+
+Imports: torch, and the layers below (``_checks``, ``grid``, ``io``, ``_regions``, ``_sample``).
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ except ImportError as error:
 
 from . import _checks
 from ._checks import PatchgridError
-from ._sample import _read, label_weights, sample
+from ._regions import read_patch
+from ._sample import label_weights, sample
 from .grid import PatchGrid
+from .io import open as open_image
 
 __all__ = ["PatchDataset", "RandomPatchDataset"]
 
@@ -67,8 +76,6 @@ class _Volume:
         if self._array is None:
             assert self.reopen is not None
             if self.reopen[0] == "path":
-                from .io import open as open_image
-
                 self._array = open_image(self.reopen[1])
             else:
                 _, name, dtype, shape, offset, order = self.reopen
@@ -194,7 +201,7 @@ class PatchDataset(Dataset):  # type: ignore[misc]
         grid = self.grids[v]
         start = np.array([int(grid.axis_starts(j)[p]) for j, p in enumerate(grid.position(local))])
         item: dict[str, Any] = {
-            "patch": _tensor(_read(self.volumes[v].array, grid, start)),
+            "patch": _tensor(read_patch(self.volumes[v].array, grid, start)),
             "start": torch.as_tensor(start),
             "volume": v,
         }
@@ -215,7 +222,7 @@ def _read_label(labels: Any, grid: PatchGrid, start: np.ndarray) -> np.ndarray:
         pad_mode="constant",
         pad_value=0,
     )
-    return _read(labels, lgrid, start)
+    return read_patch(labels, lgrid, start)
 
 
 def _epoch_word(tag: int, epoch: int) -> int:

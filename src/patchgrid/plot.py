@@ -1,4 +1,11 @@
-"""Pictures of grids: where the patches of a grid fall on three orthogonal slices."""
+"""Layer L4: pictures of grids, where the patches of a grid fall on three orthogonal slices.
+
+What lives here: :func:`preview` (the image in grey, patch outlines, the coverage as an
+overlay, uncovered voxels in red), drawn with matplotlib, which is imported only when a
+picture is asked for.
+
+Imports: matplotlib (inside :func:`preview`), and the layers below (``grid``, ``io``, ``_merge``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ._merge import coverage
 from .grid import PatchGrid
+from .io import atomic_path
 
 __all__ = ["preview"]
 
@@ -50,8 +59,6 @@ def preview(image: Any, grid: PatchGrid, path: str | None = None, *, title: str 
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from ._merge import coverage
-
     cover = coverage(grid)
     peak = max(float(cover.max()), 1.0)
     panels = _panels(grid)
@@ -86,8 +93,6 @@ def preview(image: Any, grid: PatchGrid, path: str | None = None, *, title: str 
     fig.colorbar(shade, ax=axs[0].tolist(), shrink=0.6, label="patches per voxel (red: none)")
     fig.suptitle(textwrap.fill(title or str(grid), 90), fontsize=9)
     if path is not None:
-        from .io import atomic_path
-
         with atomic_path(path, overwrite=True) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
