@@ -562,7 +562,7 @@ def test_merger_accumulator_stays_one_patch_thick(batching):
     thickness = []
     for ids in batches:
         merger.add(patches[ids], ids)
-        thickness.append(0 if merger._acc is None else merger._acc.shape[0])
+        thickness.append(0 if merger.accumulator is None else merger.accumulator.shape[0])
     assert max(thickness) <= T_SIZE  # one patch: a batch reaching into the next row goes row by row
 
 
@@ -574,7 +574,7 @@ def test_merger_accumulates_straight_into_the_output_when_nothing_needs_casting(
     merger = pg.Merger(grid, window="hann", out=out)
     for ids in _row_batches(grid):
         merger.add(patches[ids], ids)
-        assert merger._acc is out
+        assert merger.accumulator is out
     assert merger.result() is out
     np.testing.assert_allclose(out, image)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _compiled, _strided
-from ._checks import PatchgridWarning
-from .backends import NUMPY, Backend
+from ._checks import PatchgridError, PatchgridWarning
+from .backends import NUMPY, Backend, backend_of, check_cast, lossless
 from .grid import PatchGrid
 
 REDUCES = ("mean", "sum", "max", "min", "argmax")
@@ -149,3 +149,265 @@ def divide_by_profiles(
                 np.divide(part, divisor, out=part)
         else:
             xp.divide(part, xp.constant(column * rest, xp.dtype(acc), acc))
+
+
+class OutputSpec(NamedTuple):
+    """The output of a merge, settled by the first patches: shape, dtypes, class axis."""
+
+    shape: tuple[int, ...]
+    dtype: Any  # the output's (a NumPy dtype, or a torch dtype on torch)
+    acc_dtype: Any  # the accumulator's
+    patch_shape: tuple[int, ...]
+    patch_dtype: Any
+    reduce: str
+    class_axis: int | None  # the axis argmax reduces and drops
+    n_classes: int
+    identity: Any  # the accumulator's starting value
+
+    def real_dtype(self, xp: Backend) -> Any:
+        """The weights' dtype: the accumulator's, or its real part's for complex patches."""
+        if xp.kind(self.acc_dtype) != "c":
+            return self.acc_dtype
+        if xp.name == "torch":
+            return xp.torch.float64  # type: ignore[attr-defined]
+        return np.finfo(self.acc_dtype).dtype
+
+
+def output_spec(grid: PatchGrid, patch_shape: tuple[int, ...], patch_dtype: Any, reduce: str,
+                dtype: Any, sink_dtype: Any, xp: Backend) -> OutputSpec:  # fmt: skip
+    """The output spec of merging patches of ``patch_shape`` and ``patch_dtype`` on ``grid``:
+    ``dtype`` when given, else the output array's (``sink_dtype``), else the rule of
+    :meth:`Backend.out_dtype` (argmax: the smallest label dtype)."""
+    out_shape = list(grid.shape)
+    for a in range(grid.ndim):
+        if a not in grid.axes:
+            out_shape[a] = patch_shape[a]
+    class_axis, n_classes = None, 0
+    if reduce == "argmax":
+        free = [a for a in range(grid.ndim) if a not in grid.axes]
+        if not free:
+            raise PatchgridError(
+                "reduce='argmax' needs a class axis that is not tiled (patches shaped "
+                "(classes, *spatial)); every axis of these patches is tiled"
+            )
+        class_axis = free[-1]
+        n_classes = out_shape.pop(class_axis)
+        acc_dtype = xp.acc_dtype(patch_dtype, "mean")
+        default = xp.label_dtype(n_classes)
+    else:
+        acc_dtype = xp.acc_dtype(patch_dtype, reduce)
+        default = xp.out_dtype(patch_dtype, reduce)
+    if dtype is not None:
+        default = dtype
+    elif sink_dtype is not None:
+        default = sink_dtype
+        if xp.name != "torch" and not isinstance(default, np.dtype):
+            default = np.dtype(str(default).replace("torch.", ""))  # a tensor out=
+    out_dtype = xp.as_dtype(default) if xp.name == "torch" else np.dtype(default)
+    if reduce == "argmax":
+        # The labels are known before any work: check them against the output now.
+        check_cast(NUMPY, np.arange(max(n_classes, 1)), xp.numpy_dtype(out_dtype),
+                   what=f"class numbers of {n_classes} classes",
+                   hint=cast_hint("argmax"))  # fmt: skip
+    identity = 0 if reduce not in ("max", "min") else xp.extreme(acc_dtype, reduce == "min")
+    return OutputSpec(tuple(out_shape), out_dtype, acc_dtype, patch_shape, patch_dtype, reduce,
+                      class_axis, n_classes, identity)  # fmt: skip
+
+
+def check_fill(xp: Backend, fill: Any, dtype: Any) -> None:
+    """``fill`` must fit the output dtype."""
+    if not xp.fits(fill, dtype):
+        raise PatchgridError(
+            f"fill={fill!r} cannot be stored in the output dtype {dtype}; "
+            f"give a fill that fits or a dtype= that holds it"
+        )
+
+
+def check_values(xp: Backend, values: Any, spec: OutputSpec, dtype: Any = None,
+                 patch_dtype: Any = None) -> None:  # fmt: skip
+    """The cast rule for finished values going to the output dtype (or ``dtype``).
+
+    A mean, max or min stays within the range of the patches, so only an output that cannot
+    hold the patches' dtype needs a look at the values; a sum always does, and so do values
+    whose patches' dtype is unknown (``patch_dtype`` False: a Dask chunk no patch reached).
+    """
+    dtype = spec.dtype if dtype is None else dtype
+    seen = spec.patch_dtype if patch_dtype is None else patch_dtype
+    force = spec.reduce == "sum" or patch_dtype is False
+    if patch_dtype is False:
+        seen = xp.dtype(values)
+    src = seen if xp.kind(seen) in "iub" else xp.dtype(values)
+    if not force and lossless(xp.numpy_dtype(seen), xp.numpy_dtype(dtype)):
+        return
+    hint = cast_hint(spec.reduce)
+    if xp.kind(seen) in "iu" and xp.kind(dtype) == "f":
+        plain = str(seen).replace("torch.", "")
+        hint = (
+            f"pass dtype={plain} to keep integers (a mean is rounded to the nearest), or "
+            f"reduce='max' or 'min' for labels and IDs (exact)"
+        )
+    check_cast(xp, values, dtype, src=src, force=force,
+               what=f"the merged result (reduce={spec.reduce!r})", hint=hint)  # fmt: skip
+
+
+def labels(xp: Backend, scores: Any, spec: OutputSpec, a0: int) -> Any:
+    """Argmax over the class axis, a few rows (along axis ``a0``) at a time, straight into
+    the label dtype.
+
+    Whole, NumPy's argmax over a leading axis copies the scores and returns int64 labels:
+    twice the block and eight bytes a voxel, where these are one.
+    """
+    ca = spec.class_axis
+    assert ca is not None
+    shape = list(scores.shape)
+    shape.pop(ca)
+    out = xp.empty(shape, spec.dtype, scores)
+    at = a0 if a0 < ca else a0 - 1
+    n = scores.shape[a0]
+    step = max(1, _strided.CHUNK_BYTES // max(xp.nbytes(scores) // max(n, 1), 1))
+    for lo in range(0, n, step):
+        src: list[Any] = [slice(None)] * scores.ndim
+        dst: list[Any] = [slice(None)] * len(shape)
+        src[a0] = dst[at] = slice(lo, lo + step)
+        xp.assign(out[tuple(dst)], xp.astype(xp.argmax(scores[tuple(src)], ca), spec.dtype))
+    return out
+
+
+def finish_values(xp: Backend, block: Any, spec: OutputSpec, a0: int,
+                  patch_dtype: Any = None) -> Any:  # fmt: skip
+    """Normalised sums to output values: labels (argmax), or rounded where the output is an
+    integer, checked by the cast rule, and cast. The one finishing step of every merge
+    (in memory, tiled and Dask); ``patch_dtype`` as for :func:`check_values`."""
+    if spec.class_axis is not None:
+        result = labels(xp, block, spec, a0)
+    else:
+        result = block
+        if xp.kind(spec.dtype) in "iub" and xp.kind(xp.dtype(result)) == "f":
+            result = xp.round(result)  # an integer output takes the nearest value
+        check_values(xp, result, spec, patch_dtype=patch_dtype)
+    return xp.astype(result, spec.dtype)
+
+
+def fill_masks(xp: Backend, result: Any, masks: list[tuple[int, Any]], fill: Any,
+               class_axis: int | None) -> None:  # fmt: skip
+    """Set ``fill`` where no patch covers: ``masks`` holds (axis, 1-D mask) pairs, or
+    (-1, mask volume) (axes of the sums, before argmax drops the class axis)."""
+    nd = result.ndim
+    for a, mask in masks:
+        if a == -1:
+            m = mask
+            if class_axis is not None:
+                m = m.reshape(m.shape[:class_axis] + m.shape[class_axis + 1 :])
+            xp.fill_where(result, xp.constant(m, bool, result), fill)
+            continue
+        axis = a if class_axis is None or a < class_axis else a - 1
+        where: list[Any] = [slice(None)] * nd
+        where[axis] = np.flatnonzero(mask)
+        if xp.name == "torch":
+            where[axis] = xp.constant(where[axis], np.int64, result)
+        result[tuple(where)] = fill
+
+
+def write_rows(xp: Backend, sink: Any, block: Any, lo: int, hi: int, spec: OutputSpec,
+               a0: int) -> None:  # fmt: skip
+    """Put finished rows ``[lo, hi)`` (along the image's axis ``a0``) into the output, by the
+    cast rule when the output's dtype is not the spec's."""
+    ca = spec.class_axis
+    axis = a0 if ca is None or a0 < ca else a0 - 1
+    where: list[Any] = [slice(None)] * len(spec.shape)
+    where[axis] = slice(lo, hi)
+    sink_xp = backend_of(sink)
+    into = sink_xp.numpy_dtype(sink.dtype)
+    if into != xp.numpy_dtype(spec.dtype):
+        check_cast(xp, block, into, what=f"the merged result (dtype {spec.dtype})",
+                   hint=f"out= has dtype {into}; " + cast_hint(spec.reduce))  # fmt: skip
+    if sink_xp.name == "torch":
+        if sink_xp is not xp:
+            block = sink_xp.torch.from_numpy(np.ascontiguousarray(block))  # type: ignore[attr-defined]
+        sink[tuple(where)] = block
+    else:
+        sink[tuple(where)] = xp.to_numpy(block)
+
+
+class Finisher:
+    """Finishes rows of a merge as they complete: divides the sums by the coverage, crops the
+    padding, turns sums into output values (:func:`finish_values`), fills what no patch
+    covers and writes the rows into the output. Every accumulator strategy goes through it.
+
+    ``plan`` is the merge's :class:`~patchgrid._plan.MergePlan`; ``seen`` the grid's
+    patches added so far (shaped like the counts).
+    """
+
+    def __init__(self, plan: Any, fill: Any, seen: np.ndarray) -> None:
+        self.plan, self.xp, self.fill, self.seen = plan, plan.xp, fill, seen
+        self.grid = plan.grid
+
+    def coverage_block(self, wrows: Any, start: int, upto: int, complete: bool,
+                       ones: bool) -> tuple[str, Any]:  # fmt: skip
+        """Weights over padded rows ``[start, upto)``: per-axis profiles, the summed weights
+        of an array window (``wrows``), or a volume added up patch by patch."""
+        grid, a0 = self.grid, self.grid.axes[0]
+        if complete and (ones or self.plan.window.profiles is not None):
+            profs = self.plan.profile_coverage(ones)
+            profs[0] = profs[0][start:upto]
+            return "profiles", profs
+        wide = sum_dtype(self.xp, self.plan.spec.acc_dtype)  # the weights' own precision
+        if complete and not ones and wrows is not None:
+            return "volume", self.xp.to_numpy(wrows).astype(wide)
+        # Some patches are missing: add up the weights of those present, one by one.
+        shape = [1] * grid.ndim
+        for a in grid.axes:
+            shape[a] = grid.padded_shape[a]
+        shape[a0] = upto - start
+        cov = np.zeros(shape)
+        wshape = [p if a in grid.axes else 1 for a, p in enumerate(grid.patch_shape)]
+        w = np.ones(wshape) if ones else self.plan.window.array.reshape(wshape)
+        for i in np.flatnonzero(self.seen.ravel()).tolist():
+            sl = list(grid.slices(i))
+            first, last = sl[a0].start - start, sl[a0].stop - start
+            if last <= 0 or first >= shape[a0]:
+                continue
+            lo, hi = max(first, 0), min(last, shape[a0])
+            target = [s if a in grid.axes else slice(None) for a, s in enumerate(sl)]
+            target[a0] = slice(lo, hi)
+            wsl: list[Any] = [slice(None)] * grid.ndim
+            wsl[a0] = slice(lo - first, hi - first)
+            cov[tuple(target)] += w[tuple(wsl)]
+        return "volume", cov
+
+    def finish(self, acc: Any, start: int, upto: int, complete: bool) -> None:
+        """Normalise, reduce, cast and write padded rows ``[start, upto)`` of accumulator
+        ``acc`` (a strategy of :mod:`patchgrid._accumulate`); let them go."""
+        grid, xp, a0, spec = self.grid, self.xp, self.grid.axes[0], self.plan.spec
+        block, wrows = acc.rows(start, upto)
+        ones = spec.reduce != "mean"
+        kind, cov = self.coverage_block(wrows, start, upto, complete, ones)
+        if kind == "profiles":
+            if not ones and not acc.normalised:
+                divide_by_profiles(block, grid.axes, cov, xp)
+            empty = [(a, p == 0) for a, p in zip(grid.axes, cov) if (p == 0).any()]
+        else:
+            if not ones:
+                xp.divide(block, xp.constant(np.where(cov > 0, cov, 1), xp.dtype(block), block))
+            empty = [(-1, cov == 0)] if (cov == 0).any() else []
+        # Crop to the image (padding and rows past its end).
+        stop = max(min(upto, grid.shape[a0]) - start, 0)
+        crop = [slice(0, s) if a in grid.axes else slice(None) for a, s in enumerate(grid.shape)]
+        crop[a0] = slice(0, stop)
+        result = block[tuple(crop)]
+        masks = []
+        for a, mask in empty:
+            if a == -1:
+                masks.append((a, mask[tuple(crop)]))
+            else:
+                masks.append((a, mask[crop[a]] if a != a0 else mask[:stop]))
+        if acc.direct:
+            fill_masks(xp, result, masks, self.fill, None)
+            return
+        result = finish_values(xp, result, spec, a0)
+        fill_masks(xp, result, masks, self.fill, spec.class_axis)
+        if stop > 0:
+            if acc.sink is None:
+                acc.sink = xp.empty(spec.shape, spec.dtype, acc.acc)
+            write_rows(xp, acc.sink, result, start, start + stop, spec, a0)
+        acc.drop(upto - acc.lo)

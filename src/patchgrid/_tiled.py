@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import _memory, settings
-from ._merge import Merger
+from ._merge import DiskMerger, Merger
 from .backends import is_tensor
 from .grid import PatchGrid, restore
 
@@ -41,6 +41,13 @@ class Cropped:
             dst.append(slice(self._origin[a] + lo, self._origin[a] + hi))
         self._sink[tuple(dst)] = np.asarray(block)[tuple(src)]
         _memory.release_memory()  # what the writer's threads freed
+
+
+class TileMerger(DiskMerger):
+    """The Merger of one tile: out of core, and silent about voxels no patch covers (the
+    caller says it once for the whole image)."""
+
+    WARN_UNCOVERED = False
 
 
 def tile_ranges(
@@ -214,27 +221,24 @@ def merge_tiled(
     the patches read.
     """
     a0 = grid.axes[0]
-    probe = Merger(grid, reduce=reduce, window=window, dtype=dtype)
     first = np.asarray(read(0, 1))
-    probe._start(first, tuple(first.shape[1:]))
+    spec = Merger(grid, reduce=reduce, window=window, dtype=dtype).output_spec(first)
     carried = math.prod(first.shape[1 + a] for a in range(grid.ndim) if a not in grid.axes)
-    itemsize = np.dtype(probe._acc_dtype).itemsize * carried
-    class_axis = probe._class_axis
+    itemsize = np.dtype(spec.acc_dtype).itemsize * carried
+    class_axis = spec.class_axis
     out_axis = [a if class_axis is None or a < class_axis else a - 1 for a in range(grid.ndim)]
-    out_shape = probe._out_shape
+    out_shape = spec.shape
     budget = settings.TILE_BYTES if budget is None else budget
     tiles = plan_tiles(grid, out_shape, out_axis, itemsize, budget, out)
     total = sum(t.reads for t in tiles)
     done = 0
     for tile in tiles:
         if tile.empty:  # no patch reaches this tile: it is all fill
-            tile.fill(out, out_axis[a0], grid.stride[0], fill, probe._out_dtype)
+            tile.fill(out, out_axis[a0], grid.stride[0], fill, spec.dtype)
             continue
         assert tile.grid is not None
-        merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill,
-                        dtype=probe._out_dtype, out=tile.sink(out))  # fmt: skip
-        merger._load_kernels = False
-        merger._warn = False  # the caller says it once for the whole image
+        merger = TileMerger(tile.grid, reduce=reduce, window=window, fill=fill,
+                        dtype=spec.dtype, out=tile.sink(out))  # fmt: skip
         # Runs of patches contiguous in grid order, read a batch at most at a time.
         for lo, first_id, count in tile.runs():
             for c in range(0, count, batch):

@@ -1,0 +1,365 @@
+"""Accumulators: where a merge sums its patches, one class per strategy (L2).
+
+The protocol a :class:`~patchgrid.Merger` drives, whatever the strategy:
+
+- ``add(batch, idx, seen)``: add a batch of patches at grid indices, marking each in ``seen``
+  once it is in;
+- ``add_rows(patches, r0, r1, seen)``: add every patch of grid rows ``[r0, r1)``;
+- ``ensure(hi)`` / ``rows(start, upto)`` / ``drop(n)``: make the accumulator reach a row, look
+  at finished rows (sums and, for an array window, summed weights), let them go.
+
+Strategies:
+
+- :class:`Rows`: a slab of rows along the first tiled axis that rolls forward as rows finish
+  (CPU NumPy and torch): strided operations per phase of patches that do not overlap, the
+  compiled batch kernels where they serve;
+- :class:`Direct`: the accumulator is the output itself (nothing to cast, crop or reduce);
+- :func:`planes`: every patch at once through the compiled kernel, each output plane summed in
+  a float64 plane of its own and written normalised.
+
+A device-resident accumulator for CUDA is one more subclass of :class:`Rows`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+from . import _compiled, _strided
+from ._plan import MergePlan
+from .backends import backend_of
+
+# Patches smaller than this (bytes) go in stretches of a grid row rather than one by one.
+RUN_BYTES = 1 << 16
+
+
+def row_runs(idx: np.ndarray, row: int) -> list[tuple[int, int]]:
+    """Stretches ``[b0, b1)`` of a batch whose indices go up by one within one row of the grid
+    (``row`` patches along its last tiled axis), two patches or more."""
+    if len(idx) < 2:
+        return []
+    joined = (np.diff(idx) == 1) & ((idx[1:] // row) == (idx[:-1] // row))
+    edges = [0, *(np.flatnonzero(~joined) + 1).tolist(), len(idx)]
+    return [(b0, b1) for b0, b1 in itertools.pairwise(edges) if b1 - b0 >= 2]
+
+
+class Rows:
+    """A slab of accumulator rows along the first tiled axis, rolling forward as rows finish.
+
+    ``lo`` is the padded row where the slab begins; ``acc`` holds the sums (``None`` until a
+    patch arrives and after every row is let go), ``wacc`` the summed weights of an array
+    window.
+    """
+
+    direct = False  # the accumulator is the output
+    normalised = False  # the sums are divided by the coverage already
+
+    def __init__(self, plan: MergePlan, like: Any, sink: Any = None) -> None:
+        self.plan, self.xp, self.like, self.sink = plan, plan.xp, like, sink
+        self.grid = plan.grid
+        self.acc: Any = None
+        self.wacc: Any = None
+        self.lo = 0
+        self._weight: Any = None
+        self._starts0 = self.grid.axis_starts(0)
+        self._starts_all: np.ndarray | None = None
+
+    def weight(self) -> Any:
+        """The window shaped to broadcast against one patch, on the backend, or None."""
+        if self.plan.weight is None:
+            return None
+        if self._weight is None:
+            self._weight = self.xp.constant(self.plan.weight, self.plan.spec.real_dtype(self.xp),
+                                            self.like)  # fmt: skip
+        return self._weight
+
+    def reach(self, rows: np.ndarray) -> int:
+        """The padded row past the last patch of grid rows ``rows``."""
+        return int(self._starts0[rows].max()) + self.grid.size[0]
+
+    def ensure(self, hi: int) -> None:
+        """Make the accumulator reach padded row ``hi`` along the first tiled axis."""
+        grid, xp, a0, spec = self.grid, self.xp, self.grid.axes[0], self.plan.spec
+        rows = hi - self.lo
+        have = 0 if self.acc is None else self.acc.shape[a0]
+        if rows <= have:
+            return
+        if have == 0:
+            # Room for one patch: batches in grid order come row by row (see Merger.add).
+            rows = max(rows, min(grid.size[0], grid.padded_shape[a0] - self.lo))
+        shape = list(grid.padded_shape)
+        for a in range(grid.ndim):
+            if a not in grid.axes:
+                shape[a] = spec.patch_shape[a]
+        shape[a0] = rows
+        acc = xp.full(shape, spec.identity, spec.acc_dtype, self.like)
+        wacc = None
+        if self.plan.array_window:
+            wshape = [1 if a not in grid.axes else n for a, n in enumerate(shape)]
+            wacc = xp.full(wshape, 0, spec.real_dtype(xp), self.like)
+        if have:
+            head: list[Any] = [slice(None)] * grid.ndim
+            head[a0] = slice(0, have)
+            xp.assign(acc[tuple(head)], self.acc)
+            if wacc is not None:
+                xp.assign(wacc[tuple(head)], self.wacc)
+        self.acc, self.wacc = acc, wacc
+
+    def local(self, index: int) -> tuple[slice, ...]:
+        """Slices of patch ``index`` in the accumulator, whose first row is ``lo``."""
+        sl = list(self.grid.slices(index))
+        a0 = self.grid.axes[0]
+        sl[a0] = slice(sl[a0].start - self.lo, sl[a0].stop - self.lo)
+        return tuple(sl)
+
+    def add(self, arr: Any, idx: np.ndarray, seen: np.ndarray) -> None:
+        """Add patches ``arr`` at flat grid indices ``idx``; mark each in ``seen`` (flat)."""
+        grid, xp, op = self.grid, self.xp, self.plan.op
+        self.ensure(self.reach(np.unravel_index(idx, grid.counts)[0]))
+        weight = self.weight()
+        if self._add_compiled(arr, idx, weight):
+            seen[idx] = True
+            return
+        scratch: list[Any] = []
+        done = np.zeros(len(idx), dtype=bool)
+        # Small patches cost a Python step each; large ones are better one by one (torch's
+        # in-place ops, when loaded, are faster on one patch than on a strided stretch).
+        small = xp.nbytes(arr) // max(len(idx), 1) < RUN_BYTES
+        for b0, b1 in row_runs(idx, grid.counts[-1]) if small else []:
+            self._add_run(arr[b0:b1], int(idx[b0]), weight, scratch, seen)
+            done[b0:b1] = True
+        for b in np.flatnonzero(~done).tolist():
+            i, patch = int(idx[b]), arr[b]
+            sl = self.local(i)
+            target = self.acc[sl]
+            if weight is None:
+                xp.inplace(op, target, patch)
+            else:
+                xp.add_product(target, patch, weight, scratch)
+            if self.wacc is not None:
+                wsl = tuple(s if a in grid.axes else slice(None) for a, s in enumerate(sl))
+                xp.inplace("add", self.wacc[wsl], weight)
+            # Marked one by one: if a later patch of the batch fails, those already added are
+            # known as added, and adding them again raises instead of counting them twice.
+            seen[i] = True
+
+    def _kernels(self) -> bool:
+        return self.plan.kernels or _compiled.loaded()
+
+    def _add_compiled(self, arr: Any, idx: np.ndarray, weight: Any) -> bool:
+        """A batch of large patches through the compiled kernel, if it serves: NumPy floats,
+        an adding reduction, a separable window (no weight volume to keep), a large job."""
+        grid = self.grid
+        if not (self.plan.op == "add" and self.wacc is None and self._kernels()):
+            return False
+        acc, patches = _compiled.host(self.acc), _compiled.host(arr)
+        w = None if weight is None else _compiled.host(weight)
+        if acc is None or patches is None or (weight is not None and w is None):
+            return False
+        if not _compiled.serves_batch(acc, patches, grid.axes, len(grid)):
+            return False
+        if self._starts_all is None:
+            self._starts_all = grid.starts()
+        starts = self._starts_all[idx]
+        starts[:, 0] -= self.lo
+        return _compiled.add_batch(acc, patches, starts, w)
+
+    def _add_run(self, patches: Any, first: int, weight: Any, scratch: list[Any],
+                 seen: np.ndarray) -> None:  # fmt: skip
+        """Patches ``first``, ``first + 1``, ... of one row of the grid (along its last tiled
+        axis), in a few strided operations: one per phase of patches that do not overlap.
+
+        Each operation adds whole patches, which are marked as added as soon as it is done.
+        """
+        grid, xp, op = self.grid, self.xp, self.plan.op
+        k = len(grid.axes)
+        pos = grid.position(first)
+        n = patches.shape[0]
+        last = grid.axis_starts(k - 1)[pos[-1] : pos[-1] + n]
+        lead = [int(grid.axis_starts(j)[pos[j]]) for j in range(k - 1)]
+        if k > 1:
+            lead[0] -= self.lo
+        else:
+            last = last - self.lo
+        for r0, count, start, step in _strided.runs(last.tolist(), grid.size[-1]):
+            phases = 1 if step >= grid.size[-1] else -(-grid.size[-1] // step)
+            for q in range(min(phases, count)):
+                sel = range(r0 + q, r0 + count, phases)
+                where = [*lead, start + q * step]
+                extent = [*grid.size[:-1], phases * step]
+                counts = [1] * (k - 1) + [len(sel)]
+                target = _strided.window_view(self.acc, grid.axes, where, extent, counts,
+                                              grid.size, xp)  # fmt: skip
+                source = patches[sel.start : sel.stop : sel.step]
+                source = source.reshape((1,) * (k - 1) + tuple(source.shape))
+                if weight is None:
+                    xp.inplace(op, target, source)
+                else:
+                    xp.add_product(target, source, weight, scratch)
+                if self.wacc is not None:
+                    wtarget = _strided.window_view(self.wacc, grid.axes, where, extent, counts,
+                                                   grid.size, xp)  # fmt: skip
+                    xp.inplace("add", wtarget, weight)
+                seen[first + sel.start : first + sel.stop : sel.step] = True
+
+    def add_rows(self, arr: Any, r0: int, r1: int, seen: np.ndarray) -> None:
+        """Add the patches of grid rows ``[r0, r1)`` (along the first tiled axis) of ``arr``
+        (shaped ``(*counts, *patch)``): one strided operation per regular sub-grid, through
+        the compiled kernel where it serves; ``seen`` is shaped like the counts."""
+        grid, xp, k = self.grid, self.xp, len(self.grid.axes)
+        self.ensure(int(self._starts0[r1 - 1]) + grid.size[0])
+        op, weight = self.plan.op, self.weight()
+        block = arr[r0:r1]
+        if not self._add_rows_compiled(block, r0, r1, weight):
+            for sub in _strided.subgrids(grid):
+                i0, n, f0, t0 = sub[0]
+                lo, hi = max(i0, r0), min(i0 + n, r1)
+                if hi <= lo:
+                    continue
+                pick = (slice(lo - r0, hi - r0), *(slice(i, i + m) for i, m, _, _ in sub[1:]))
+                first = [f0 + (lo - i0) * t0 - self.lo, *(f for _, _, f, _ in sub[1:])]
+                step = [t for _, _, _, t in sub]
+                _strided.accumulate(self.acc, block[pick], grid.axes, first, step, op, weight, xp)
+                if self.wacc is not None:
+                    counts = [hi - lo, *(m for _, m, _, _ in sub[1:])]
+                    lead = weight.reshape((1,) * k + tuple(weight.shape))
+                    lead = lead.expand(*counts, *weight.shape) if xp.name == "torch" else (
+                        np.broadcast_to(lead, (*counts, *weight.shape)))  # fmt: skip
+                    _strided.accumulate(self.wacc, lead, grid.axes, first, step, "add", None, xp)
+        seen[r0:r1] = True
+
+    def _add_rows_compiled(self, block: Any, r0: int, r1: int, weight: Any) -> bool:
+        """Grid rows ``[r0, r1)`` through the compiled kernel, if it serves (NumPy floats, an
+        adding reduction, a separable window, no padding)."""
+        grid = self.grid
+        acc = self.acc
+        if not (
+            isinstance(block, np.ndarray)
+            and self.plan.op == "add"
+            and self.wacc is None
+            and grid.padded_shape == grid.shape
+            and self._kernels()
+            and _compiled.serves(acc, block, grid.ndim, grid.axes)
+        ):
+            return False
+        starts = [grid.axis_starts(0)[r0:r1] - self.lo] + [
+            grid.axis_starts(j) for j in range(1, len(grid.axes))
+        ]
+        w = None if weight is None else np.asarray(weight).reshape(grid.size)
+        _compiled.overlap_add(acc, block, starts, grid.size, w, False, None)
+        return True
+
+    def rows(self, start: int, upto: int) -> tuple[Any, Any]:
+        """The sums of padded rows ``[start, upto)`` and their summed weights (or None)."""
+        grid, a0 = self.grid, self.grid.axes[0]
+        head: list[Any] = [slice(None)] * grid.ndim
+        head[a0] = slice(start - self.lo, upto - self.lo)
+        wrows = None if self.wacc is None else self.wacc[tuple(head)]
+        return self.acc[tuple(head)], wrows
+
+    def drop(self, n: int) -> None:
+        """Let go of the first ``n`` accumulator rows: shift the rest to the front."""
+        grid, xp, a0 = self.grid, self.xp, self.grid.axes[0]
+        rows = self.acc.shape[a0]
+        keep = rows - n
+        if keep <= 0:  # nothing left to keep: a later row makes a fresh accumulator
+            self.acc = self.wacc = None
+            self.lo += n
+            return
+        for acc, value in ((self.acc, self.plan.spec.identity), (self.wacc, 0)):
+            if acc is None:
+                continue
+            # Forward, in pieces no longer than the shift, so no piece overlaps its source and
+            # no temporary copy is needed.
+            for lo in range(0, max(keep, 0), max(n, 1)):
+                hi = min(lo + n, keep)
+                dst: list[Any] = [slice(None)] * grid.ndim
+                src: list[Any] = [slice(None)] * grid.ndim
+                dst[a0], src[a0] = slice(lo, hi), slice(lo + n, hi + n)
+                xp.assign(acc[tuple(dst)], acc[tuple(src)])
+            tail: list[Any] = [slice(None)] * grid.ndim
+            tail[a0] = slice(max(keep, 0), rows)
+            xp.assign(acc[tuple(tail)], value)
+        self.lo += n
+
+    def release(self) -> None:
+        """Let go of everything (after the result)."""
+        self.acc = self.wacc = None
+
+
+class Direct(Rows):
+    """The accumulator is the output itself: nothing to reduce, cast or crop."""
+
+    direct = True
+
+    def ensure(self, hi: int) -> None:
+        if self.acc is not None:
+            return
+        spec, xp = self.plan.spec, self.xp
+        if self.sink is None:
+            self.sink = xp.full(spec.shape, spec.identity, spec.acc_dtype, self.like)
+        else:
+            xp.assign(self.sink, spec.identity)
+        self.acc = self.sink
+        if self.plan.array_window and self.wacc is None:
+            grid = self.grid
+            wshape = [n if a in grid.axes else 1 for a, n in enumerate(grid.shape)]
+            self.wacc = xp.full(wshape, 0, spec.real_dtype(xp), self.like)
+
+    def drop(self, n: int) -> None:
+        pass  # the output keeps every row
+
+
+def is_direct(plan: MergePlan, sink: Any) -> bool:
+    """Whether the output can be the accumulator: nothing to reduce, cast or crop, and an
+    output (if given) of the backend's own kind, in the accumulator's dtype, writeable."""
+    grid, spec, xp = plan.grid, plan.spec, plan.xp
+    return (
+        spec.class_axis is None
+        and grid.padded_shape == grid.shape
+        and spec.dtype == spec.acc_dtype
+        and (sink is None or (
+            backend_of(sink) is xp and (isinstance(sink, np.ndarray) or xp.name == "torch")
+            and xp.dtype(sink) == spec.acc_dtype and xp.writeable(sink)))
+    )  # fmt: skip
+
+
+def planes(plan: MergePlan, arr: Any, sink: Any) -> Any:
+    """Every patch at once through the compiled kernel, if it serves: each output plane is
+    summed in a float64 plane of its own, normalised and written in the output's dtype, so
+    the wide accumulator never holds more than a plane per thread. Returns the output, or
+    None where the kernel does not serve.
+
+    Only for a mean (or a sum whose output is the accumulator's dtype), a separable window,
+    no labels, no padding to crop, NumPy arrays.
+    """
+    grid, spec = plan.grid, plan.spec
+    if not (
+        isinstance(arr, np.ndarray)
+        and plan.op == "add"
+        and not plan.array_window
+        and spec.class_axis is None
+        and grid.padded_shape == grid.shape
+        and np.dtype(spec.acc_dtype) == np.float64  # the kernel sums in float64
+        and (spec.reduce == "mean" or spec.dtype == spec.acc_dtype)
+    ):
+        return None
+    out = sink
+    if out is not None and (not isinstance(out, np.ndarray) or out.dtype != spec.dtype):
+        return None
+    probe = out if out is not None else np.empty(0, spec.dtype)
+    if not _compiled.serves_planes(probe, arr, grid.ndim, grid.axes):
+        return None
+    if out is None:
+        out = _compiled.fresh(spec.shape, spec.dtype)
+    profiles = None
+    if spec.reduce == "mean":
+        profiles = [np.where(p > 0, p, 1) for p in plan.profile_coverage(False)]
+    weight = None
+    if not plan.window.uniform:
+        weight = np.asarray(plan.window.array, np.float64).reshape(grid.size)
+    starts = [grid.axis_starts(j) for j in range(len(grid.axes))]
+    _compiled.merge_planes(out, arr, starts, grid.size, weight, profiles)
+    return out

@@ -1,0 +1,139 @@
+"""The plan of a merge, made once per layout and cached (L2).
+
+Everything a merge decides before it touches data: the window as a checked value, the output
+spec (shape, dtype, accumulator, class axis), the reduction's operation and identity, the
+weights in the accumulator's precision, the coverage of a complete grid, and whether the
+compiled kernels may serve. A :class:`Merger` asks for its plan when it sees the first patches;
+every strategy below it reads the plan and decides nothing again.
+
+Plans are cached per (grid, reduce, window, patch shape, patch dtype, backend, dtype, output
+dtype, kernels), as einops caches its recipes: the second merge of the same layout pays only
+for the data. An array window is checked on every call and not cached (arrays do not hash).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import windows
+from ._finish import OutputSpec, output_spec, profile_sum, sum_dtype, weight_array
+from .backends import Backend
+from .grid import PatchGrid
+
+# How many layouts keep their plans (and windows) between calls.
+CACHE_SIZE = 128
+
+
+class Window(NamedTuple):
+    """A checked window: per-axis profiles where it is separable, the array, and its form."""
+
+    profiles: list[np.ndarray] | None
+    array: np.ndarray
+    uniform: bool
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _named_window(window: str | None, size: tuple[int, ...]) -> Window:
+    return _make_window(window, size)
+
+
+def _make_window(window: Any, size: tuple[int, ...]) -> Window:
+    profs = windows.profiles(window, size)
+    array = windows.as_window_array(window, size)
+    uniform = window is None or (isinstance(window, str) and window == "uniform")
+    return Window(profs, array, uniform)
+
+
+def checked_window(window: Any, size: Sequence[int]) -> Window:
+    """The window checked against the patch size: cached for names, made anew for arrays."""
+    if window is None or isinstance(window, str):
+        return _named_window(window, tuple(size))
+    return _make_window(window, tuple(size))
+
+
+class MergePlan:
+    """What a merge of one layout decided, shared by every merge of that layout.
+
+    Attributes
+    ----------
+    grid, reduce, xp
+        The grid, the reduction and the backend of the patches.
+    window : Window
+        The checked window.
+    spec : OutputSpec
+        Output shape and dtype, accumulator dtype, class axis, identity of the reduction.
+    op : {"add", "max", "min"}
+        The accumulating operation.
+    weighted : bool
+        The window multiplies the patches (a mean, sum or argmax with a window that is not
+        uniform).
+    array_window : bool
+        Weights are summed per voxel as patches come (a window that is not separable).
+    kernels : bool
+        The compiled kernels may be loaded for this merge (they serve when loaded otherwise).
+    """
+
+    __slots__ = ("_coverage", "array_window", "grid", "kernels", "op", "reduce", "spec",
+                 "weight", "weighted", "window", "xp")  # fmt: skip
+
+    def __init__(self, grid: PatchGrid, reduce: str, window: Window, spec: OutputSpec,
+                 xp: Backend, kernels: bool) -> None:  # fmt: skip
+        self.grid, self.reduce, self.window, self.spec, self.xp = grid, reduce, window, spec, xp
+        self.kernels = kernels
+        self.op = {"max": "max", "min": "min"}.get(reduce, "add")
+        self.weighted = not window.uniform and reduce not in ("max", "min")
+        self.array_window = window.profiles is None and reduce in ("mean", "argmax")
+        self.weight: np.ndarray | None = None
+        if self.weighted:
+            self.weight = weight_array(window.array, window.profiles, grid,
+                                       sum_dtype(xp, spec.acc_dtype))  # fmt: skip
+        self._coverage: dict[bool, list[np.ndarray]] = {}
+
+    def profile_coverage(self, ones: bool) -> list[np.ndarray]:
+        """Coverage along each tiled axis of a complete grid, for a separable window (or
+        ``ones``: patch counts), in the weights' precision; made once per plan."""
+        if ones not in self._coverage:
+            grid = self.grid
+            profs = (self.window.profiles if not ones and self.window.profiles is not None
+                     else [np.ones(p) for p in grid.size])  # fmt: skip
+            dtype = sum_dtype(self.xp, self.spec.acc_dtype)
+            made = [profile_sum(grid.axis_starts(j), profs[j], grid.padded_shape[a], dtype)
+                    for j, a in enumerate(grid.axes)]  # fmt: skip
+            for p in made:
+                p.flags.writeable = False
+            self._coverage[ones] = made
+        return list(self._coverage[ones])
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _cached_plan(grid: PatchGrid, reduce: str, window: str | None, patch_shape: tuple[int, ...],
+                 patch_dtype: Any, xp: Backend, dtype: Any, sink_dtype: Any,
+                 kernels: bool) -> MergePlan:  # fmt: skip
+    return _make_plan(grid, reduce, _named_window(window, grid.size), patch_shape, patch_dtype,
+                      xp, dtype, sink_dtype, kernels)  # fmt: skip
+
+
+def _make_plan(grid: PatchGrid, reduce: str, window: Window, patch_shape: tuple[int, ...],
+               patch_dtype: Any, xp: Backend, dtype: Any, sink_dtype: Any,
+               kernels: bool) -> MergePlan:  # fmt: skip
+    spec = output_spec(grid, patch_shape, patch_dtype, reduce, dtype, sink_dtype, xp)
+    return MergePlan(grid, reduce, window, spec, xp, kernels)
+
+
+def merge_plan(grid: PatchGrid, reduce: str, window: Any, xp: Backend,
+               patch_shape: tuple[int, ...], patch_dtype: Any, dtype: Any = None,
+               sink_dtype: Any = None, kernels: bool = True) -> MergePlan:  # fmt: skip
+    """The plan for merging patches of ``patch_shape`` and ``patch_dtype`` on ``grid``: from
+    the cache when the layout was seen before (a named window and hashable dtypes)."""
+    args = (patch_shape, patch_dtype, xp, dtype, sink_dtype, kernels)
+    if window is None or isinstance(window, str):
+        try:
+            return _cached_plan(grid, reduce, window, *args)
+        except TypeError:  # an unhashable dtype: planned without the cache
+            pass
+    checked = window if isinstance(window, Window) else checked_window(window, grid.size)
+    return _make_plan(grid, reduce, checked, *args)
