@@ -14,135 +14,16 @@ import numpy as np
 
 from . import _checks, _compiled, _memory, _strided
 from ._checks import PatchgridError
-from ._extract import INDEX_MODES, check_pad_value, index_map, pad_array
 from ._finish import warn_uncovered
-from ._merge import RUN_BYTES, Merger, _runs
-from ._tiled import apply_tiles
+from ._merge import RUN_BYTES, DiskMerger, Merger, row_runs
+from ._regions import INDEX_MODES, Reader
+from ._tiled import TileMerger, apply_tiles
 from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor, shares_memory
 from .grid import PatchGrid
 
 __all__ = ["apply"]
 
 Progress = Callable[[int, int], Any]
-
-
-class _Reader:
-    """Reads the input patch of every core: the core plus ``margin`` on each side, padded.
-
-    Only the region a patch needs is read, so a lazy array (memmap, zarr, HDF5) is never read
-    whole. Padding that copies voxels (``edge``, ``reflect``, ``symmetric``, ``wrap``) or a
-    constant is a gather over per-axis index maps; the other ``numpy.pad`` modes depend on the
-    whole image, so for them an in-memory NumPy image is padded once.
-    """
-
-    def __init__(self, image: Any, grid: PatchGrid, margin: Sequence[int], xp: Backend) -> None:
-        self.image, self.grid, self.xp = image, grid, xp
-        self.margin = tuple(margin)
-        self.size = tuple(p + 2 * m for p, m in zip(grid.size, margin))
-        pads = [(m, m + after) for m, (_, after) in
-                zip(margin, (grid.pad_width[a] for a in grid.axes))]  # fmt: skip
-        self.maps: list[np.ndarray | None] = []
-        if any(b or a for b, a in pads) and grid.pad_mode not in INDEX_MODES:
-            if xp is not NUMPY or not isinstance(image, np.ndarray):
-                raise PatchgridError(
-                    f"pad_mode={grid.pad_mode!r} needs the whole image in memory as a NumPy "
-                    f"array; use one of {INDEX_MODES} for {type(image).__name__}"
-                )
-            width = [(0, 0)] * grid.ndim
-            for a, pad in zip(grid.axes, pads):
-                width[a] = pad
-            self.image = pad_array(image, width, grid.pad_mode, grid.pad_value, xp)
-            pads = [(0, 0)] * len(pads)
-        if any(b or a for b, a in pads):
-            check_pad_value(grid.pad_value, grid.pad_mode, image.dtype, xp)
-        for a, (before, after) in zip(grid.axes, pads):
-            length = image.shape[a]
-            plain = not (before or after)
-            self.maps.append(None if plain else index_map(length, before, after, grid.pad_mode))
-
-    def patch_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
-        shape = list(image_shape)
-        for a, p in zip(self.grid.axes, self.size):
-            shape[a] = p
-        return tuple(shape)
-
-    def read(self, index: int) -> Any:
-        """The input patch of core ``index``, read region by region."""
-        return self.read_run(index, 1)[0]
-
-    def read_run(self, first: int, n: int) -> tuple[Any, np.ndarray]:
-        """The input region of cores ``first`` to ``first + n`` (one row of the grid, along its
-        last tiled axis), and where each patch starts in it along that axis."""
-        grid = self.grid
-        k = len(grid.axes)
-        pos = grid.position(first)
-        region: list[Any] = [slice(None)] * grid.ndim
-        gathers: list[tuple[int, np.ndarray]] = []
-        offsets = np.zeros(n, dtype=np.intp)
-        for j, a in enumerate(grid.axes):
-            starts = grid.axis_starts(j)
-            start = int(starts[pos[j]])
-            stop = start + self.size[j]
-            if j == k - 1:
-                offsets = starts[pos[j] : pos[j] + n] - start
-                stop = int(starts[pos[j] + n - 1]) + self.size[j]
-            amap = self.maps[j]
-            if amap is None:
-                region[a] = slice(start, stop)
-                continue
-            ids = amap[start:stop]
-            if ids[0] >= 0 and np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
-                region[a] = slice(int(ids[0]), int(ids[0]) + len(ids))
-            else:
-                gathers.append((a, ids))
-        return self._gather(region, gathers), offsets
-
-    def _gather(self, region: list[Any], gathers: list[tuple[int, np.ndarray]]) -> Any:
-        """Read ``region``, gathering along each axis of ``gathers`` at its source indices.
-
-        Source indices far apart (a wrapped border) are read as separate pieces, so no read
-        spans the whole axis; -1 marks a constant.
-        """
-        xp, value = self.xp, self.grid.pad_value
-        if not gathers:
-            block = self.image[tuple(region)]
-            return np.asarray(block) if xp is NUMPY else block
-        (a, ids), rest = gathers[0], gathers[1:]
-        valid = np.flatnonzero(ids >= 0)
-        pieces: list[np.ndarray] = []
-        if len(valid):
-            order = valid[np.argsort(ids[valid], kind="stable")]
-            cuts = np.flatnonzero(np.diff(ids[order]) > len(ids)) + 1
-            pieces = np.split(order, cuts)
-        parts = []
-        for where in pieces:
-            lo, hi = int(ids[where].min()), int(ids[where].max()) + 1
-            sub = list(region)
-            sub[a] = slice(lo, hi)
-            parts.append((where, lo, self._gather(sub, rest)))
-        if len(parts) == 1 and len(parts[0][0]) == len(ids):
-            where, lo, block = parts[0]
-            return xp.take(block, ids - lo, a)
-        shape = list(parts[0][2].shape) if parts else self._shape(region, rest)
-        shape[a] = len(ids)
-        dtype = xp.dtype(parts[0][2]) if parts else self._dtype()
-        out = xp.full(shape, value, dtype, self.image)
-        for where, lo, block in parts:
-            index: list[Any] = [slice(None)] * len(shape)
-            index[a] = where if xp is NUMPY else xp.constant(where, np.int64, block)
-            out[tuple(index)] = xp.take(block, ids[where] - lo, a)
-        return out
-
-    def _shape(self, region: list[Any], rest: list[tuple[int, np.ndarray]]) -> list[int]:
-        shape = []
-        for n, r in zip(self.image.shape, region):
-            shape.append(len(range(*r.indices(n))))
-        for a, ids in rest:
-            shape[a] = len(ids)
-        return shape
-
-    def _dtype(self) -> Any:
-        return self.image.dtype
 
 
 class _Pool:
@@ -399,7 +280,7 @@ def apply(
             return Merger(out_grid, reduce=reduce, window=window, fill=fill, out=out).result()
         dtype_empty = dtype if dtype is not None else xp.dtype(image)
         return xp.empty(out_grid.shape, dtype_empty, image)
-    reader = _Reader(image, grid, margins, xp)
+    reader = Reader(image, grid, margins, xp)
     tiles = apply_tiles(out, out_grid, reduce)
     on_disk = out is not None and type(out) is not np.ndarray and not is_tensor(out)
     in_shape = reader.patch_shape(shape)
@@ -441,7 +322,7 @@ def apply(
         # lazy images (a file's chunks decoded once for the stretch, not once per patch).
         small = xp.nbytes(batch) // max(len(rows), 1) < RUN_BYTES
         stretch = small or not (isinstance(reader.image, np.ndarray) or is_tensor(reader.image))
-        for b0, b1 in _runs(rows, grid.counts[-1]) if stretch else []:
+        for b0, b1 in row_runs(rows, grid.counts[-1]) if stretch else []:
             # A stretch of one row: one read, cut into patches as strided views.
             block, offsets = reader.read_run(int(rows[b0]), b1 - b0)
             for r0, count, start, step in _strided.runs(offsets.tolist(), reader.size[-1]):
@@ -471,9 +352,9 @@ def apply(
         with grad, _memory.bound(image, out) if on_disk else contextlib.nullcontext():
             if not tiles:
                 everything = np.arange(len(grid))
-                merger = Merger(out_grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
-                                out=out)  # fmt: skip
-                merger._load_kernels = not on_disk
+                kind = DiskMerger if on_disk else Merger
+                merger = kind(out_grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
+                              out=out)  # fmt: skip
                 return run(merger, everything, everything)
             a0 = out_grid.axes[0]
             warn_uncovered(out_grid, fill, stacklevel=4)
@@ -483,10 +364,8 @@ def apply(
                     tile.fill(out, axis, out_grid.stride[0], fill, dtype or out.dtype)
                     continue
                 assert tile.grid is not None
-                merger = Merger(tile.grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
-                                out=tile.sink(out))  # fmt: skip
-                merger._load_kernels = False
-                merger._warn = False
+                merger = TileMerger(tile.grid, reduce=reduce, window=window, fill=fill,
+                                    dtype=dtype, out=tile.sink(out))  # fmt: skip
                 run(merger, *tile.ids())
                 _memory.release_memory()
             return out

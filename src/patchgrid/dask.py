@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._checks import PatchgridError
+from ._regions import INDEX_MODES, Reader, index_map
 from .backends import NUMPY, WIDE, check_cast, check_exact_sum, is_dask, lossless
 from .grid import PatchGrid, restore
 
@@ -49,19 +50,20 @@ def _sub_grid(grid: PatchGrid, picks: Sequence[range], shape: Sequence[int],
                     grid.pad_value, starts, [0] * len(grid.axes))  # fmt: skip
 
 
-def extract_dask(image: Any, grid: PatchGrid, flatten: bool = False) -> Any:
+def extract_dask(
+    image: Any, grid: PatchGrid, extract: Callable[..., Any], flatten: bool = False
+) -> Any:
     """Patches of a Dask array as a Dask array ``(*counts, *patch)``: one task per patch row.
 
     Each task reads the slab of the (lazily padded) image that one row of patches along the
-    first tiled axis needs, and cuts it with the in-memory :func:`extract`.
+    first tiled axis needs, and cuts it with ``extract``, the in-memory extract its caller
+    hands down (the Dask path never imports the layer above it).
     """
     import dask
     import dask.array as da
 
     # Pad through index maps, as in memory: da.pad gets reflect and wrap wrong when the padding
     # is longer than the axis.
-    from ._extract import INDEX_MODES, extract, index_map
-
     for a, (_, after) in enumerate(grid.pad_width):
         if not after:
             continue
@@ -284,8 +286,6 @@ def apply_dask(
     """
     import dask
     import dask.array as da
-
-    from ._extract import index_map
 
     free = [a for a in range(grid.ndim) if a not in grid.axes]
     class_axis = free[-1] if reduce == "argmax" else None
@@ -597,7 +597,7 @@ def _chunk(
     when there is no next chunk in the run or nothing to pass on).
     """
     from . import windows
-    from ._apply import _check_output, _core, _Reader
+    from ._apply import _check_output, _core
     from ._finish import weight_array
 
     grid, out_grid, axes = spec.grid, spec.out_grid, spec.grid.axes
@@ -625,7 +625,7 @@ def _chunk(
 
     if data is not None:
         source = _Window(np.asarray(data), step.spans, spec.shape)
-        reader = _Reader(source, grid, spec.margin, NUMPY)
+        reader = Reader(source, grid, spec.margin, NUMPY)
         w = (
             weight_array(
                 windows.as_window_array(spec.window, out_grid.size),
