@@ -27,6 +27,7 @@ from nibabel.testing import data_path  # noqa: E402
 import patchgrid as pg  # noqa: E402
 import patchgrid.cli as pcli  # noqa: E402
 import patchgrid.io as pio  # noqa: E402
+from patchgrid import _commands, _store  # noqa: E402
 from patchgrid.cli import main  # noqa: E402
 
 COMMANDS = ["info", "extract", "merge", "apply", "preview", "demo"]
@@ -988,9 +989,9 @@ def test_model_failing_with_overwrite_keeps_the_old_output(capsys, tmp_path, nif
 
 
 def _fail_on_third_read(monkeypatch):
-    from patchgrid._apply import _Reader
+    from patchgrid._regions import Reader
 
-    real = _Reader.read
+    real = Reader.read
     calls = [0]
 
     def read(self, index):
@@ -999,7 +1000,7 @@ def _fail_on_third_read(monkeypatch):
             raise OSError("the source went away")
         return real(self, index)
 
-    monkeypatch.setattr(_Reader, "read", read)
+    monkeypatch.setattr(Reader, "read", read)
 
 
 @pytest.mark.parametrize("output", ["p.zarr", "patches/"], ids=["store", "folder"])
@@ -1014,7 +1015,7 @@ def test_extract_failing_halfway_leaves_nothing(capsys, tmp_path, npy, monkeypat
 
 
 def test_extract_folder_failing_on_third_file_leaves_nothing(capsys, tmp_path, npy, monkeypatch):
-    real = pio._WRITERS["npy"]
+    real = pio.WRITERS["npy"]
     calls = [0]
 
     def write(tmp, *args):
@@ -1023,7 +1024,7 @@ def test_extract_folder_failing_on_third_file_leaves_nothing(capsys, tmp_path, n
             raise OSError("disk full")
         real(tmp, *args)
 
-    monkeypatch.setitem(pio._WRITERS, "npy", write)
+    monkeypatch.setitem(pio.WRITERS, "npy", write)
     code, _, err = cli(
         capsys, "extract", npy, "--size", 4, "-o", f"{tmp_path}/p/", "--format", "npy"
     )
@@ -1284,7 +1285,7 @@ def test_merge_of_a_store_checks_no_patch_data(capsys, tmp_path, checked_store, 
         return real(self, key)
 
     monkeypatch.setattr(zarr.Array, "__getitem__", counting)
-    pcli._open_store(str(checked_store))
+    _store.open_store(str(checked_store))
     assert reads == []
 
 
@@ -1300,7 +1301,7 @@ def test_help_shows_edge_default_shift(capsys, command):
 
 
 def _defaults(command):
-    parser = pcli._parser()
+    parser = pcli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     for action in sub.choices[command]._actions:
         if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
@@ -1312,7 +1313,7 @@ def test_help_shows_every_default(capsys, command):
     _, out, _ = cli(capsys, command, "--help")
     text = " ".join(out.split())
     for action in _defaults(command):
-        shown = pcli._fmt(action.default)
+        shown = _commands.as_text(action.default)
         assert f"{action.option_strings[-1]}" in text
         assert f"(default: {shown}" in text, action.option_strings
 
@@ -1481,8 +1482,8 @@ SUMMARY_GRIDS = [
 
 def _summary_grid(args):
     shape = tuple(int(v) for v in str(args[args.index("--shape") + 1]).split(","))
-    parsed = pcli._parser().parse_args(["info", *map(str, args)])
-    return pcli._grid(shape, parsed)
+    parsed = pcli.build_parser().parse_args(["info", *map(str, args)])
+    return _commands.make_grid(shape, parsed)
 
 
 @pytest.mark.parametrize("args", SUMMARY_GRIDS)
@@ -1528,7 +1529,7 @@ def test_info_allocates_nothing_like_the_image(capsys, args):
 
 
 def test_info_says_when_a_copy_is_more_than_memory(capsys, monkeypatch):
-    monkeypatch.setattr(pcli, "_memory_available", lambda: 1 << 30)
+    monkeypatch.setattr(_commands, "memory_available", lambda: 1 << 30)
     _, out, _ = cli(capsys, "info", "--shape", "1024,1024,1024", "--size", 64, "--stride", 32)
     assert "more than the 1.0 GiB of memory available here" in out
 
@@ -1594,7 +1595,7 @@ def test_a_job_larger_than_memory_is_refused_in_one_line(
     capsys, tmp_path, models, monkeypatch, make_args, words
 ):
     args = make_args(tmp_path, models)
-    monkeypatch.setattr(pcli, "_memory_available", lambda: 256 << 10)
+    monkeypatch.setattr(_commands, "memory_available", lambda: 256 << 10)
     code, _, err = cli(capsys, *args)
     assert code == 1
     lines = error_lines(err)
@@ -1610,7 +1611,7 @@ def test_a_job_larger_than_memory_writes_nothing(
 ):
     args = make_args(tmp_path, models)
     before = set(os.listdir(tmp_path))
-    monkeypatch.setattr(pcli, "_memory_available", lambda: 256 << 10)
+    monkeypatch.setattr(_commands, "memory_available", lambda: 256 << 10)
     cli(capsys, *args)
     assert set(os.listdir(tmp_path)) == before
 
@@ -1618,7 +1619,7 @@ def test_a_job_larger_than_memory_writes_nothing(
 def test_merge_into_memory_larger_than_memory_is_refused(
     capsys, tmp_path, checked_store, monkeypatch
 ):
-    monkeypatch.setattr(pcli, "_memory_available", lambda: 64 << 10)
+    monkeypatch.setattr(_commands, "memory_available", lambda: 64 << 10)
     code, _, err = cli(capsys, "merge", checked_store, "-o", tmp_path / "out.nii.gz")
     assert code == 1
     assert "built in memory" in err
@@ -1643,7 +1644,7 @@ def test_extract_beyond_any_machine_is_refused_before_work(capsys, tmp_path, npy
 
 
 def test_memory_available_reads_the_system():
-    have = pcli._memory_available()
+    have = _commands.memory_available()
     assert have is None or have > 0
 
 
@@ -1651,8 +1652,8 @@ def test_memory_available_without_proc_meminfo(monkeypatch):
     def no_proc(path, *args, **kwargs):
         raise OSError(f"no {path}")
 
-    monkeypatch.setattr(pcli, "open", no_proc, raising=False)
-    have = pcli._memory_available()
+    monkeypatch.setattr(_commands, "open", no_proc, raising=False)
+    have = _commands.memory_available()
     assert have is None or have > 0
 
 

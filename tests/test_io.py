@@ -493,13 +493,13 @@ def test_save_affine_of_wrong_shape(tmp_path):
 @pytest.mark.parametrize("ext", EXTS)
 def test_failed_write_leaves_nothing(tmp_path, ext, monkeypatch):
     fmt = pio.split_path(_path(tmp_path, ext))[1]
-    real = pio._WRITERS[fmt]
+    real = pio.WRITERS[fmt]
 
     def write_then_fail(tmp, *args):
         real(tmp, *args)  # the whole temporary output exists when the failure comes
         raise OSError("disk full")
 
-    monkeypatch.setitem(pio._WRITERS, fmt, write_then_fail)
+    monkeypatch.setitem(pio.WRITERS, fmt, write_then_fail)
     with pytest.raises(OSError, match="disk full"):
         pg.save(_path(tmp_path, ext), _volume())
     assert os.listdir(tmp_path) == []

@@ -28,6 +28,7 @@ pytest.importorskip("h5py")
 
 import patchgrid as pg  # noqa: E402
 import patchgrid.io as pio  # noqa: E402
+from patchgrid import _writes  # noqa: E402
 from patchgrid.cli import main  # noqa: E402
 
 SHAPE = (16, 16, 16)
@@ -263,17 +264,17 @@ def test_save_to_a_dangling_link_is_refused(tmp_path):
 
 def _appears_meanwhile(monkeypatch, fmt, make):
     """The writer of ``fmt`` finishes, then ``make(target)`` puts another output in place."""
-    real = pio._WRITERS[fmt]
+    real = pio.WRITERS[fmt]
 
     def write(tmp, *args):
         real(tmp, *args)
         make(os.path.join(os.path.dirname(os.path.dirname(tmp)), os.path.basename(tmp)))
 
-    monkeypatch.setitem(pio._WRITERS, fmt, write)
+    monkeypatch.setitem(pio.WRITERS, fmt, write)
 
 
 def _no_renameat2(monkeypatch):
-    monkeypatch.setattr(pio, "_rename2", lambda *args: False)
+    monkeypatch.setattr(_writes, "rename2", lambda *args: False)
 
 
 def _no_links(monkeypatch):
@@ -325,13 +326,13 @@ def test_an_empty_folder_that_appears_meanwhile_is_kept(tmp_path, monkeypatch, m
 
 
 def test_a_second_extract_to_the_same_store_fails(capsys, folder, monkeypatch):
-    real = pio._move_new
+    real = _writes.move_new
 
     def first_run_finishes_meanwhile(tmp, target):
         zarr.create_array(target, data=_volume(seed=9))
         real(tmp, target)
 
-    monkeypatch.setattr(pio, "_move_new", first_run_finishes_meanwhile)
+    monkeypatch.setattr(_writes, "move_new", first_run_finishes_meanwhile)
     code, _, err = cli(capsys, "extract", "vol.npy", "--size", 8, "-o", "p.zarr")
     assert (code, err.count("\n")) == (1, 1)
     assert "appeared while patchgrid was writing it" in err
@@ -342,14 +343,14 @@ def test_a_second_extract_to_the_same_store_fails(capsys, folder, monkeypatch):
 
 
 def test_interrupt_during_the_move_into_place_waits_and_says_so(capsys, folder, monkeypatch):
-    real = pio._move_new
+    real = _writes.move_new
 
     def interrupted_meanwhile(tmp, target):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # the signal is handled by now: held until the move is done
         real(tmp, target)
 
-    monkeypatch.setattr(pio, "_move_new", interrupted_meanwhile)
+    monkeypatch.setattr(_writes, "move_new", interrupted_meanwhile)
     code, _, err = cli(capsys, "extract", "vol.npy", "--size", 8, "-o", "p.zarr")
     assert code == 130
     assert err == f"patchgrid extract: interrupted; wrote {folder / 'p.zarr'} before that\n"
@@ -359,7 +360,7 @@ def test_interrupt_before_the_output_is_in_place_leaves_nothing(capsys, folder, 
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pio, "_move_new", interrupt)
+    monkeypatch.setattr(_writes, "move_new", interrupt)
     code, _, err = cli(capsys, "extract", "vol.npy", "--size", 8, "-o", "p.zarr")
     assert (code, err) == (130, "patchgrid extract: interrupted; nothing was written\n")
     assert os.listdir(folder) == ["vol.npy"]
@@ -372,7 +373,7 @@ def _dead_pid():
 
 
 def _scratch(folder, pid, host=None):
-    path = folder / f".out.npy.patchgrid-{pio._host() if host is None else host}-{pid}-ab_1.tmp"
+    path = folder / f".out.npy.patchgrid-{_writes.host() if host is None else host}-{pid}-ab_1.tmp"
     (path / "out.npy").mkdir(parents=True)
     return path.name
 
@@ -429,14 +430,14 @@ if phase in ("write", "read"):
 else:
     import patchgrid.cli
 
-    parser = patchgrid.cli._parser
+    parser = patchgrid.cli.build_parser
 
     def slow_parser():
         arrived()
         time.sleep(30)
         return parser()
 
-    patchgrid.cli._parser = slow_parser
+    patchgrid.cli.build_parser = slow_parser
 
 sys.argv = ["patchgrid", *sys.argv[3:]]
 from patchgrid.cli import console

@@ -1,57 +1,47 @@
-"""Files: lazy reading of regions and atomic writing, with voxel spacing and affine.
+"""L1: files: lazy reading of regions, writing with voxel spacing and affine, creating outputs.
 
 Formats, by extension: ``.npy`` (memory-mapped), ``.nii``/``.nii.gz`` (nibabel), ``.tif``/
 ``.tiff`` (tifffile, memory-mapped where the file allows), ``.zarr`` (zarr), ``.h5``/``.hdf5``
-(h5py; ``file.h5:dataset``). Each library is imported only when its format is used.
+(h5py; ``file.h5:dataset``). Each library is imported only when its format is used
+(:func:`need`).
+
+What lives here: :class:`Image` and :func:`open`; :func:`save`; :func:`create_output`, the
+one place an output array is created in a file (a ``.npy`` memmap, a zarr array, an HDF5
+dataset) for ``save`` and the command line alike; :func:`check_output`, which adds an HDF5
+file's datasets to ``_writes.check_target``'s rules; :func:`atomic_path` over ``_writes``'.
+
+Imports from L0 only: ``_checks``, ``_memory``, ``_writes`` (the format of a path, what an
+output may replace, the atomic move).
 """
 
 from __future__ import annotations
 
 import builtins
-import contextlib
-import errno
 import functools
-import gzip
+import importlib
 import json
 import os
-import re
 import shutil
-import signal
-import socket
-import struct
-import sys
-import tempfile
-import threading
-import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
 
+from . import _writes
 from ._checks import PatchgridError
 from ._memory import tune_allocator
+from ._writes import FORMATS as FORMATS  # the formats, by extension
+from ._writes import check_target as check_target  # what an output may replace
+from ._writes import split_path as split_path  # (file, format, dataset) of a path
 
 __all__ = ["Image", "open", "save", "tune_allocator"]
 
-FORMATS = {
-    ".npy": "npy",
-    ".nii": "nifti",
-    ".nii.gz": "nifti",
-    ".tif": "tiff",
-    ".tiff": "tiff",
-    ".zarr": "zarr",
-    ".h5": "hdf5",
-    ".hdf5": "hdf5",
-}
 EXTRA = {"nifti": "nibabel", "tiff": "tifffile", "zarr": "zarr", "hdf5": "h5py"}
 
 
-def _need(module: str) -> Any:
+def need(module: str) -> Any:
     """Import an optional library, or say which extra brings it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -59,28 +49,6 @@ def _need(module: str) -> Any:
             f"this file format needs {module}, which is not installed: pip install "
             f"'patchgrid[io]' (or pip install {module})"
         ) from None
-
-
-def split_path(path: str | os.PathLike[str]) -> tuple[str, str, str | None]:
-    """``(file, format, dataset)`` for a path such as ``scan.nii.gz`` or ``data.h5:/raw``."""
-    text = os.fspath(path)
-    dataset = None
-    lower = text.lower()
-    for ext in (".h5:", ".hdf5:"):
-        at = lower.rfind(ext)
-        if at >= 0:
-            dataset = text[at + len(ext) :]
-            text = text[: at + len(ext) - 1]
-            lower = text.lower()
-            break
-    stripped = lower.rstrip("/\\")
-    for ext in sorted(FORMATS, key=len, reverse=True):
-        if stripped.endswith(ext):
-            return text.rstrip("/\\") if ext == ".zarr" else text, FORMATS[ext], dataset
-    known = ", ".join(sorted(FORMATS))
-    raise PatchgridError(
-        f"cannot tell the format of {os.fspath(path)!r}: known extensions are {known}"
-    )
 
 
 class Image:
@@ -267,7 +235,7 @@ def _npy_problem(file: str, exc: Exception) -> str:
 
 
 def _open_nifti(file: str, dataset: str | None) -> Image:
-    nib = _need("nibabel")
+    nib = need("nibabel")
     img = nib.load(file)
     proxy = img.dataobj
     dtype = (
@@ -286,7 +254,7 @@ def _scaled(img: Any) -> bool:
 
 
 def _open_tiff(file: str, dataset: str | None) -> Image:
-    tifffile = _need("tifffile")
+    tifffile = need("tifffile")
     with tifffile.TiffFile(file) as tif:
         series = tif.series[0]
         shape, dtype = tuple(series.shape), series.dtype
@@ -297,7 +265,7 @@ def _open_tiff(file: str, dataset: str | None) -> Image:
         closer = None
     except (ValueError, OSError):
         store = tifffile.imread(file, aszarr=True)
-        zarr = _need("zarr")
+        zarr = need("zarr")
         data = zarr.open_array(store, mode="r")
         closer = store.close
     if tuple(data.shape) != shape:
@@ -325,7 +293,7 @@ def _tiff_spacing(tif: Any, series: Any, meta: dict[str, Any], ndim: int) -> tup
 
 
 def _open_zarr(file: str, dataset: str | None) -> Image:
-    zarr = _need("zarr")
+    zarr = need("zarr")
     metadata = ("zarr.json", ".zarray", ".zgroup")
     if os.path.isdir(file) and not any(os.path.exists(os.path.join(file, m)) for m in metadata):
         raise PatchgridError(
@@ -353,7 +321,7 @@ def _open_zarr(file: str, dataset: str | None) -> Image:
 
 
 def _open_hdf5(file: str, dataset: str | None) -> Image:
-    h5py = _need("h5py")
+    h5py = need("h5py")
     handle = h5py.File(file, "r")
     names: list[str] = []
     handle.visititems(
@@ -392,373 +360,15 @@ _OPENERS = {
 }
 
 
-# Temporary outputs sit beside their target as ".NAME.patchgrid-HOST-PID-RANDOM.tmp": the host
-# and the process id tell a later run which are left over from a process that was killed.
-_SCRATCH = re.compile(r"\..+\.patchgrid-(?P<host>[A-Za-z0-9]*)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.tmp")
-# What a patch folder written by 'patchgrid extract' holds.
-_PATCH_FILE = re.compile(r"patch(_[0-9]+)+\.(npy|nii|nii\.gz|tif)|\.patchgrid|manifest\.json")
-_LABELS = {"npy": ".npy", "nifti": "NIfTI", "tiff": "TIFF", "hdf5": "HDF5", "zarr": "zarr"}
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-_SETTLE_S = 30.0  # the longest wait for writes already on their way (a slab's chunks)
-_swept: set[str] = set()
-# Outputs moved into place by this process, so that the command line can say truthfully
-# what an interrupted command left behind.
-_written: list[str] = []
-
-
-def check_target(
-    target: str | os.PathLike[str],
-    *,
-    overwrite: bool = False,
-    kind: str | None = None,
-    inputs: Iterable[Any] = (),
-    dataset: str | None = None,
-) -> None:
-    """Refuse an output patchgrid must not write, before any work.
-
-    A link is never written through; an input (or a folder that holds one) is never written
-    over; an existing output is replaced only with ``overwrite``, and only where patchgrid
-    recognises it as its own kind of output: ``kind`` is a format of :data:`FORMATS` (a file
-    of that format, or for zarr an array or a patch store), ``"patches"`` (a folder of patch
-    files from ``patchgrid extract``) or ``"file"`` (any regular file); by default the
-    format the extension names. ``dataset`` is the HDF5 dataset written, so that another
-    dataset of the same file may be an input.
-    """
-    text = os.fspath(target)
-    path = os.path.abspath(text)
-    if os.path.islink(path):
-        raise PatchgridError(
-            f"{text!r} is a symbolic link; patchgrid writes no output through a link: "
-            f"give the path it points to, or another output"
-        )
-    if not os.path.lexists(path):
-        return
-    for source in inputs:
-        how = _input_relation(path, dataset, source)
-        if how is not None:
-            raise PatchgridError(
-                f"{text!r} {how} the input {os.fspath(source)!r}; patchgrid never writes over "
-                f"its input: choose another output"
-            )
-    if not overwrite:
-        raise FileExistsError(f"{text!r} exists; pass overwrite=True (--overwrite) to replace it")
-    why = _not_ours(path, _kind_of(path) if kind is None else kind)
-    if why is not None:
-        raise FileExistsError(
-            f"{text!r} {why}; overwrite=True (--overwrite) replaces only an output that "
-            f"patchgrid wrote: move it away or choose another output"
-        )
-
-
-def _kind_of(path: str) -> str:
-    try:
-        return split_path(path)[1]
-    except PatchgridError:
-        return "file"
-
-
-def _input_relation(path: str, dataset: str | None, source: Any) -> str | None:
-    """``"is"`` or ``"holds"`` where the output ``path`` is the input ``source`` or a folder
-    that holds it, else None."""
-    text = os.fspath(source)
-    try:
-        file, _, inner = split_path(text)
-    except PatchgridError:
-        file, inner = text, None
-    if not os.path.lexists(file):
-        return None
-    try:
-        same = os.path.samefile(path, file)
-    except OSError:
-        same = False
-    if same or os.path.realpath(path) == os.path.realpath(file):
-        if dataset is not None and inner is not None and dataset.strip("/") != inner.strip("/"):
-            return None  # another dataset of the same HDF5 file
-        return "is"
-    if os.path.isdir(path) and not os.path.islink(path):
-        folder = os.path.join(os.path.realpath(path), "")
-        if os.path.realpath(file).startswith(folder):
-            return "holds"
-    return None
-
-
-def _not_ours(path: str, kind: str) -> str | None:
-    """Why the existing ``path`` is not an output of ``kind`` that patchgrid may replace."""
-    if kind == "patches":
-        if not os.path.isdir(path):
-            return "is not a folder of patches"
-        strange = sorted(n for n in os.listdir(path) if not _PATCH_FILE.fullmatch(n))
-        if strange or any(not os.path.isfile(os.path.join(path, n)) for n in os.listdir(path)):
-            first = strange[0] if strange else "a folder"
-            return f"holds files patchgrid did not write (such as {first!r})"
-        return None
-    if kind == "zarr":
-        if not os.path.isdir(path):
-            return "is not a zarr store"
-        return None if _is_our_zarr(path) else "is not a zarr array or a patch store"
-    label = _LABELS.get(kind, "regular")
-    if os.path.isdir(path):
-        return f"is a folder, not a {label} file"
-    if not os.path.isfile(path):
-        return "is not a regular file"
-    if kind in _LABELS and not _looks_like(path, kind):
-        return f"is not a {label} file"
-    return None
-
-
-def _is_our_zarr(path: str) -> bool:
-    """A zarr array (as :func:`save` and merge write) or a patch store (as extract writes)."""
-    try:
-        if os.path.isfile(os.path.join(path, "zarr.json")):
-            with builtins.open(os.path.join(path, "zarr.json")) as f:
-                meta = json.load(f)
-            return meta.get("node_type") == "array" or "patchgrid" in meta.get("attributes", {})
-        if os.path.isfile(os.path.join(path, ".zarray")):
-            return True
-        if os.path.isfile(os.path.join(path, ".zattrs")):
-            with builtins.open(os.path.join(path, ".zattrs")) as f:
-                return "patchgrid" in json.load(f)
-    except (OSError, ValueError, AttributeError):
-        return False
-    return False
-
-
-def _looks_like(path: str, kind: str) -> bool:
-    """Whether the file at ``path`` starts as a file of format ``kind`` does."""
-    try:
-        with builtins.open(path, "rb") as f:
-            head = f.read(8)
-            if kind == "npy":
-                return head.startswith(b"\x93NUMPY")
-            if kind == "tiff":
-                return head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-            if kind == "hdf5":
-                # The superblock is at 0, or after a user block of 512, 1024, 2048... bytes.
-                offset, size = 0, os.fstat(f.fileno()).st_size
-                while offset + 8 <= size:
-                    f.seek(offset)
-                    if f.read(8) == _HDF5_SIGNATURE:
-                        return True
-                    offset = 512 if offset == 0 else 2 * offset
-                return False
-            if kind == "nifti":
-                if head.startswith(b"\x1f\x8b"):
-                    with gzip.open(path, "rb") as g:
-                        head = g.read(4)
-                sizes = struct.unpack("<i", head[:4]) + struct.unpack(">i", head[:4])
-                return bool({348, 540} & set(sizes))  # the header sizes of NIfTI-1 and -2
-    except (OSError, EOFError, struct.error, zlib.error):
-        return False
-    return True
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid() or os.name != "posix":  # Windows: os.kill(pid, 0) is a Ctrl-C
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # a process of another user
-    return True
-
-
-@functools.cache
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40]
-
-
-def _sweep(parent: str) -> None:
-    """Remove temporary outputs left in ``parent`` by a process of this host that was killed
-    (SIGKILL, a power cut), once per folder and process. Only names patchgrid makes are
-    touched, and only where their process is gone."""
-    if parent in _swept:
-        return
-    _swept.add(parent)
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return
-    for entry in entries:
-        found = _SCRATCH.fullmatch(entry.name)
-        if (
-            found is not None
-            and found["host"] == _host()
-            and not _alive(int(found["pid"]))
-            and entry.is_dir(follow_symlinks=False)
-        ):
-            _remove(entry.path)
-
-
-def _remove(folder: str) -> None:
-    """Remove ``folder``, again while anything still writing into it brings it back."""
-    for _ in range(100):
-        shutil.rmtree(folder, ignore_errors=True)
-        if not os.path.lexists(folder):
-            return
-        time.sleep(0.01)
-
-
-def _settle_writers(timeout: float = _SETTLE_S) -> None:
-    """Wait until writes already handed to zarr's own threads have finished.
-
-    zarr (v3) writes chunks from an event loop on a thread of its own; an interrupt stops
-    the caller, not those writes, which would go on creating files in a folder being removed.
-    """
-    import asyncio  # zarr has loaded it already
-
-    sync = sys.modules.get("zarr.core.sync")
-    loop = getattr(sync, "loop", [None])[0] if sync is not None else None
-    if not isinstance(loop, asyncio.AbstractEventLoop) or loop.is_closed():
-        return
-    if not loop.is_running():
-        return
-
-    async def idle() -> None:
-        me = asyncio.current_task()
-        while others := [t for t in asyncio.all_tasks() if t is not me]:
-            await asyncio.wait(others)
-
-    future = asyncio.run_coroutine_threadsafe(idle(), loop)
-    try:
-        future.result(timeout)
-    except Exception:
-        future.cancel()
-
-
-@contextmanager
-def _signals_held(resend: bool = True) -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block is done (a move into place and its clean-up
-    are not cut in half). One that came meanwhile is then delivered, with ``resend``, unless
-    the block ends with an exception (an interrupt already on its way, say)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    previous: dict[int, Any] = {}
-
-    def hold(signum: int, frame: Any) -> None:
-        held.append(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if handler is not None:  # None: a handler not set from Python, which cannot be restored
-            previous[sig] = signal.signal(sig, hold)
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    try:
-        yield
-    except BaseException:
-        restore()
-        raise
-    restore()
-    if held and resend and held[0] in previous:
-        handler = previous[held[0]]
-        if callable(handler):
-            handler(held[0], None)
-        elif handler == signal.SIG_DFL:
-            os.kill(os.getpid(), held[0])
-
-
-@functools.cache
-def _renameat2() -> Callable[..., int] | None:
-    """Linux's renameat2, which can refuse to replace (or swap with) an existing name."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
-
-
-def _rename2(source: str, target: str, flags: int) -> bool:
-    """renameat2; False where the system or the file system does not have it."""
-    fn = _renameat2()
-    if fn is None:
-        return False
-    import ctypes
-
-    if fn(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), target)
-
-
-def _appeared(target: str) -> FileExistsError:
-    return FileExistsError(
-        f"{target!r} appeared while patchgrid was writing it (another run?): it is kept and "
-        f"this output dropped; pass overwrite=True (--overwrite) to replace it"
-    )
-
-
-def _move_new(tmp: str, target: str) -> None:
-    """Move ``tmp`` to ``target``, which must not exist, even if it appears meanwhile."""
-    try:
-        if _rename2(tmp, target, _RENAME_NOREPLACE):
-            return
-        if os.path.isdir(tmp):
-            # rename() replaces an empty folder: make it ourselves, exclusively, first.
-            os.mkdir(target)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.rmdir(target)
-                raise
-            return
-        try:
-            os.link(tmp, target)  # fails on an existing name, where rename() would replace
-            os.unlink(tmp)
-        except FileExistsError:
-            raise
-        except OSError:  # a file system without hard links: claim the name exclusively
-            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            os.replace(tmp, target)
-    except FileExistsError:
-        raise _appeared(target) from None
-
-
-def _move_over(tmp: str, target: str, scratch: str) -> None:
-    """Replace the existing ``target`` by ``tmp``; the old one ends in ``scratch``."""
-    if not os.path.isdir(tmp):
-        os.replace(tmp, target)
-        return
-    if _rename2(tmp, target, _RENAME_EXCHANGE):
-        return
-    old = os.path.join(scratch, ".old")
-    os.replace(target, old)
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.rename(old, target)
-        raise _appeared(target) from None
-
-
-@contextmanager
 def atomic_path(
-    target: str,
+    target: str | os.PathLike[str],
     *,
     overwrite: bool = False,
     directory: bool = False,
     kind: str | None = None,
     inputs: Iterable[Any] = (),
     dataset: str | None = None,
-) -> Iterator[str]:
+) -> AbstractContextManager[str]:
     """A temporary path beside ``target`` that becomes ``target`` only if the block succeeds.
 
     A failed or interrupted write leaves nothing behind, and an existing ``target`` is kept
@@ -766,34 +376,37 @@ def atomic_path(
     (``kind``, ``inputs`` and ``dataset`` as for :func:`check_target`). An output that
     appears at ``target`` while the block runs is kept (an error) unless ``overwrite``.
     """
-    target = os.path.abspath(target)
-    check_target(target, overwrite=overwrite, kind=kind, inputs=inputs, dataset=dataset)
-    parent = os.path.dirname(target) or "."
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"the folder {parent!r} does not exist")
-    _sweep(parent)
-    name = os.path.basename(target)
-    scratch = tempfile.mkdtemp(
-        prefix=f".{name[:80]}.patchgrid-{_host()}-{os.getpid()}-", suffix=".tmp", dir=parent
-    )
-    tmp = os.path.join(scratch, name)
-    try:
+    check = functools.partial(check_target, kind=kind, inputs=list(inputs), dataset=dataset)
+    return _writes.atomic_path(os.fspath(target), overwrite=overwrite, check=check)
+
+
+def check_output(
+    path: str | os.PathLike[str], *, overwrite: bool = False, inputs: Iterable[Any] = ()
+) -> None:
+    """Refuse, before any work, an output that :func:`save` or :func:`create_output` would
+    refuse. A dataset added to an existing HDF5 file leaves its other datasets: the file is
+    replaced (it must be an HDF5 file), the dataset only with ``overwrite``."""
+    file, fmt, dataset = split_path(path)
+    if fmt == "hdf5" and os.path.lexists(file):
+        check_target(file, overwrite=True, kind=fmt, inputs=inputs, dataset=dataset or "data")
+        check_dataset(file, dataset, overwrite)
+    else:
+        check_target(file, overwrite=overwrite, kind=fmt, inputs=inputs)
+
+
+@contextmanager
+def _output_file(path: str | os.PathLike[str], overwrite: bool, inputs: list[str]) -> Iterator[str]:
+    """The temporary path that becomes the file of ``path``; an existing HDF5 file is copied
+    there first, so that its other datasets stay."""
+    file, fmt, dataset = split_path(path)
+    keep = fmt == "hdf5" and os.path.lexists(file)
+    if keep:
+        check_output(path, overwrite=overwrite, inputs=inputs)
+    name = (dataset or "data") if fmt == "hdf5" else None
+    with atomic_path(file, overwrite=overwrite or keep, inputs=inputs, dataset=name) as tmp:
+        if keep:
+            shutil.copy2(file, tmp)
         yield tmp
-        with _signals_held():
-            try:
-                if overwrite and os.path.lexists(target):
-                    check_target(target, overwrite=True, kind=kind, inputs=inputs, dataset=dataset)
-                    _move_over(tmp, target, scratch)
-                else:
-                    _move_new(tmp, target)
-                _written.append(target)
-            finally:
-                _remove(scratch)
-    except BaseException:
-        with _signals_held(resend=False):
-            _settle_writers()
-            _remove(scratch)
-        raise
 
 
 def _meta_from(like: Any, ndim: int, spacing: Any, affine: Any) -> tuple[tuple[float, ...], Any]:
@@ -849,21 +462,13 @@ def save(
     The file is written under a temporary name beside ``path`` and moved into place at the
     end: a failed or interrupted write leaves nothing, and never half a file.
     """
-    file, fmt, dataset = split_path(path)
+    _, fmt, dataset = split_path(path)
     ndim = len(array.shape)
     spacing_t, affine_a = _meta_from(like, ndim, spacing, affine)
     inputs = _sources(array, like)
-    if fmt == "hdf5" and os.path.lexists(file):
-        # Another dataset of the file stays: write into a copy of the file, then swap it in.
-        name = dataset or "data"
-        check_target(file, overwrite=True, kind=fmt, inputs=inputs, dataset=name)
-        check_dataset(file, dataset, overwrite)
-        with atomic_path(file, overwrite=True, inputs=inputs, dataset=name) as tmp:
-            shutil.copy2(file, tmp)
-            _write_hdf5(tmp, array, spacing_t, affine_a, like, dataset, chunks)
-        return
-    with atomic_path(file, overwrite=overwrite, inputs=inputs) as tmp:
-        _WRITERS[fmt](tmp, array, spacing_t, affine_a, like, dataset, chunks)
+    # Into an existing HDF5 file: another dataset of the file stays (written into a copy).
+    with _output_file(path, overwrite, inputs) as tmp:
+        WRITERS[fmt](tmp, array, spacing_t, affine_a, like, dataset, chunks)
 
 
 def _sources(*arrays: Any) -> list[str]:
@@ -882,7 +487,7 @@ def _sources(*arrays: Any) -> list[str]:
 
 def check_dataset(file: str, dataset: str | None, overwrite: bool) -> None:
     """An existing HDF5 dataset is replaced only with ``overwrite``."""
-    h5py = _need("h5py")
+    h5py = need("h5py")
     name = (dataset or "data").lstrip("/")
     with h5py.File(file, "r") as f:
         exists = name in f
@@ -890,6 +495,75 @@ def check_dataset(file: str, dataset: str | None, overwrite: bool) -> None:
         raise FileExistsError(
             f"{file}:{name} exists; pass overwrite=True (--overwrite) to replace it"
         )
+
+
+@contextmanager
+def create_output(
+    path: str | os.PathLike[str],
+    shape: tuple[int, ...],
+    dtype: Any,
+    spacing: Any,
+    affine: Any,
+    overwrite: bool = False,
+) -> Iterator[Any]:
+    """An array to write into that becomes the file ``path`` when the block succeeds: on
+    disk where the format allows (npy, zarr, HDF5: bounded memory), in memory for NIfTI and
+    TIFF (saved at the end). Nothing is left of it if the block fails."""
+    _, fmt, dataset = split_path(path)
+    dtype = np.dtype(dtype)
+    with _output_file(path, overwrite, []) as tmp:
+        if fmt in _ON_DISK:
+            with _new_array(tmp, fmt, dataset, shape, dtype, spacing, affine) as out:
+                yield out
+        else:
+            out = np.empty(shape, dtype)
+            yield out
+            save(tmp, out, spacing=spacing, affine=affine)
+
+
+_ON_DISK = ("npy", "zarr", "hdf5")
+
+
+@contextmanager
+def _new_array(
+    tmp: str,
+    fmt: str,
+    dataset: str | None,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    spacing: Any,
+    affine: Any,
+    chunks: Any = None,
+) -> Iterator[Any]:
+    """A new array in the file ``tmp``: a ``.npy`` memmap, a zarr array or an HDF5 dataset
+    (replacing one of that name); spacing and affine are written when the block succeeds."""
+    if fmt == "npy":
+        mapped = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield mapped
+        mapped.flush()
+        del mapped
+    elif fmt == "zarr":
+        zarr = need("zarr")
+        out = zarr.open_array(
+            tmp, mode="w", shape=shape, dtype=dtype, chunks=chunks or _chunks_for(shape, dtype)
+        )
+        yield out
+        out.attrs.update(_attrs(spacing, affine))
+    else:
+        h5py = need("h5py")
+        with h5py.File(tmp, "a") as f:
+            name = (dataset or "data").lstrip("/")
+            if name in f:
+                del f[name]
+            ds = f.create_dataset(
+                name,
+                shape=shape,
+                dtype=dtype,
+                chunks=chunks or (_chunks_for(shape, dtype) if shape else None),
+            )
+            yield ds
+            for key, value in _attrs(spacing, affine).items():
+                ds.attrs[key] = value
 
 
 def _slabs(array: Any, rows: int = 0) -> Iterator[tuple[slice, np.ndarray]]:
@@ -904,25 +578,36 @@ def _slabs(array: Any, rows: int = 0) -> Iterator[tuple[slice, np.ndarray]]:
         yield slice(lo, lo + per), np.asarray(array[lo : lo + per])
 
 
-def _write_npy(
-    tmp: str, array: Any, spacing: Any, affine: Any, like: Any, dataset: Any, chunks: Any
+def _write_array(
+    fmt: str,
+    tmp: str,
+    array: Any,
+    spacing: Any,
+    affine: Any,
+    like: Any,
+    dataset: Any,
+    chunks: Any,
 ) -> None:
-    out = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.dtype(array.dtype), shape=tuple(array.shape)
-    )
-    if out.ndim == 0:
-        out[()] = np.asarray(array)
-    else:
-        for sl, slab in _slabs(array):
+    """``array`` into a new ``.npy``, zarr or HDF5 file, about 64 MiB at a time."""
+    shape = tuple(array.shape)
+    with _new_array(
+        tmp, fmt, dataset, shape, np.dtype(array.dtype), spacing, affine, chunks
+    ) as out:
+        if not shape:
+            out[()] = np.asarray(array)
+            return
+        rows = 0
+        if fmt == "zarr":  # whole chunks along axis 0
+            per_row = out.nbytes // max(shape[0], 1)
+            rows = out.chunks[0] * max(1, (64 << 20) // max(1, per_row * out.chunks[0]))
+        for sl, slab in _slabs(array, rows):
             out[sl] = slab
-    out.flush()
-    del out
 
 
 def _write_nifti(
     tmp: str, array: Any, spacing: Any, affine: Any, like: Any, dataset: Any, chunks: Any
 ) -> None:
-    nib = _need("nibabel")
+    nib = need("nibabel")
     data = np.asarray(array)
     header = None
     if like is not None and getattr(like, "format", None) == "nifti":
@@ -940,7 +625,7 @@ def _write_nifti(
 def _write_tiff(
     tmp: str, array: Any, spacing: Any, affine: Any, like: Any, dataset: Any, chunks: Any
 ) -> None:
-    tifffile = _need("tifffile")
+    tifffile = need("tifffile")
     data = np.asarray(array)
     meta: dict[str, Any] = {"spacing": list(spacing)}
     if affine is not None:
@@ -949,53 +634,6 @@ def _write_tiff(
     if data.ndim >= 2 and spacing[-1] > 0 and spacing[-2] > 0:
         kwargs["resolution"] = (1.0 / spacing[-1], 1.0 / spacing[-2])
     tifffile.imwrite(tmp, data, metadata=meta, photometric="minisblack", **kwargs)
-
-
-def _write_zarr(
-    tmp: str, array: Any, spacing: Any, affine: Any, like: Any, dataset: Any, chunks: Any
-) -> None:
-    zarr = _need("zarr")
-    shape = tuple(array.shape)
-    out = zarr.open_array(
-        tmp,
-        mode="w",
-        shape=shape,
-        dtype=np.dtype(array.dtype),
-        chunks=chunks or _chunks_for(shape, np.dtype(array.dtype)),
-    )
-    if shape:
-        rows = out.chunks[0] * max(
-            1, (64 << 20) // max(1, out.nbytes // max(shape[0], 1) * out.chunks[0])
-        )
-        for sl, slab in _slabs(array, rows):
-            out[sl] = slab
-    else:
-        out[()] = np.asarray(array)
-    out.attrs.update(_attrs(spacing, affine))
-
-
-def _write_hdf5(
-    tmp: str, array: Any, spacing: Any, affine: Any, like: Any, dataset: Any, chunks: Any
-) -> None:
-    h5py = _need("h5py")
-    shape = tuple(array.shape)
-    with h5py.File(tmp, "a") as f:
-        name = (dataset or "data").lstrip("/")
-        if name in f:
-            del f[name]
-        ds = f.create_dataset(
-            name,
-            shape=shape,
-            dtype=np.dtype(array.dtype),
-            chunks=chunks or (_chunks_for(shape, np.dtype(array.dtype)) if shape else None),
-        )
-        if shape:
-            for sl, slab in _slabs(array):
-                ds[sl] = slab
-        else:
-            ds[()] = np.asarray(array)
-        for key, value in _attrs(spacing, affine).items():
-            ds.attrs[key] = value
 
 
 def _attrs(spacing: Any, affine: Any) -> dict[str, Any]:
@@ -1017,12 +655,13 @@ def _chunks_for(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
     return tuple(max(1, c) for c in chunks)
 
 
-_WRITERS = {
-    "npy": _write_npy,
+# The writer of each format, looked up at each save.
+WRITERS: dict[str, Callable[..., None]] = {
+    "npy": functools.partial(_write_array, "npy"),
     "nifti": _write_nifti,
     "tiff": _write_tiff,
-    "zarr": _write_zarr,
-    "hdf5": _write_hdf5,
+    "zarr": functools.partial(_write_array, "zarr"),
+    "hdf5": functools.partial(_write_array, "hdf5"),
 }
 
 
