@@ -278,19 +278,18 @@ def merge(args: argparse.Namespace) -> int:
     # The source's dtype by default, so that a round trip gives the source back exactly
     # (means into an integer dtype are rounded to the nearest value).
     dtype = args.dtype or (source["dtype"] if reduce_ in ("mean", "max", "min") else None)
-    probe = pg.Merger(grid, reduce=reduce_, window=args.window, dtype=dtype)
-    probe._start(first, tuple(first.shape[1:]))
+    spec = pg.Merger(grid, reduce=reduce_, window=args.window, dtype=dtype).output_spec(first)
     spacing = source.get("spacing") or [1.0] * grid.ndim
-    if reduce_ == "argmax" and probe._class_axis is not None:
-        spacing = [s for a, s in enumerate(spacing) if a != probe._class_axis]
+    if reduce_ == "argmax" and spec.class_axis is not None:
+        spacing = [s for a, s in enumerate(spacing) if a != spec.class_axis]
     # NIfTI and TIFF outputs are built in memory; the others are filled on disk tile by tile.
     in_memory = io.split_path(args.output)[1] in ("nifti", "tiff")
-    out_bytes = math.prod(probe._out_shape) * np.dtype(probe._out_dtype).itemsize
+    out_bytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
     patch = math.prod(grid.patch_shape)
     check_memory(
         (out_bytes if in_memory else 0)
         + args.batch * patch * first.dtype.itemsize
-        + 2 * patch * np.dtype(probe._acc_dtype).itemsize,
+        + 2 * patch * np.dtype(spec.acc_dtype).itemsize,
         f"merge into {args.output}"
         + (f" ({size_text(out_bytes)} built in memory)" if in_memory else ""),
         "write a .zarr, .h5 or .npy output (filled on disk) or lower --batch",
@@ -299,8 +298,8 @@ def merge(args: argparse.Namespace) -> int:
     with (
         io.create_output(
             args.output,
-            probe._out_shape,
-            probe._out_dtype,
+            spec.shape,
+            spec.dtype,
             spacing,
             source.get("affine"),
             args.overwrite,
@@ -315,13 +314,13 @@ def merge(args: argparse.Namespace) -> int:
             reduce=reduce_,
             window=args.window,
             fill=args.fill,
-            dtype=probe._out_dtype,
+            dtype=spec.dtype,
             batch=args.batch,
             progress=bar.reached,  # patches reaching two tiles are read twice
         )
     print(
-        f"merge: {n} patches from {args.patches} -> {args.output} {probe._out_shape} "
-        f"{probe._out_dtype} (window {args.window}, reduce {reduce_}, "
+        f"merge: {n} patches from {args.patches} -> {args.output} {spec.shape} "
+        f"{spec.dtype} (window {args.window}, reduce {reduce_}, "
         f"{time.perf_counter() - t0:.2f} s)"
     )
     return 0
