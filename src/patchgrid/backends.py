@@ -1,57 +1,289 @@
-"""The few places where NumPy and torch differ, looked up by the type of the array.
+"""Layer L0: the array operations patchgrid needs, one interface, looked up by array type.
 
-Nothing here imports torch: a tensor can only reach us if the caller imported torch already,
-so the lookup checks ``sys.modules`` (einops' habit).
+What lives here:
+
+- :class:`Backend`, the interface (einops' ``AbstractBackend``). Every operation of the base
+  raises ``NotImplementedError`` naming the backend class and the operation, so a backend that
+  forgets one fails loudly where it is called, never quietly through another backend's code.
+  No operation of the base is concrete.
+- :class:`NumpyBackend` (the instance :data:`NUMPY`): NumPy's implementation. Where the caller
+  has imported torch, a few in-place operations on large NumPy arrays borrow torch's
+  multi-threaded kernels (:data:`TORCH_ADD_MIN`); nothing here imports torch for it.
+- :class:`TorchBackend`: torch's operations (:class:`patchgrid._torch.TorchOps`) on the
+  interface; torch is imported when the first tensor is seen.
+- :func:`backend_of`, the lookup by type (cached), and the questions asked of any array:
+  :func:`in_memory`, :func:`is_tensor`, :func:`is_dask`, :func:`shares_memory`.
+- The one range-and-cast rule: :func:`lossless`, :func:`check_cast`, :func:`check_exact_sum`,
+  and :data:`WIDE`.
+- The types: :class:`SupportsArray` and :data:`ArrayT`, "an ndarray in gives an ndarray out,
+  a tensor gives a tensor".
+
+Code outside the backends never asks which backend it holds; it asks the backend.
+
+It may import NumPy, :mod:`patchgrid._checks` and :mod:`patchgrid._torch` (torch's
+implementation, same layer, which imports nothing of this module). torch itself is never
+imported here: a tensor can only reach patchgrid if the caller imported torch already, so
+the lookup checks ``sys.modules`` (einops' habit).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import sys
-from functools import lru_cache
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from ._checks import PatchgridError
+from ._torch import TorchOps
 
-__all__ = ["Backend", "backend_of", "check_cast", "check_exact_sum", "lossless"]
+__all__ = [
+    "NUMPY", "WIDE", "ArrayT", "Backend", "NumpyBackend", "SupportsArray", "TorchBackend",
+    "backend_of", "check_cast", "check_exact_sum", "in_memory", "is_dask", "is_tensor",
+    "lossless", "shares_memory",
+]  # fmt: skip
+
+# Whether this platform's ``longdouble`` has more mantissa bits than float64 (x86's 80-bit
+# extended: 63 bits, every int64 and uint64 exactly; a quad on some others).
+WIDE = np.finfo(np.longdouble).nmant > np.finfo(np.float64).nmant
 
 
-class Backend:
-    """NumPy arrays. Strides are in the backend's own units (bytes for NumPy)."""
+class SupportsArray(Protocol):
+    """What patchgrid needs of an array held in memory: NumPy arrays and torch tensors have
+    it; lazy arrays (zarr, HDF5, ``pg.open`` images) have no in-place arithmetic."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> Any: ...
+    @property
+    def ndim(self) -> int: ...
+    def __getitem__(self, key: Any, /) -> Any: ...
+    def __setitem__(self, key: Any, value: Any, /) -> None: ...
+    def __iadd__(self, other: Any, /) -> Any: ...
+
+
+#: An array of one backend: an ndarray in gives an ndarray out, a tensor gives a tensor.
+ArrayT = TypeVar("ArrayT", bound=SupportsArray)
+
+
+def _raising(cls: _C) -> _C:
+    """The interface made loud: each operation declared in ``cls`` (a signature with an empty
+    body) replaced by one that raises ``NotImplementedError`` naming the backend's class and
+    the operation, so that a backend that does not implement it fails where it is called."""
+    for name, member in list(vars(cls).items()):
+        if isinstance(member, property):
+            setattr(cls, name, property(_missing(name, member.fget)))
+        elif callable(member) and not name.startswith("_"):
+            setattr(cls, name, _missing(name, member))
+    return cls
+
+
+def _missing(operation: str, declared: Any) -> Any:
+    @functools.wraps(declared)
+    def missing(self: object, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement {operation}(), an operation of the "
+            f"patchgrid.backends.Backend interface"
+        )
+
+    return missing
+
+
+_C = TypeVar("_C", bound=type)
+
+
+@_raising
+class Backend(Protocol):
+    """The interface: every array operation patchgrid's engine performs (einops'
+    ``AbstractBackend``).
+
+    Every operation here raises ``NotImplementedError`` naming the backend and the operation;
+    an implementation subclasses ``Backend`` and overrides each of them (:class:`NumpyBackend`,
+    :class:`TorchBackend`), and mypy refuses to instantiate one that misses any. None is
+    concrete on the base, the three attributes included (properties that raise). Strides are
+    in the backend's own units (bytes for NumPy, elements for torch); ``dtype`` arguments take
+    the backend's dtypes or NumPy's; ``like`` is an array of the backend that a new one is
+    made beside (on its device).
+
+    Attributes
+
+    - ``name``: "numpy", "torch"; for messages only, never to branch on.
+    - ``host_loops``: whether operations run as NumPy loops on the host, one thread each,
+      releasing the GIL: patchgrid's strided loops then pay off (rows copied as opaque items,
+      short rows reordered, chunks on threads), and the compiled kernels take its arrays.
+      False for torch, whose kernels run on their own threads or on the device.
+    - ``wide_sums``: whether sums of 64-bit integers are exact (NumPy's x87 extended
+      ``longdouble`` accumulator, :data:`WIDE`).
+    - ``output_kind``: what a model must return for an image of this backend, in words.
+
+    What an array is
+
+    - ``asarray(x)``: a region read from an image of this backend, as one of its arrays.
+    - ``owns(x, plain=False)``: whether ``x`` is an array of this backend held in memory
+      (``plain``: not an ndarray subclass such as ``np.memmap``, whose pages live in a file).
+    - ``layout(x)``: ``(shape, strides, dtype)`` of a plain array of this backend, a key for
+      cached plans; None for anything else.
+    - ``shape``, ``strides``, ``dtype``, ``itemsize``, ``nbytes``, ``size`` (elements),
+      ``address`` (of the first element), ``writeable``.
+    - ``needs_grad(x)``: whether ``x`` is part of an autograd graph (never for NumPy).
+    - ``pads_whole(x)``: whether :meth:`pad` takes ``x`` in every ``numpy.pad`` mode, those
+      that read the whole image (``mean``, ``median``...) included: an ndarray for NumPy;
+      never for torch.
+    - ``one_thread()``: whether accumulating runs on one thread, so that a reader thread
+      beside it helps: NumPy's ufuncs, unless the caller has imported torch (whose fused adds
+      NumPy arrays borrow, on all cores); never torch's.
+
+    Making arrays
+
+    - ``empty``, ``full``; ``constant(array, dtype, like)``: a small NumPy array (a window,
+      a profile) moved to the backend.
+    - ``index(where, like)``: integer positions as an index into arrays like ``like``
+      (``x[..., index] = v``): the ndarray itself for NumPy, an int64 tensor for torch.
+    - ``host(x)``: a NumPy view of ``x``'s own memory (no copy: writes go through), or None:
+      an ndarray itself; a CPU tensor that needs no grad, where ``Tensor.numpy`` serves.
+    - ``host_dtype(dtype, like)``: the NumPy dtype of a host buffer that stands for arrays of
+      ``dtype`` beside ``like`` (``from_host`` wraps it, ``divide`` takes it); None off the CPU
+      or for a dtype NumPy does not have (bfloat16).
+    - ``from_host(buf)``: an array over a NumPy buffer's memory, no copy (a view for NumPy,
+      so that the buffer's reference count shows it in use).
+    - ``from_any(x)``: an array of any backend as one this backend's arrays are assigned from
+      (``out[...] = from_any(x)``): NumPy brings a tensor to the host, torch wraps an ndarray.
+    - ``as_output(x)``: a model's output as an array of this backend, or None where it is not
+      one (NumPy takes anything with ``__array__``; torch only tensors).
+    - ``no_grad()``: the context a model runs in (no autograd graph; nothing for NumPy).
+
+    Views
+
+    - ``as_strided``, ``readonly`` (torch has no read-only tensors), ``broadcast_to``.
+    - ``reshape(x, shape)``: a view where the memory allows (torch raises where it does not).
+    - ``pad(x, pad_width, mode, value)``: ``numpy.pad`` where the backend has it, any mode
+      (NumPy); None where the caller pads through index maps (torch).
+
+    Dtypes
+
+    - ``as_dtype`` (the backend's dtype for a NumPy one, or for the other backend's by name),
+      ``numpy_dtype`` (the NumPy dtype that stands for it in the cast rule), ``kind`` ('b',
+      'i', 'u', 'f' or 'c'), ``real_dtype`` (of a complex dtype's parts).
+    - ``acc_dtype(dtype, reduce)``: a merge's accumulator; ``out_dtype``: its result where
+      nothing says; ``label_dtype(n)``: the smallest that holds ``argmax``'s labels;
+      ``extreme(dtype, big)``: the identity of ``min`` (``big``) or ``max``;
+      ``fits(value, dtype)``: whether ``value`` can be stored in ``dtype``.
+
+    Arithmetic in place
+
+    - ``inplace(op, target, source)``: ``add``, ``max`` or ``min`` into ``target``;
+      ``add_product``: ``target += source * weight``; ``divide``: ``target /= divisor`` (a
+      host buffer from ``host_dtype`` too); ``assign``: ``target[...] = source``;
+      ``fill_where``.
+    - ``copy_fast(dst, src)``: ``dst[...] = src`` where the backend has a fast whole-array
+      copy (torch: always; NumPy: on torch's threads when the caller has imported torch);
+      False, nothing done, leaves it to the caller's strided loops.
+
+    Finishing and moving data
+
+    - ``argmax`` (the first largest, NaN counting as largest), ``round`` (half to even),
+      ``astype``, ``copy``, ``stack``, ``take``, ``to_numpy`` (on the host),
+      ``value_range`` (``(min, max)``, NaN if any; complex: over both parts),
+      ``count_inf``.
+    """
+
+    name: str = "abstract"
+
+    @property
+    def host_loops(self) -> bool: ...
+    @property
+    def wide_sums(self) -> bool: ...
+    @property
+    def output_kind(self) -> str: ...
+
+    def asarray(self, x: Any) -> Any: ...
+    def owns(self, x: object, plain: bool = False) -> bool: ...
+    def layout(self, x: object) -> tuple[tuple[int, ...], tuple[int, ...], Any] | None: ...
+    def shape(self, x: SupportsArray) -> tuple[int, ...]: ...
+    def strides(self, x: SupportsArray) -> tuple[int, ...]: ...
+    def dtype(self, x: SupportsArray) -> Any: ...
+    def itemsize(self, x: SupportsArray) -> int: ...
+    def nbytes(self, x: SupportsArray) -> int: ...
+    def size(self, x: SupportsArray) -> int: ...
+    def address(self, x: SupportsArray) -> int: ...
+    def writeable(self, x: SupportsArray) -> bool: ...
+    def needs_grad(self, x: SupportsArray) -> bool: ...
+    def pads_whole(self, x: object) -> bool: ...
+    def one_thread(self) -> bool: ...
+
+    def empty(self, shape: Sequence[int], dtype: Any, like: Any) -> Any: ...
+    def full(self, shape: Sequence[int], value: Any, dtype: Any, like: Any) -> Any: ...
+    def constant(self, array: np.ndarray, dtype: Any, like: Any) -> Any: ...
+    def index(self, where: np.ndarray, like: Any) -> Any: ...
+    def host(self, x: object) -> np.ndarray | None: ...
+    def host_dtype(self, dtype: Any, like: Any) -> np.dtype | None: ...
+    def from_host(self, buf: np.ndarray) -> Any: ...
+    def from_any(self, x: Any) -> Any: ...
+    def as_output(self, x: object) -> Any | None: ...
+    def no_grad(self) -> contextlib.AbstractContextManager[Any]: ...
+
+    def as_strided(self, base: ArrayT, shape: Sequence[int], strides: Sequence[int],
+                   writeable: bool) -> ArrayT: ...  # fmt: skip
+    def readonly(self, x: ArrayT) -> ArrayT: ...
+    def broadcast_to(self, x: ArrayT, shape: Sequence[int]) -> ArrayT: ...
+    def reshape(self, x: ArrayT, shape: Sequence[int]) -> ArrayT: ...
+    def pad(self, x: ArrayT, pad_width: Any, mode: str, value: Any) -> ArrayT | None: ...
+
+    def as_dtype(self, dtype: Any) -> Any: ...
+    def numpy_dtype(self, dtype: Any) -> np.dtype: ...
+    def kind(self, dtype: Any) -> str: ...
+    def real_dtype(self, dtype: Any) -> Any: ...
+    def acc_dtype(self, dtype: Any, reduce: str) -> Any: ...
+    def out_dtype(self, dtype: Any, reduce: str) -> Any: ...
+    def label_dtype(self, n_classes: int) -> Any: ...
+    def extreme(self, dtype: Any, big: bool) -> Any: ...
+    def fits(self, value: Any, dtype: Any) -> bool: ...
+
+    def inplace(self, op: str, target: SupportsArray, source: Any, order: str = "K") -> None: ...
+    def add_product(self, target: SupportsArray, source: Any, weight: Any,
+                    scratch: list[Any]) -> None: ...  # fmt: skip
+    def divide(self, target: SupportsArray, divisor: Any) -> None: ...
+    def assign(self, target: SupportsArray, source: Any) -> None: ...
+    def copy_fast(self, dst: SupportsArray, src: Any) -> bool: ...
+    def fill_where(self, target: SupportsArray, mask: Any, value: Any) -> None: ...
+
+    def argmax(self, x: ArrayT, axis: int) -> ArrayT: ...
+    def round(self, x: ArrayT) -> ArrayT: ...
+    def astype(self, x: ArrayT, dtype: Any) -> ArrayT: ...
+    def copy(self, x: ArrayT) -> ArrayT: ...
+    def stack(self, items: list[ArrayT], out: ArrayT) -> ArrayT: ...
+    def take(self, x: ArrayT, index: np.ndarray, axis: int) -> ArrayT: ...
+    def to_numpy(self, x: Any) -> np.ndarray: ...
+    def value_range(self, x: SupportsArray) -> tuple[Any, Any]: ...
+    def count_inf(self, x: SupportsArray) -> int: ...
+
+
+class NumpyBackend(Backend):
+    """NumPy arrays (:data:`NUMPY`). Strides in bytes."""
 
     name = "numpy"
+    host_loops = True
+    wide_sums = WIDE
+    output_kind = "an array"
 
     def asarray(self, x: Any) -> Any:
         return np.asarray(x)
+
+    def owns(self, x: object, plain: bool = False) -> bool:
+        return type(x) is np.ndarray if plain else isinstance(x, np.ndarray)
+
+    def layout(self, x: Any) -> tuple[tuple[int, ...], tuple[int, ...], Any] | None:
+        return (x.shape, x.strides, x.dtype) if type(x) is np.ndarray else None
 
     def shape(self, x: Any) -> tuple[int, ...]:
         return tuple(x.shape)
 
     def strides(self, x: Any) -> tuple[int, ...]:
         return tuple(x.strides)
-
-    def as_strided(self, base: Any, shape: Any, strides: Any, writeable: bool) -> Any:
-        from numpy.lib.stride_tricks import as_strided
-
-        return as_strided(base, tuple(shape), tuple(strides), writeable=writeable)
-
-    def writeable(self, x: Any) -> bool:
-        return bool(x.flags.writeable)
-
-    def readonly(self, x: Any) -> Any:
-        x.flags.writeable = False
-        return x
-
-    def empty(self, shape: Any, dtype: Any, like: Any) -> Any:
-        return np.empty(tuple(shape), dtype=dtype)
-
-    def full(self, shape: Any, value: Any, dtype: Any, like: Any) -> Any:
-        return np.full(tuple(shape), value, dtype=dtype)
-
-    def constant(self, array: np.ndarray, dtype: Any, like: Any) -> Any:
-        """A small NumPy array (a window, a profile) moved to the backend."""
-        return np.asarray(array, dtype=dtype)
 
     def dtype(self, x: Any) -> Any:
         return x.dtype
@@ -62,16 +294,104 @@ class Backend:
     def nbytes(self, x: Any) -> int:
         return int(x.nbytes)
 
+    def size(self, x: Any) -> int:
+        return int(x.size)
+
+    def address(self, x: Any) -> int:
+        return int(x.ctypes.data)
+
+    def writeable(self, x: Any) -> bool:
+        return bool(x.flags.writeable)
+
+    def needs_grad(self, x: Any) -> bool:
+        return False
+
+    def pads_whole(self, x: object) -> bool:
+        return isinstance(x, np.ndarray)
+
+    def one_thread(self) -> bool:
+        return sys.modules.get("torch") is None
+
+    def empty(self, shape: Sequence[int], dtype: Any, like: Any) -> Any:
+        return np.empty(tuple(shape), dtype=dtype)
+
+    def full(self, shape: Sequence[int], value: Any, dtype: Any, like: Any) -> Any:
+        return np.full(tuple(shape), value, dtype=dtype)
+
+    def constant(self, array: np.ndarray, dtype: Any, like: Any) -> Any:
+        return np.asarray(array, dtype=dtype)
+
+    def index(self, where: np.ndarray, like: Any) -> Any:
+        return where
+
+    def host(self, x: object) -> np.ndarray | None:
+        return x if isinstance(x, np.ndarray) else None
+
+    def host_dtype(self, dtype: Any, like: Any) -> np.dtype | None:
+        return self.numpy_dtype(dtype)
+
+    def from_host(self, buf: np.ndarray) -> Any:
+        return buf[...]
+
+    def from_any(self, x: Any) -> Any:
+        return backend_of(x).to_numpy(x)
+
+    def as_output(self, x: object) -> Any | None:
+        if not (isinstance(x, np.ndarray) or hasattr(x, "__array__")):
+            return None
+        return np.asarray(x)
+
+    def no_grad(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def as_strided(self, base: Any, shape: Sequence[int], strides: Sequence[int],
+                   writeable: bool) -> Any:  # fmt: skip
+        shape, strides = tuple(shape), tuple(strides)
+        if not writeable and base.flags.c_contiguous and not base.dtype.hasobject:
+            # The ndarray constructor over the base's buffer: a third of as_strided's cost.
+            view = np.ndarray(shape, base.dtype, base, 0, strides)
+            view.flags.writeable = False
+            return view
+        return np.lib.stride_tricks.as_strided(base, shape, strides, writeable=writeable)
+
+    def readonly(self, x: Any) -> Any:
+        x.flags.writeable = False
+        return x
+
+    def broadcast_to(self, x: Any, shape: Sequence[int]) -> Any:
+        return np.broadcast_to(x, tuple(shape))
+
+    def reshape(self, x: Any, shape: Sequence[int]) -> Any:
+        return x.reshape(shape)
+
+    def pad(self, x: Any, pad_width: Any, mode: str, value: Any) -> Any | None:
+        if mode == "constant":
+            return np.pad(x, pad_width, mode="constant", constant_values=value)
+        return np.pad(x, pad_width, mode=mode)  # type: ignore[call-overload]
+
+    def as_dtype(self, dtype: Any) -> Any:
+        try:
+            return np.dtype(dtype)
+        except TypeError:  # a torch dtype (a tensor out= beside NumPy patches), by its name
+            return np.dtype(str(dtype).replace("torch.", ""))
+
+    def numpy_dtype(self, dtype: Any) -> np.dtype:
+        result: np.dtype = np.dtype(dtype)
+        return result
+
     def kind(self, dtype: Any) -> str:
-        """'b', 'i', 'u', 'f' or 'c', as NumPy's ``dtype.kind``."""
         return str(np.dtype(dtype).kind)
 
+    def real_dtype(self, dtype: Any) -> Any:
+        dtype = np.dtype(dtype)
+        return np.finfo(dtype).dtype if dtype.kind == "c" else dtype
+
     def acc_dtype(self, dtype: Any, reduce: str) -> Any:
-        """The accumulator of a merge: the patches' dtype for ``max``/``min``; for sums, a
-        float with more mantissa bits than the patches carry, so that the sum of many equal
-        values divided by their count is that value exactly and no sum of finite values
-        overflows (float64 for float16/32 and integers up to 32 bits; the x87 extended
-        ``longdouble``, where the platform has one, for float64 and 64-bit integers)."""
+        """The patches' dtype for ``max``/``min``; for sums, a float with more mantissa bits
+        than the patches carry, so that the sum of many equal values divided by their count
+        is that value exactly and no sum of finite values overflows (float64 for float16/32
+        and integers up to 32 bits; the x87 extended ``longdouble``, where the platform has
+        one, for float64 and 64-bit integers)."""
         dtype = np.dtype(dtype)
         if reduce in ("max", "min"):
             return dtype
@@ -87,9 +407,6 @@ class Backend:
         if reduce in ("max", "min") or dtype.kind in "fc":
             return dtype
         return np.dtype(np.float64)
-
-    def as_dtype(self, dtype: Any) -> Any:
-        return np.dtype(dtype)
 
     def label_dtype(self, n_classes: int) -> Any:
         for t in (np.uint8, np.uint16, np.uint32):
@@ -109,8 +426,8 @@ class Backend:
         raise PatchgridError(f"reduce='max' and 'min' need real patches, got dtype {dtype}")
 
     def fits(self, value: Any, dtype: Any) -> bool:
-        """Whether ``value`` can be stored in ``dtype``: exactly for integers, without
-        overflowing for floats (rounding is fine; inf and NaN stay themselves)."""
+        """Exactly for integers, without overflowing for floats (rounding is fine; inf and NaN
+        stay themselves)."""
         dtype = np.dtype(dtype)
         ref = np.array(value)
         with np.errstate(invalid="ignore", over="ignore"):
@@ -136,12 +453,9 @@ class Backend:
         ufunc(target, source, out=target, order=order)
 
     def add_product(self, target: Any, source: Any, weight: Any, scratch: list[Any]) -> None:
-        """``target += source * weight``, with a reusable scratch buffer.
-
-        When the caller has imported torch already, its fused ``addcmul_`` does this in one
+        """When the caller has imported torch already, its fused ``addcmul_`` does this in one
         pass over the same memory (about 3x faster than NumPy's two); nothing imports torch
-        for it.
-        """
+        for it."""
         if _torch_can(target, source, weight):
             torch = sys.modules["torch"]
             out = torch.from_numpy(target)
@@ -160,6 +474,19 @@ class Backend:
 
     def assign(self, target: Any, source: Any) -> None:
         target[...] = source
+
+    def copy_fast(self, dst: Any, src: Any) -> bool:
+        """On torch's threads (a strided patch copied on all cores) where the caller has
+        imported torch, the dtypes agree and ``src`` is writeable (torch warns on read-only
+        arrays)."""
+        torch = sys.modules.get("torch")
+        if torch is not None and src.dtype == dst.dtype and src.flags.writeable:
+            try:
+                torch.from_numpy(dst).copy_(torch.from_numpy(src))
+                return True
+            except TypeError:  # a dtype torch does not have
+                pass
+        return False
 
     def fill_where(self, target: Any, mask: Any, value: Any) -> None:
         np.copyto(target, value, where=mask, casting="unsafe")
@@ -187,14 +514,7 @@ class Backend:
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
 
-    def numpy_dtype(self, dtype: Any) -> np.dtype:
-        """The NumPy dtype that stands for ``dtype`` in the cast rule."""
-        result: np.dtype = np.dtype(dtype)
-        return result
-
     def value_range(self, x: Any) -> tuple[Any, Any]:
-        """``(min, max)`` of ``x`` as numbers (NaN if ``x`` holds a NaN); for complex
-        values, over the real and imaginary parts together (each must fit)."""
         if x.dtype.kind == "c":
             parts = (x.real, x.imag)
             lows = [p.min().item() for p in parts]
@@ -228,217 +548,15 @@ def _torch_can(target: Any, *sources: Any) -> bool:
     )
 
 
-class TorchBackend(Backend):
-    """torch tensors, on any device; strides in elements, as torch counts them."""
+NUMPY = NumpyBackend()
 
-    name = "torch"
+
+class TorchBackend(TorchOps, Backend):
+    """torch tensors, on any device: the operations are :class:`patchgrid._torch.TorchOps`;
+    any it lacks falls through to the interface's, which raises."""
 
     def __init__(self) -> None:
-        import torch
-
-        self.torch = torch
-        t = torch
-        self._np_of = {
-            t.bool: np.bool_, t.uint8: np.uint8, t.int8: np.int8, t.int16: np.int16,
-            t.int32: np.int32, t.int64: np.int64, t.float16: np.float16,
-            t.float32: np.float32, t.float64: np.float64, t.complex64: np.complex64,
-            t.complex128: np.complex128,
-        }  # fmt: skip
-        for name in ("uint16", "uint32", "uint64"):  # torch 2.3 and newer
-            if hasattr(t, name):
-                self._np_of[getattr(t, name)] = getattr(np, name)
-        self._torch_of = {np.dtype(v): k for k, v in self._np_of.items()}
-
-    def asarray(self, x: Any) -> Any:
-        return x
-
-    def strides(self, x: Any) -> tuple[int, ...]:
-        return tuple(x.stride())
-
-    def as_strided(self, base: Any, shape: Any, strides: Any, writeable: bool) -> Any:
-        return base.as_strided(tuple(shape), tuple(strides))
-
-    def writeable(self, x: Any) -> bool:
-        return True
-
-    def readonly(self, x: Any) -> Any:
-        return x  # torch has no read-only tensors
-
-    def as_dtype(self, dtype: Any) -> Any:
-        if isinstance(dtype, self.torch.dtype):
-            return dtype
-        try:
-            return self._torch_of[np.dtype(dtype)]
-        except (KeyError, TypeError):
-            raise TypeError(f"dtype {dtype!r} has no torch equivalent") from None
-
-    def empty(self, shape: Any, dtype: Any, like: Any) -> Any:
-        return self.torch.empty(tuple(shape), dtype=self.as_dtype(dtype), device=like.device)
-
-    def full(self, shape: Any, value: Any, dtype: Any, like: Any) -> Any:
-        dt = self.as_dtype(dtype)
-        if like.device.type == "cpu":
-            try:
-                np_dtype = np.dtype(str(dt).replace("torch.", ""))
-            except TypeError:  # bfloat16 and the like
-                np_dtype = None
-            if np_dtype is not None:
-                # NumPy fills in one pass that also faults the pages in, on one thread; left
-                # to torch's threads, first touches of fresh pages contend and cost ~5x more.
-                return self.torch.from_numpy(np.full(tuple(shape), value, dtype=np_dtype))
-        return self.torch.full(tuple(shape), value, dtype=dt, device=like.device)
-
-    def constant(self, array: np.ndarray, dtype: Any, like: Any) -> Any:
-        return self.torch.as_tensor(np.asarray(array), device=like.device).to(self.as_dtype(dtype))
-
-    def itemsize(self, x: Any) -> int:
-        return int(x.element_size())
-
-    def nbytes(self, x: Any) -> int:
-        return int(x.element_size() * x.numel())
-
-    def kind(self, dtype: Any) -> str:
-        t = self.torch
-        if dtype == t.bool:
-            return "b"
-        if dtype.is_complex:
-            return "c"
-        if dtype.is_floating_point:
-            return "f"
-        return (
-            "u"
-            if dtype in (t.uint8, *(getattr(t, f"uint{b}", t.uint8) for b in (16, 32, 64)))
-            else "i"
-        )
-
-    def acc_dtype(self, dtype: Any, reduce: str) -> Any:
-        # torch has no type wider than float64: 64-bit values are summed in float64 (exact
-        # for the integers :func:`check_exact_sum` lets through).
-        t = self.torch
-        if reduce in ("max", "min"):
-            return dtype
-        return t.complex128 if self.kind(dtype) == "c" else t.float64
-
-    def out_dtype(self, dtype: Any, reduce: str) -> Any:
-        if reduce in ("max", "min") or self.kind(dtype) in "fc":
-            return dtype
-        return self.torch.float64
-
-    def label_dtype(self, n_classes: int) -> Any:
-        t = self.torch
-        if n_classes <= 256:
-            return t.uint8
-        return t.int16 if n_classes <= 2**15 else t.int32 if n_classes <= 2**31 else t.int64
-
-    def extreme(self, dtype: Any, big: bool) -> Any:
-        t = self.torch
-        kind = self.kind(dtype)
-        if kind == "b":
-            return big
-        if kind in "iu":
-            info = t.iinfo(dtype)
-            return info.max if big else info.min
-        if kind == "f":
-            return float("inf") if big else float("-inf")
-        raise PatchgridError(f"reduce='max' and 'min' need real patches, got dtype {dtype}")
-
-    def fits(self, value: Any, dtype: Any) -> bool:
-        t = self.torch
-        dtype = self.as_dtype(dtype)
-        if self.kind(dtype) in "fc":
-            ref = np.array(value)
-            big = np.finfo(np.float16).max if dtype == t.float16 else t.finfo(dtype).max
-            return bool(not np.isfinite(ref).all() or np.abs(ref) <= big)
-        return Backend().fits(value, np.dtype(self._np_of[dtype]))
-
-    def inplace(self, op: str, target: Any, source: Any, order: str = "K") -> None:
-        if op == "add":
-            target.add_(source)
-        elif op == "max":
-            self.torch.maximum(target, source, out=target)
-        else:
-            self.torch.minimum(target, source, out=target)
-
-    def add_product(self, target: Any, source: Any, weight: Any, scratch: list[Any]) -> None:
-        if target.dtype == source.dtype:
-            target.addcmul_(source, weight)
-        else:
-            target.add_(source * weight)
-
-    def divide(self, target: Any, divisor: Any) -> None:
-        target.div_(divisor)
-
-    def assign(self, target: Any, source: Any) -> None:
-        if isinstance(source, self.torch.Tensor):
-            target.copy_(source)
-        else:
-            target.fill_(source)
-
-    def fill_where(self, target: Any, mask: Any, value: Any) -> None:
-        target.masked_fill_(mask.expand_as(target) if mask.shape != target.shape else mask,
-                            value)  # fmt: skip
-
-    def argmax(self, x: Any, axis: int) -> Any:
-        t = self.torch
-        if x.shape[axis] > 16 or self.kind(x.dtype) not in "fiu":
-            return t.argmax(x.movedim(axis, -1).contiguous(), dim=-1)
-        # Few classes: compare whole planes class by class, as the NumPy backend does.
-        best = x.select(axis, 0).clone()
-        index = t.zeros(best.shape, dtype=t.int64, device=x.device)
-        for c in range(1, x.shape[axis]):
-            value = x.select(axis, c)
-            wins = value > best
-            if self.kind(x.dtype) == "f":
-                wins |= value.isnan() & ~best.isnan()
-            best = t.where(wins, value, best)
-            index.masked_fill_(wins, c)
-        return index
-
-    def round(self, x: Any) -> Any:
-        return self.torch.round(x)
-
-    def astype(self, x: Any, dtype: Any) -> Any:
-        return x.to(self.as_dtype(dtype))
-
-    def copy(self, x: Any) -> Any:
-        return x.clone()
-
-    def stack(self, items: list[Any], out: Any) -> Any:
-        return self.torch.stack(items, out=out)
-
-    def take(self, x: Any, index: np.ndarray, axis: int) -> Any:
-        return x.index_select(axis, self.torch.as_tensor(index, device=x.device))
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x.detach().cpu())
-
-    def numpy_dtype(self, dtype: Any) -> np.dtype:
-        dtype = self.as_dtype(dtype)
-        # bfloat16 has NumPy's float32 range (and fewer bits): it stands in for the rule.
-        return np.dtype(self._np_of.get(dtype, np.float32))
-
-    def value_range(self, x: Any) -> tuple[Any, Any]:
-        if self.kind(x.dtype) in "iu" and x.dtype not in (self.torch.uint8, self.torch.int8,
-                                                          self.torch.int16, self.torch.int32,
-                                                          self.torch.int64):  # fmt: skip
-            return Backend().value_range(self.to_numpy(x))  # uint16-64: few ops in torch
-        if x.dtype == self.torch.bool:
-            x = x.to(self.torch.uint8)
-        if x.is_complex():
-            x = self.torch.view_as_real(x.resolve_conj())  # real and imaginary parts
-        return x.min().item(), x.max().item()
-
-    def count_inf(self, x: Any) -> int:
-        if x.is_complex():
-            x = self.torch.view_as_real(x.resolve_conj())
-        return int(self.torch.isinf(x).sum().item())
-
-
-NUMPY = Backend()
-
-# Whether this platform's ``longdouble`` has more mantissa bits than float64 (x86's 80-bit
-# extended: 63 bits, every int64 and uint64 exactly; a quad on some others).
-WIDE = np.finfo(np.longdouble).nmant > np.finfo(np.float64).nmant
+        super().__init__(NUMPY)
 
 
 def lossless(src: np.dtype, dst: np.dtype) -> bool:
@@ -460,16 +578,8 @@ def lossless(src: np.dtype, dst: np.dtype) -> bool:
     return False
 
 
-def check_cast(
-    xp: Backend,
-    values: Any,
-    dtype: Any,
-    *,
-    src: Any = None,
-    force: bool = False,
-    what: str = "the result",
-    hint: str = "",
-) -> None:
+def check_cast(xp: Backend, values: SupportsArray, dtype: Any, *, src: Any = None,
+               force: bool = False, what: str = "the result", hint: str = "") -> None:  # fmt: skip
     """The one range-and-cast rule: refuse to cast ``values`` into ``dtype`` where a value
     would not be held (no wrapping, no NaN turned into an integer, no overflow to inf, no
     integer beyond the range a float holds exactly, no complex into real).
@@ -492,8 +602,7 @@ def check_cast(
             f"{what} is complex ({src}) and dtype {dst} is not: the imaginary part would be "
             f"dropped; take .real or .imag first, or use a complex dtype{tail}"
         )
-    size = values.numel() if xp.name == "torch" else values.size
-    if not size:
+    if not xp.size(values):
         return
     lo, hi = xp.value_range(values)
     if lo != lo or hi != hi:  # NaN
@@ -532,9 +641,8 @@ def check_cast(
         )
 
 
-def check_exact_sum(
-    xp: Backend, values: Any, acc: Any, overlap: int, weighted: bool, *, what: str = "patches"
-) -> None:
+def check_exact_sum(xp: Backend, values: SupportsArray, acc: Any, overlap: int, weighted: bool,
+                    *, what: str = "patches") -> None:  # fmt: skip
     """Refuse integer patches too large to be summed exactly in the accumulator ``acc``.
 
     ``overlap`` patches at most meet at a voxel; their sum must stay within the integers the
@@ -549,12 +657,11 @@ def check_exact_sum(
     info = np.iinfo(src)
     if info.max <= limit and info.min >= -limit:
         return
-    size = values.numel() if xp.name == "torch" else values.size
-    if not size:
+    if not xp.size(values):
         return
     lo, hi = xp.value_range(values)
     if lo < -limit or hi > limit:
-        wide = "" if xp.name == "numpy" and WIDE else (
+        wide = "" if xp.wide_sums else (
             " (NumPy arrays on x86 sum in 80-bit extended precision, exact to 2**64)")  # fmt: skip
         raise PatchgridError(
             f"{what} run from {lo} to {hi}; up to {overlap} of them meet at a voxel, and their "
@@ -564,26 +671,43 @@ def check_exact_sum(
         )
 
 
-@lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def _torch_backend() -> TorchBackend:
     return TorchBackend()
 
 
-def is_tensor(x: Any) -> bool:
+def is_tensor(x: object) -> bool:
+    """True for a torch tensor (checked without importing torch)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def is_dask(x: Any) -> bool:
+def is_dask(x: object) -> bool:
     """True for a Dask array (checked without importing dask)."""
     module = sys.modules.get("dask.array")
     return module is not None and isinstance(x, module.Array)
 
 
+def backend_of(x: object) -> Backend:
+    """The backend for ``x``: torch for a tensor, NumPy for everything else."""
+    if isinstance(x, np.ndarray):
+        return NUMPY
+    if is_tensor(x):
+        return _torch_backend()
+    return NUMPY
+
+
+def in_memory(x: object, plain: bool = False) -> bool:
+    """Whether ``x`` is an array held in memory, read and written directly: an ndarray or a
+    tensor (``plain``: not an ndarray subclass such as ``np.memmap``, whose pages live in a
+    file). Lazy arrays (zarr, HDF5, ``pg.open`` images) and lists are not."""
+    return backend_of(x).owns(x, plain)
+
+
 TOO_HARD = getattr(np, "exceptions", np).TooHardError  # NumPy 1.24 has it at the top
 
 
-def shares_memory(a: Any, b: Any) -> bool:
+def shares_memory(a: object, b: object) -> bool:
     """Whether two arrays may hold the same data: NumPy's exact test where it is quick (else
     its bounds), the byte ranges of tensors and of a tensor beside a NumPy array, and for
     arrays backed by files (memmaps, zarr, HDF5, ``pg.open`` images) the same file and array
@@ -622,8 +746,6 @@ except ImportError:  # pragma: no cover - NumPy 1
 def _file_of(x: Any) -> tuple[str, str] | None:
     """The file (and the array inside it) behind a memmap, zarr array, h5py dataset or
     ``pg.open`` image; None for an array in memory."""
-    import os
-
     name = getattr(x, "filename", None)  # np.memmap
     if isinstance(x, np.ndarray) and isinstance(name, (str, os.PathLike)):
         return os.path.realpath(name), ""
@@ -649,12 +771,3 @@ def _same_file(a: Any, b: Any) -> bool:
         return False
     pa, pb = fa[1].strip("/"), fb[1].strip("/")
     return not pa or not pb or pa == pb or pa.startswith(pb + "/") or pb.startswith(pa + "/")
-
-
-def backend_of(x: Any) -> Backend:
-    """The backend for ``x``: torch for a tensor, NumPy for everything else."""
-    if isinstance(x, np.ndarray):
-        return NUMPY
-    if is_tensor(x):
-        return _torch_backend()
-    return NUMPY
