@@ -91,7 +91,7 @@ def test_torch_uint16_tensors_are_supported():
 
 
 def test_a_batch_that_fails_halfway_does_not_count_its_first_patches_twice(monkeypatch):
-    from patchgrid.backends import Backend
+    from patchgrid.backends import NumpyBackend as Backend
 
     grid = pg.PatchGrid((8,), 4, 2)
     merger = pg.Merger(grid)
