@@ -14,6 +14,9 @@ Strategies:
   (CPU NumPy and torch): strided operations per phase of patches that do not overlap, the
   compiled batch kernels where they serve;
 - :class:`Direct`: the accumulator is the output itself (nothing to cast, crop or reduce);
+- :func:`scatter`: a small merge in three operations over index tables the plan keeps (a
+  gather sorted by output voxel, a sum per voxel, a division): the cost of a repeated small
+  merge is its data, not its geometry;
 - :func:`planes`: every patch at once through the compiled kernel, each output plane summed in
   a float64 plane of its own and written normalised.
 
@@ -23,6 +26,7 @@ A device-resident accumulator for CUDA is one more subclass of :class:`Rows`.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -363,3 +367,43 @@ def planes(plan: MergePlan, arr: Any, sink: Any) -> Any:
     starts = [grid.axis_starts(j) for j in range(len(grid.axes))]
     _compiled.merge_planes(out, arr, starts, grid.size, weight, profiles)
     return out
+
+
+# The most patch elements a merge gathers whole (index tables: 24 bytes an element, cached).
+SCATTER_ELEMENTS = 1 << 16
+
+
+def scatter(plan: MergePlan, arr: Any) -> Rows | None:
+    """Every patch of a small grid at once: the patches gathered in the order of the voxels
+    they land on, summed per voxel in the accumulator's dtype (:meth:`numpy.ufunc.reduceat`)
+    and divided by the coverage; returned as an accumulator of finished, normalised rows, or
+    None where the strategy does not serve (large or padded grids, free axes, labels, an
+    accumulator that is the output, backends other than NumPy, jobs the compiled kernels
+    take)."""
+    grid, spec = plan.grid, plan.spec
+    if not (
+        isinstance(arr, np.ndarray)
+        and arr.size <= SCATTER_ELEMENTS
+        and arr.nbytes < _compiled.MIN_BYTES  # a job the compiled kernels would take
+        and len(grid.axes) == grid.ndim
+        and grid.padded_shape == grid.shape
+        and spec.class_axis is None
+        and not is_direct(plan, None)
+    ):
+        return None
+    tables = plan.scatter()
+    values = np.take(arr.reshape(-1), tables.order)
+    ufunc = {"add": np.add, "max": np.maximum, "min": np.minimum}[plan.op]
+    if tables.weights is not None:
+        values = np.multiply(values, tables.weights, dtype=spec.acc_dtype)
+    sums = ufunc.reduceat(values, tables.starts, dtype=spec.acc_dtype)
+    if plan.reduce == "mean":
+        sums /= tables.coverage
+    acc = Rows(plan, arr)
+    if len(tables.voxels) == sums.size == math.prod(grid.shape):
+        acc.acc = sums.reshape(grid.shape)  # every voxel covered: the sums are the image
+    else:
+        acc.acc = np.full(grid.shape, spec.identity, spec.acc_dtype)
+        acc.acc.reshape(-1)[tables.voxels] = sums
+    acc.normalised = True
+    return acc

@@ -14,7 +14,6 @@ Imports: NumPy and the layers below (``_checks``, ``grid``, ``backends``, ``_reg
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -26,67 +25,9 @@ from . import _compiled, _strided
 from ._checks import PatchgridError
 from ._regions import Reader, padded
 from .backends import NUMPY, Backend, backend_of, check_cast, is_dask, is_tensor
-from .grid import PatchGrid
+from .grid import PatchGrid, as_grid, grid_key
 
 __all__ = ["extract"]
-
-
-def as_grid(
-    shape: tuple[int, ...],
-    size: int | Sequence[int] | PatchGrid,
-    stride: int | Sequence[int] | None,
-    *,
-    axes: int | Sequence[int] | None,
-    edge: str | Sequence[str],
-    pad_mode: str,
-    pad_value: Any,
-    name: str = "image",
-) -> PatchGrid:
-    """Take a grid as given (checking it fits ``shape``) or build one from the arguments."""
-    if isinstance(size, PatchGrid):
-        if size.shape != tuple(shape):
-            raise PatchgridError(
-                f"the grid was made for shape {size.shape} but {name} has shape {tuple(shape)}"
-            )
-        return size
-    key = _key(shape, size, stride, axes, edge, pad_mode, pad_value)
-    if key is not None:
-        return _cached_grid(key)
-    return PatchGrid(
-        shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
-    )
-
-
-_PLAIN = frozenset({int, float, str, bool, type(None)})
-
-
-def _key(*args: Any) -> tuple[Any, ...] | None:
-    """The arguments as a hashable key when each is a plain int, float, str, bool or None, a
-    tuple or list of them, or a grid; None otherwise.
-
-    The key holds every value's type, inside tuples too: ``4``, ``4.0`` and ``True`` compare
-    equal, but only one of them is a valid size, so they must never share a cached plan.
-    """
-    key: list[Any] = []
-    for a in args:
-        t = type(a)
-        if t in _PLAIN or t is PatchGrid:
-            key.append((t, a))
-        elif (t is tuple or t is list) and all(type(v) in _PLAIN for v in a):
-            key.append((t, tuple(a), tuple(map(type, a))))
-        else:
-            return None
-    return tuple(key)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_grid(key: tuple[Any, ...]) -> PatchGrid:
-    # A grid is a frozen value of its arguments: the same call gives the same grid, and
-    # building one costs as much as cutting a small image.
-    shape, size, stride, axes, edge, pad_mode, pad_value = (k[1] for k in key)
-    return PatchGrid(
-        shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
-    )
 
 
 class _Plan(NamedTuple):
@@ -112,7 +53,7 @@ def _layout(image: Any, *args: Any) -> tuple[Any, ...] | None:
         head = (t, tuple(image.shape), image.stride(), image.dtype)
     else:
         return None
-    rest = _key(*args)
+    rest = grid_key(*args)
     return None if rest is None else (head, rest)
 
 

@@ -387,7 +387,7 @@ class Finisher:
                 divide_by_profiles(block, grid.axes, cov, xp)
             empty = [(a, p == 0) for a, p in zip(grid.axes, cov) if (p == 0).any()]
         else:
-            if not ones:
+            if not ones and not acc.normalised:
                 xp.divide(block, xp.constant(np.where(cov > 0, cov, 1), xp.dtype(block), block))
             empty = [(-1, cov == 0)] if (cov == 0).any() else []
         # Crop to the image (padding and rows past its end).

@@ -10,12 +10,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import _checks, _compiled, settings
-from ._accumulate import RUN_BYTES, Direct, Rows, is_direct, planes, row_runs
+from ._accumulate import RUN_BYTES, Direct, Rows, is_direct, planes, row_runs, scatter
 from ._checks import PatchgridError
 from ._finish import REDUCES, Finisher, OutputSpec, check_fill, shaped, warn_uncovered
 from ._plan import MergePlan, checked_window, merge_plan
 from .backends import NUMPY, backend_of, check_exact_sum
-from .grid import PatchGrid
+from .grid import PatchGrid, as_grid
 
 __all__ = ["RUN_BYTES", "DiskMerger", "Merger", "batch_indices", "coverage", "merge", "row_runs"]
 
@@ -260,6 +260,13 @@ class Merger:
         if not len(grid):
             return  # nothing to add: result() gives the empty image
         self._check_sum(acc, arr)
+        small = scatter(acc.plan, arr)
+        if small is not None:  # a small grid: gathered, summed and divided at once
+            self._acc = small
+            small.sink = self._out
+            self._seen[...] = True
+            self._flush()
+            return
         out = planes(acc.plan, arr, self._out) if acc.plan.kernels or _compiled.loaded() else None
         if out is not None:
             # Finished as a direct merge: only the voxels no patch covers are left to fill.
@@ -517,7 +524,8 @@ def merge(
             axes = tuple(range(ndim - len(stride), ndim))
         axes_t = tuple(range(ndim)) if axes is None else _checks.axes_tuple(axes, ndim)
         patch = arr.shape[lead:]
-        grid = PatchGrid(shape, [patch[a] for a in axes_t], stride, axes=axes_t, edge=edge)
+        grid = as_grid(shape, tuple(patch[a] for a in axes_t), stride, axes=axes_t, edge=edge,
+                       pad_mode="constant", pad_value=0)  # fmt: skip
     merger = Merger(grid, reduce=reduce, window=window, fill=fill, dtype=dtype)
     merger.add_all(arr)
     return merger.result()

@@ -77,7 +77,7 @@ class MergePlan:
         The compiled kernels may be loaded for this merge (they serve when loaded otherwise).
     """
 
-    __slots__ = ("_coverage", "array_window", "grid", "kernels", "op", "reduce", "spec",
+    __slots__ = ("_coverage", "_scatter", "array_window", "grid", "kernels", "op", "reduce", "spec",
                  "weight", "weighted", "window", "xp")  # fmt: skip
 
     def __init__(self, grid: PatchGrid, reduce: str, window: Window, spec: OutputSpec,
@@ -92,6 +92,15 @@ class MergePlan:
             self.weight = weight_array(window.array, window.profiles, grid,
                                        sum_dtype(xp, spec.acc_dtype))  # fmt: skip
         self._coverage: dict[bool, list[np.ndarray]] = {}
+        self._scatter: Scatter | None = None
+
+    def scatter(self) -> Scatter:
+        """Where every element of the flat patches lands in the output, sorted by voxel: the
+        index tables of the scatter strategy (:func:`patchgrid._accumulate.scatter`), made
+        once per plan. Only for grids whose every axis is tiled and nothing is padded."""
+        if self._scatter is None:
+            self._scatter = _scatter_tables(self)
+        return self._scatter
 
     def profile_coverage(self, ones: bool) -> list[np.ndarray]:
         """Coverage along each tiled axis of a complete grid, for a separable window (or
@@ -137,3 +146,49 @@ def merge_plan(grid: PatchGrid, reduce: str, window: Any, xp: Backend,
             pass
     checked = window if isinstance(window, Window) else checked_window(window, grid.size)
     return _make_plan(grid, reduce, checked, *args)
+
+
+class Scatter(NamedTuple):
+    """Index tables of a small merge: ``order`` sorts the flat patches by output voxel,
+    ``starts`` begins each voxel's run in that order, ``voxels`` are those voxels (flat),
+    ``coverage`` their summed weights (or counts), ``weights`` the window per sorted element
+    (None for a uniform one)."""
+
+    order: np.ndarray
+    starts: np.ndarray
+    voxels: np.ndarray
+    coverage: np.ndarray
+    weights: np.ndarray | None
+
+
+def _scatter_tables(plan: MergePlan) -> Scatter:
+    grid = plan.grid
+    k = len(grid.axes)
+    offsets = np.stack(np.meshgrid(*[np.arange(p) for p in grid.size], indexing="ij"), axis=-1)
+    corners = grid.starts()
+    points = (corners[:, None, :] + offsets.reshape(1, -1, k)).reshape(-1, k)
+    flat = np.ravel_multi_index(tuple(points.T), grid.shape)
+    order = np.argsort(flat, kind="stable")
+    ordered = flat[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    voxels = ordered[starts]
+    wide = sum_dtype(plan.xp, plan.spec.acc_dtype)
+    weights = None
+    if plan.weighted:
+        per_patch = np.asarray(plan.weight, wide).reshape(1, -1)
+        weights = np.broadcast_to(per_patch, (len(corners), per_patch.size)).reshape(-1)[order]
+    if plan.reduce != "mean":
+        coverage = np.ones(len(voxels), wide)
+    elif plan.window.profiles is not None:
+        profs = plan.profile_coverage(False)
+        cov = profs[0].reshape((-1,) + (1,) * (k - 1))
+        for j in range(1, k):
+            cov = cov * profs[j].reshape((1,) * j + (-1,) + (1,) * (k - 1 - j))
+        coverage = cov.reshape(-1)[voxels]
+    else:
+        assert weights is not None
+        coverage = np.add.reduceat(weights, starts)
+    for table in (order, starts, voxels, coverage, weights):
+        if table is not None:
+            table.flags.writeable = False
+    return Scatter(order, starts, voxels, coverage, weights)

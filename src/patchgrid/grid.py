@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
@@ -142,6 +143,7 @@ class PatchGrid:
 
     __slots__ = (
         "_counts",
+        "_derived",
         "_key",
         "_pad_after",
         "_starts",
@@ -239,6 +241,10 @@ class PatchGrid:
         set_(self, "_pad_after", tuple(pads))
         set_(self, "_counts", tuple(len(st) for st in starts))
         set_(self, "_key", (*self._fields(), self._starts))
+        padded = tuple(s + (self._pad_after[self.axes.index(a)] if a in self.axes else 0)
+                       for a, s in enumerate(self.shape))  # fmt: skip
+        # Values derived from the fields, worked out once (a grid never changes).
+        set_(self, "_derived", {"padded_shape": padded})
 
     def _fields(self) -> tuple[Any, ...]:
         return (self.shape, self.size, self.stride, self.axes, self.edge, self.pad_mode,
@@ -373,7 +379,8 @@ class PatchGrid:
     @property
     def padded_shape(self) -> tuple[int, ...]:
         """Shape of the image after padding (the image's own shape where no padding is needed)."""
-        return tuple(s + after for s, (_, after) in zip(self.shape, self.pad_width))
+        padded: tuple[int, ...] = self._derived["padded_shape"]
+        return padded
 
     @property
     def is_regular(self) -> bool:
@@ -426,6 +433,9 @@ class PatchGrid:
         >>> pg.PatchGrid((10, 11), size=4, stride=3, edge="drop").uncovered
         10
         """
+        if "uncovered" in self._derived:
+            known: int = self._derived["uncovered"]
+            return known
         covered = 1
         for a, st, p in zip(self.axes, self._starts, self.size):
             line = np.zeros(self.shape[a], dtype=bool)
@@ -433,7 +443,8 @@ class PatchGrid:
                 line[s : s + p] = True
             covered *= int(np.count_nonzero(line))
         others = math.prod(n for a, n in enumerate(self.shape) if a not in self.axes)
-        return math.prod(self.shape) - covered * others
+        self._derived["uncovered"] = math.prod(self.shape) - covered * others
+        return self.uncovered
 
     def axis_starts(self, j: int) -> np.ndarray:
         """Starts of the patches along the ``j``-th tiled axis (``j`` counts tiled axes only)."""
@@ -491,3 +502,61 @@ def restore(*args: Any) -> PatchGrid:
     grid = object.__new__(PatchGrid)
     grid._set(*args)
     return grid
+
+
+def as_grid(
+    shape: tuple[int, ...],
+    size: int | Sequence[int] | PatchGrid,
+    stride: int | Sequence[int] | None,
+    *,
+    axes: int | Sequence[int] | None,
+    edge: str | Sequence[str],
+    pad_mode: str,
+    pad_value: Any,
+    name: str = "image",
+) -> PatchGrid:
+    """Take a grid as given (checking it fits ``shape``) or build one from the arguments."""
+    if isinstance(size, PatchGrid):
+        if size.shape != tuple(shape):
+            raise PatchgridError(
+                f"the grid was made for shape {size.shape} but {name} has shape {tuple(shape)}"
+            )
+        return size
+    key = grid_key(shape, size, stride, axes, edge, pad_mode, pad_value)
+    if key is not None:
+        return _cached_grid(key)
+    return PatchGrid(
+        shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
+    )
+
+
+_PLAIN = frozenset({int, float, str, bool, type(None)})
+
+
+def grid_key(*args: Any) -> tuple[Any, ...] | None:
+    """The arguments as a hashable key when each is a plain int, float, str, bool or None, a
+    tuple or list of them, or a grid; None otherwise.
+
+    The key holds every value's type, inside tuples too: ``4``, ``4.0`` and ``True`` compare
+    equal, but only one of them is a valid size, so they must never share a cached plan.
+    """
+    key: list[Any] = []
+    for a in args:
+        t = type(a)
+        if t in _PLAIN or t is PatchGrid:
+            key.append((t, a))
+        elif (t is tuple or t is list) and all(type(v) in _PLAIN for v in a):
+            key.append((t, tuple(a), tuple(map(type, a))))
+        else:
+            return None
+    return tuple(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_grid(key: tuple[Any, ...]) -> PatchGrid:
+    # A grid is a frozen value of its arguments: the same call gives the same grid, and
+    # building one costs as much as cutting a small image.
+    shape, size, stride, axes, edge, pad_mode, pad_value = (k[1] for k in key)
+    return PatchGrid(
+        shape, size, stride, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value
+    )
