@@ -3,142 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-import math
-import queue
-import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from . import _checks, _compiled, _memory, _strided
+from . import _checks, _memory
+from ._batches import Batches
 from ._checks import PatchgridError
 from ._finish import warn_uncovered
-from ._merge import RUN_BYTES, DiskMerger, Merger, row_runs
+from ._merge import DiskMerger, Merger
+from ._progress import steps
 from ._regions import INDEX_MODES, Reader
 from ._tiled import TileMerger, apply_tiles
-from .backends import NUMPY, Backend, backend_of, is_dask, is_tensor, shares_memory
-from .grid import PatchGrid
+from .backends import backend_of, is_dask, is_tensor, shares_memory
+from .grid import PatchGrid, check_unchosen_axes, tiled_axes
 
 __all__ = ["apply"]
 
 Progress = Callable[[int, int], Any]
-
-
-class _Pool:
-    """Batch buffers used again once nothing holds them, so that the heap does not fragment.
-
-    Many short-lived batches of a few MiB each leave the C heap fragmented (glibc stops
-    handing such sizes back to the system), which shows as tens of MiB of peak memory. A
-    buffer is reused only when its reference count shows that neither ``fn`` nor any view
-    or tensor made from it is still alive, so a model that keeps its inputs keeps them
-    intact. CPU only: CUDA memory has its own caching allocator.
-    """
-
-    LIMIT = 4
-
-    def __init__(self, shape: tuple[int, ...], dtype: Any, xp: Backend, like: Any) -> None:
-        self._shape, self._xp, self._dtype = shape, xp, dtype
-        self._on = xp is NUMPY or (xp.name == "torch" and like.device.type == "cpu")
-        if self._on and xp.name == "torch":
-            try:
-                self._dtype = np.dtype(str(dtype).replace("torch.", ""))
-            except TypeError:  # a dtype NumPy does not have (bfloat16)
-                self._on = False
-        self._bufs: list[np.ndarray] = []
-
-    def take(self) -> Any:
-        """A free buffer (a tensor over it for torch), or None when all are in use."""
-        if not self._on:
-            return None
-        for i in range(len(self._bufs)):
-            # 2: the list's reference and getrefcount's own argument; any view or tensor of
-            # the buffer (a torch storage holds one) makes it more.
-            if sys.getrefcount(self._bufs[i]) == 2:
-                return self._wrap(self._bufs[i])
-        if len(self._bufs) >= self.LIMIT:
-            return None
-        self._bufs.append(np.empty(self._shape, self._dtype))
-        return self._wrap(self._bufs[-1])
-
-    def _wrap(self, buf: np.ndarray) -> Any:
-        return self._xp.torch.from_numpy(buf) if self._xp.name == "torch" else buf[...]  # type: ignore[attr-defined]
-
-
-def _progress(progress: Any, total: int) -> tuple[Callable[[int], None], Callable[[], None]]:
-    """A step function and a close function for the progress option."""
-    if callable(progress):
-        done = [0]
-
-        def step(n: int) -> None:
-            done[0] += n
-            progress(done[0], total)
-
-        return step, lambda: None
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    if not show:
-        return (lambda n: None), (lambda: None)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="patch", desc="patchgrid.apply", leave=False)
-    return bar.update, bar.close
-
-
-def _copy_patch(dst: Any, src: Any, xp: Backend) -> None:
-    """One patch into its place in a batch (NumPy: rows moved as opaque items, which is fast)."""
-    torch = sys.modules.get("torch")
-    if xp is NUMPY and torch is not None and src.dtype == dst.dtype and src.flags.writeable:
-        try:
-            # Loaded already by the caller: torch copies a strided patch on all cores.
-            torch.from_numpy(dst).copy_(torch.from_numpy(src))
-            return
-        except TypeError:  # a dtype torch does not have
-            pass
-    if xp is NUMPY and src.ndim:
-        _strided.copy(dst[None], src[None], 1)
-    else:
-        xp.assign(dst, src)
-
-
-def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Produce ``items`` in a background thread, ``depth`` ahead of the consumer.
-
-    Reading the next batch overlaps with ``fn`` and the merge of the current one (NumPy and
-    torch let go of the GIL while they copy). An error in the reader reaches the consumer.
-    """
-    done = object()
-    box: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                box.put((True, item))
-        except BaseException as exc:  # handed to the consumer, raised there
-            box.put((False, exc))
-            return
-        box.put((True, done))
-
-    worker = threading.Thread(target=produce, name="patchgrid-prefetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            ok, item = box.get()
-            if not ok:
-                raise item
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():
-            try:
-                box.get_nowait()
-            except queue.Empty:
-                worker.join(0.01)
 
 
 def apply(
@@ -248,11 +131,68 @@ def apply(
     batch_size = _checks.as_int(batch_size, "batch_size")
     if batch_size < 1:
         raise PatchgridError(f"batch_size must be a positive integer, got {batch_size}")
-    probe = PatchGrid(shape, size, axes=axes, edge="pad")
-    k = len(probe.axes)
+    order, sizes, margins, grid = _layout(shape, size, stride, axes, edge, pad_mode, pad_value,
+                                          margin)  # fmt: skip
+    plain = type(scale) is int and scale == 1
+    out_grid = grid if plain else grid.scaled(scale)
+    if is_dask(image):
+        warn_uncovered(out_grid, fill)
+        return _apply_dask(fn, image, grid, out_grid, margins, size, stride, order, sizes,
+                           dict(edge=edge, pad_mode=pad_mode, pad_value=pad_value, window=window,
+                                reduce=reduce, batch_size=batch_size, margin=margin, scale=scale,
+                                dtype=dtype, fill=fill, progress=progress), out)  # fmt: skip
+    if not len(grid):  # an axis of length 0: fn is never called, the result is empty
+        if out is not None:
+            return Merger(out_grid, reduce=reduce, window=window, fill=fill, out=out).result()
+        dtype_empty = dtype if dtype is not None else xp.dtype(image)
+        return xp.empty(out_grid.shape, dtype_empty, image)
+    reader = Reader(image, grid, margins, xp)
+    tiles = apply_tiles(out, out_grid, reduce)
+    on_disk = out is not None and type(out) is not np.ndarray and not is_tensor(out)
+    batches = Batches(fn, image, reader, grid, out_grid, batch_size, pad_batch, xp, on_disk)
+    step, close = steps(progress, sum(t.reads for t in tiles) if tiles else len(grid),
+                        "patchgrid.apply")  # fmt: skip
+    grad: Any = contextlib.nullcontext()
+    if xp.name == "torch":
+        import torch
+
+        grad = torch.no_grad()
+    try:
+        with grad, _memory.bound(image, out) if on_disk else contextlib.nullcontext():
+            if not tiles:
+                everything = np.arange(len(grid))
+                kind = DiskMerger if on_disk else Merger
+                merger = kind(out_grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
+                              out=out)  # fmt: skip
+                return batches.run(merger, everything, everything, step)
+            a0 = out_grid.axes[0]
+            warn_uncovered(out_grid, fill, stacklevel=4)
+            for tile in tiles:
+                if tile.empty:  # no patch reaches this tile
+                    axis = tile.out_axis[a0]
+                    tile.fill(out, axis, out_grid.stride[0], fill, dtype or out.dtype)
+                    continue
+                assert tile.grid is not None
+                merger = TileMerger(tile.grid, reduce=reduce, window=window, fill=fill,
+                                    dtype=dtype, out=tile.sink(out))  # fmt: skip
+                batches.run(merger, *tile.ids(), step)
+                _memory.release_memory()
+            return out
+    finally:
+        close()
+
+
+def _layout(shape: tuple[int, ...], size: Any, stride: Any, axes: Any, edge: Any, pad_mode: Any,
+            pad_value: Any, margin: Any) -> tuple[tuple[int, ...], tuple[int, ...],
+                                                  tuple[int, ...], PatchGrid]:  # fmt: skip
+    """The tiled axes in the order given, the patch sizes in that order, the margins in the
+    grid's order, and the grid of the patches' cores."""
     # size, stride, margin and edge follow the order of axes= as given (the grid sorts them).
-    order = probe.axes if axes is None else _checks.axes_tuple(axes, len(shape))
+    order = tiled_axes(shape, size, None, axes)
+    k = len(order)
     sizes = _checks.per_axis(size, k, "size")
+    if axes is None and not isinstance(size, (Sequence, np.ndarray)):
+        check_unchosen_axes(shape, sizes[0], order, ("pad",) * k)
     margins = _checks.per_axis(margin, k, "margin", positive=False)
     core = []
     for a, p, m in zip(order, sizes, margins):
@@ -266,111 +206,7 @@ def apply(
         core.append(p - 2 * m)
     grid = PatchGrid(shape, core, stride, axes=order, edge=edge, pad_mode=pad_mode,
                      pad_value=pad_value)  # fmt: skip
-    margins = tuple(margins[order.index(a)] for a in grid.axes)  # in the grid's order
-    plain = type(scale) is int and scale == 1
-    out_grid = grid if plain else grid.scaled(scale)
-    if is_dask(image):
-        warn_uncovered(out_grid, fill)
-        return _apply_dask(fn, image, grid, out_grid, margins, size, stride, order,
-                           dict(edge=edge, pad_mode=pad_mode, pad_value=pad_value, window=window,
-                                reduce=reduce, batch_size=batch_size, margin=margin, scale=scale,
-                                dtype=dtype, fill=fill, progress=progress), out)  # fmt: skip
-    if not len(grid):  # an axis of length 0: fn is never called, the result is empty
-        if out is not None:
-            return Merger(out_grid, reduce=reduce, window=window, fill=fill, out=out).result()
-        dtype_empty = dtype if dtype is not None else xp.dtype(image)
-        return xp.empty(out_grid.shape, dtype_empty, image)
-    reader = Reader(image, grid, margins, xp)
-    tiles = apply_tiles(out, out_grid, reduce)
-    on_disk = out is not None and type(out) is not np.ndarray and not is_tensor(out)
-    in_shape = reader.patch_shape(shape)
-    full = [p * f for p, f in zip(reader.size, _factors(out_grid, grid))]
-    step, close = _progress(progress, sum(t.reads for t in tiles) if tiles else len(grid))
-    grad: Any = contextlib.nullcontext()
-    if xp.name == "torch":
-        import torch
-
-        grad = torch.no_grad()
-    dtype_in = xp.dtype(image) if xp.name == "torch" else image.dtype
-
-    pool = _Pool((batch_size, *in_shape), dtype_in, xp, image)
-    source = _compiled.host(reader.image)
-    each = math.prod(in_shape) * source.itemsize if source is not None else 0
-    # Large patches of an image in memory (an ndarray, a CPU tensor), cut by the compiled
-    # kernel on all cores; padding is read by the gathers below.
-    compiled = (
-        all(m is None for m in reader.maps)
-        and (not on_disk or _compiled.loaded())  # out of core: not worth loading them (Merger)
-        and _compiled.takes(source, grid.axes, each, len(grid))
-    )
-    corners = grid.starts() if compiled else None
-
-    def load(ids: np.ndarray) -> tuple[np.ndarray, Any]:
-        rows = (
-            ids if not pad_batch else np.concatenate([ids, np.full(batch_size - len(ids), ids[-1])])
-        )
-        batch = pool.take() if len(rows) == batch_size else None
-        if batch is None:
-            batch = xp.empty((len(rows), *in_shape), dtype_in, image)
-        if corners is not None and source is not None:
-            into = _compiled.host(batch)
-            if into is not None and _compiled.gather(into, source, corners[rows]):
-                return ids, batch
-        done = np.zeros(len(rows), dtype=bool)
-        last = grid.axes[-1]
-        # A stretch of a row in one read: for small patches (no Python step per patch), and for
-        # lazy images (a file's chunks decoded once for the stretch, not once per patch).
-        small = xp.nbytes(batch) // max(len(rows), 1) < RUN_BYTES
-        stretch = small or not (isinstance(reader.image, np.ndarray) or is_tensor(reader.image))
-        for b0, b1 in row_runs(rows, grid.counts[-1]) if stretch else []:
-            # A stretch of one row: one read, cut into patches as strided views.
-            block, offsets = reader.read_run(int(rows[b0]), b1 - b0)
-            for r0, count, start, step in _strided.runs(offsets.tolist(), reader.size[-1]):
-                view = _strided.window_view(block, [last], [start], [step], [count],
-                                            [reader.size[-1]], xp)  # fmt: skip
-                _strided.copy(batch[b0 + r0 : b0 + r0 + count], view, 1, xp)
-            done[b0:b1] = True
-        for i in np.flatnonzero(~done).tolist():
-            _copy_patch(batch[i], reader.read(int(rows[i])), xp)
-        return ids, batch
-
-    def run(merger: Merger, ids: np.ndarray, local: np.ndarray) -> Any:
-        batches = map(load, (ids[i : i + batch_size] for i in range(0, len(ids), batch_size)))
-        # A reader thread helps NumPy; once torch is loaded, its fused adds already use the
-        # cores, and the thread only costs memory.
-        ahead = xp is NUMPY and sys.modules.get("torch") is None and not compiled
-        at = 0
-        for ids_, batch in _prefetch(batches) if ahead else batches:
-            result = fn(batch)
-            result = _check_output(result, batch, xp, out_grid, full, fn)
-            merger.add(_core(result[: len(ids_)], out_grid, full), local[at : at + len(ids_)])
-            at += len(ids_)
-            step(len(ids_))
-        return merger.result()
-
-    try:
-        with grad, _memory.bound(image, out) if on_disk else contextlib.nullcontext():
-            if not tiles:
-                everything = np.arange(len(grid))
-                kind = DiskMerger if on_disk else Merger
-                merger = kind(out_grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
-                              out=out)  # fmt: skip
-                return run(merger, everything, everything)
-            a0 = out_grid.axes[0]
-            warn_uncovered(out_grid, fill, stacklevel=4)
-            for tile in tiles:
-                if tile.empty:  # no patch reaches this tile
-                    axis = tile.out_axis[a0]
-                    tile.fill(out, axis, out_grid.stride[0], fill, dtype or out.dtype)
-                    continue
-                assert tile.grid is not None
-                merger = TileMerger(tile.grid, reduce=reduce, window=window, fill=fill,
-                                    dtype=dtype, out=tile.sink(out))  # fmt: skip
-                run(merger, *tile.ids())
-                _memory.release_memory()
-            return out
-    finally:
-        close()
+    return order, sizes, tuple(margins[order.index(a)] for a in grid.axes), grid
 
 
 def _check_out(out: Any, image: Any) -> None:
@@ -399,7 +235,8 @@ def _check_out(out: Any, image: Any) -> None:
 
 def _apply_dask(
     fn: Callable[[Any], Any], image: Any, grid: PatchGrid, out_grid: PatchGrid,
-    margins: Sequence[int], size: Any, stride: Any, axes: Sequence[int], kw: dict[str, Any],
+    margins: Sequence[int], size: Any, stride: Any, axes: Sequence[int], sizes: Sequence[int],
+    kw: dict[str, Any],
     out: Any,
 ) -> Any:  # fmt: skip
     """apply on a Dask array: a lazy Dask array, or the result written into ``out`` (zarr)."""
@@ -413,7 +250,7 @@ def _apply_dask(
         )
     # fn's output over one corner patch tells the result's dtype and the sizes of free axes.
     corner = [slice(None)] * grid.ndim
-    for a, p in zip(grid.axes, PatchGrid(grid.shape, size, axes=axes, edge="pad").size):
+    for a, p in zip(axes, sizes):
         corner[a] = slice(0, min(p, grid.shape[a]))
     sample = np.asarray(image[tuple(corner)])
     edge = "pad" if sample.shape != grid.shape else kw["edge"]
@@ -424,64 +261,3 @@ def _apply_dask(
     return apply_dask(fn, image, grid, out_grid, margins, window=kw["window"],
                       reduce=kw["reduce"], batch_size=kw["batch_size"], dtype=dtype,
                       fill=kw["fill"], probe=probe, out=out, progress=kw["progress"])  # fmt: skip
-
-
-def _factors(out_grid: PatchGrid, grid: PatchGrid) -> list[float]:
-    return [po / pi for po, pi in zip(out_grid.size, grid.size)]
-
-
-def _core(result: Any, out_grid: PatchGrid, full: Sequence[float]) -> Any:
-    """The core of whole patches (a model that returns the margin too)."""
-    crop: list[Any] = [slice(None)] * result.ndim
-    cut = False
-    for a, p, f in zip(out_grid.axes, out_grid.size, full):
-        if result.shape[a + 1] != p:
-            m = (int(f) - p) // 2
-            crop[a + 1] = slice(m, m + p)
-            cut = True
-    return result[tuple(crop)] if cut else result
-
-
-def _check_output(
-    result: Any, batch: Any, xp: Backend, out_grid: PatchGrid, full: Sequence[float], fn: Any
-) -> Any:
-    """fn's output as an array of the right kind and shape, or a ValueError that shows both."""
-    name = getattr(fn, "__name__", type(fn).__name__)
-    if xp.name == "torch":
-        if not is_tensor(result):
-            raise PatchgridError(
-                f"fn ({name}) must return a tensor for a tensor image, got {type(result).__name__}"
-            )
-    else:
-        if not (isinstance(result, np.ndarray) or hasattr(result, "__array__")):
-            raise PatchgridError(f"fn ({name}) must return an array, got {type(result).__name__}")
-        result = np.asarray(result)
-    kind = xp.kind(result.dtype) if xp.name == "torch" else result.dtype.kind
-    if kind not in "biufc":
-        raise PatchgridError(
-            f"fn ({name}) returned an array of dtype {result.dtype}; it must return numbers "
-            f"(bool, integer, float or complex)"
-        )
-    if xp.name == "torch" and result.requires_grad:
-        raise PatchgridError(
-            f"fn ({name}) returned a tensor that requires grad; apply runs fn under "
-            f"torch.no_grad(): return result.detach(), or do not enable grad inside fn"
-        )
-    shape = tuple(result.shape)
-    core = list(out_grid.size)
-    ok = len(shape) == batch.ndim and shape[0] == batch.shape[0]
-    if ok:
-        for a, p, f in zip(out_grid.axes, core, full):
-            whole = float(f).is_integer() and shape[a + 1] == int(f)
-            ok = ok and (shape[a + 1] == p or whole)
-    if not ok:
-        spatial = {a: p for a, p in zip(out_grid.axes, core)}
-        expected = (batch.shape[0], *[spatial.get(a, "*") for a in range(batch.ndim - 1)])
-        whole = ""
-        if any(int(f) != p for p, f in zip(core, full)):
-            whole = f", or the whole patch {tuple(int(f) for f in full)} on the tiled axes"
-        raise PatchgridError(
-            f"fn ({name}) returned shape {shape} for a batch of shape {tuple(batch.shape)}; "
-            f"expected {expected} (* is free){whole}"
-        )
-    return result

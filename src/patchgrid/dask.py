@@ -26,7 +26,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._batches import check_output, core_of
 from ._checks import PatchgridError
+from ._progress import steps
 from ._regions import INDEX_MODES, Reader, index_map
 from .backends import NUMPY, WIDE, check_cast, check_exact_sum, is_dask, lossless
 from .grid import PatchGrid, restore
@@ -408,9 +410,7 @@ def _compute(tasks: Sequence[Any], patches: Sequence[int], progress: Any) -> Non
     Dask's config, else on Dask's scheduler."""
     import dask
 
-    from ._apply import _progress
-
-    step, close = _progress(progress, sum(patches))
+    step, close = steps(progress, sum(patches), "patchgrid.apply")
     try:
         client = _client()
         if client is not None:
@@ -597,7 +597,6 @@ def _chunk(
     when there is no next chunk in the run or nothing to pass on).
     """
     from . import windows
-    from ._apply import _check_output, _core
     from ._finish import weight_array
 
     grid, out_grid, axes = spec.grid, spec.out_grid, spec.grid.axes
@@ -650,8 +649,8 @@ def _chunk(
             batch = np.empty((size, *in_shape), dtype=source.dtype)
             for b, pos in enumerate(rows):
                 batch[b] = reader.read(grid.index(pos))
-            result = _check_output(fn(batch), batch, NUMPY, out_grid, full, fn)
-            result = _core(result[: len(chunk)], out_grid, full)
+            result = check_output(fn(batch), batch, NUMPY, out_grid, full, fn)
+            result = core_of(result[: len(chunk)], out_grid, full)
             if acc is None:
                 patch_dtype = result.dtype
                 start(result[0], NUMPY.acc_dtype(result.dtype, "mean" if spec.reduce == "argmax"

@@ -50,7 +50,27 @@ def _axis_starts(
     return tuple(int(np.round(step * i)) for i in range(n)), 0
 
 
-def _check_unchosen_axes(
+def tiled_axes(shape: tuple[int, ...], size: Any, stride: Any = None,
+               axes: Any = None) -> tuple[int, ...]:  # fmt: skip
+    """The axes a grid tiles, in the order given: ``axes`` checked against the image, else the
+    last ``len(size)`` (or ``len(stride)``) axes for a sequence, every axis for an int."""
+    ndim = len(shape)
+    if axes is not None:
+        return _checks.axes_tuple(axes, ndim)
+    k = ndim
+    for value, name in ((size, "size"), (stride, "stride")):
+        if isinstance(value, (Sequence, np.ndarray)):
+            k = len(value)
+            if not 1 <= k <= ndim:
+                raise PatchgridError(
+                    f"{name} has {k} entries but the image has {ndim} dimensions "
+                    f"(shape {shape}); give at most one entry per axis"
+                )
+            break
+    return tuple(range(ndim - k, ndim))
+
+
+def check_unchosen_axes(
     shape: tuple[int, ...], size: int, axes: tuple[int, ...], edges: tuple[str, ...]
 ) -> None:
     """An int ``size`` without ``axes=`` tiles every axis the user did not name: one shorter
@@ -180,21 +200,7 @@ class PatchGrid:
         pad_value: Any = 0,
     ) -> None:
         shape_t = _checks.shape_tuple(shape)
-        ndim = len(shape_t)
-        if axes is not None:
-            axes_t = _checks.axes_tuple(axes, ndim)
-        else:
-            k = ndim
-            for value, name in ((size, "size"), (stride, "stride")):
-                if isinstance(value, (Sequence, np.ndarray)):
-                    k = len(value)
-                    if not 1 <= k <= ndim:
-                        raise PatchgridError(
-                            f"{name} has {k} entries but the image has {ndim} dimensions "
-                            f"(shape {shape_t}); give at most one entry per axis"
-                        )
-                    break
-            axes_t = tuple(range(ndim - k, ndim))
+        axes_t = tiled_axes(shape_t, size, stride, axes)
         k = len(axes_t)
         size_t = _checks.per_axis(size, k, "size")
         stride_t = size_t if stride is None else _checks.per_axis(stride, k, "stride")
@@ -209,7 +215,7 @@ class PatchGrid:
 
         axes_t, size_t, stride_t, edge_t = sort(axes_t), sort(size_t), sort(stride_t), sort(edge_t)
         if axes is None and not isinstance(size, (Sequence, np.ndarray)):
-            _check_unchosen_axes(shape_t, size_t[0], axes_t, edge_t)
+            check_unchosen_axes(shape_t, size_t[0], axes_t, edge_t)
         starts, pads = [], []
         for a, p, s, e in zip(axes_t, size_t, stride_t, edge_t):
             st, pad = _axis_starts(shape_t[a], p, s, e, a)

@@ -1,0 +1,266 @@
+"""Batches for a model: reading them, prefetching, and the contract of the model's output (L2).
+
+:class:`Batches` cuts the patches of a run (a list of grid indices) into batches, reads each
+through a :class:`~patchgrid._regions.Reader` (stretches of a grid row in one read, large
+patches of an image in memory by the compiled gather), reuses batch buffers (:class:`Pool`),
+reads ahead in a thread where that helps (:func:`prefetch`), calls the model, checks what it
+returns (:func:`check_output`), keeps the core of whole patches (:func:`core_of`) and hands
+the result to a Merger. The same contract serves apply in memory, in tiles and on Dask.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _compiled, _strided
+from ._accumulate import RUN_BYTES, row_runs
+from ._checks import PatchgridError
+from ._regions import Reader
+from .backends import NUMPY, Backend, is_tensor
+from .grid import PatchGrid
+
+
+class Pool:
+    """Batch buffers used again once nothing holds them, so that the heap does not fragment.
+
+    Many short-lived batches of a few MiB each leave the C heap fragmented (glibc stops
+    handing such sizes back to the system), which shows as tens of MiB of peak memory. A
+    buffer is reused only when its reference count shows that neither ``fn`` nor any view
+    or tensor made from it is still alive, so a model that keeps its inputs keeps them
+    intact. CPU only: CUDA memory has its own caching allocator.
+    """
+
+    LIMIT = 4
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, xp: Backend, like: Any) -> None:
+        self._shape, self._xp, self._dtype = shape, xp, dtype
+        self._on = xp is NUMPY or (xp.name == "torch" and like.device.type == "cpu")
+        if self._on and xp.name == "torch":
+            try:
+                self._dtype = np.dtype(str(dtype).replace("torch.", ""))
+            except TypeError:  # a dtype NumPy does not have (bfloat16)
+                self._on = False
+        self._bufs: list[np.ndarray] = []
+
+    def take(self) -> Any:
+        """A free buffer (a tensor over it for torch), or None when all are in use."""
+        if not self._on:
+            return None
+        for i in range(len(self._bufs)):
+            # 2: the list's reference and getrefcount's own argument; any view or tensor of
+            # the buffer (a torch storage holds one) makes it more.
+            if sys.getrefcount(self._bufs[i]) == 2:
+                return self._wrap(self._bufs[i])
+        if len(self._bufs) >= self.LIMIT:
+            return None
+        self._bufs.append(np.empty(self._shape, self._dtype))
+        return self._wrap(self._bufs[-1])
+
+    def _wrap(self, buf: np.ndarray) -> Any:
+        return self._xp.torch.from_numpy(buf) if self._xp.name == "torch" else buf[...]  # type: ignore[attr-defined]
+
+
+def copy_patch(dst: Any, src: Any, xp: Backend) -> None:
+    """One patch into its place in a batch (NumPy: rows moved as opaque items, which is fast)."""
+    torch = sys.modules.get("torch")
+    if xp is NUMPY and torch is not None and src.dtype == dst.dtype and src.flags.writeable:
+        try:
+            # Loaded already by the caller: torch copies a strided patch on all cores.
+            torch.from_numpy(dst).copy_(torch.from_numpy(src))
+            return
+        except TypeError:  # a dtype torch does not have
+            pass
+    if xp is NUMPY and src.ndim:
+        _strided.copy(dst[None], src[None], 1)
+    else:
+        xp.assign(dst, src)
+
+
+def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Produce ``items`` in a background thread, ``depth`` ahead of the consumer.
+
+    Reading the next batch overlaps with ``fn`` and the merge of the current one (NumPy and
+    torch let go of the GIL while they copy). An error in the reader reaches the consumer.
+    """
+    done = object()
+    box: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                box.put((True, item))
+        except BaseException as exc:  # handed to the consumer, raised there
+            box.put((False, exc))
+            return
+        box.put((True, done))
+
+    worker = threading.Thread(target=produce, name="patchgrid-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, item = box.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                box.get_nowait()
+            except queue.Empty:
+                worker.join(0.01)
+
+
+class Batches:
+    """The patches of a grid read in batches of ``batch_size`` and run through ``fn``.
+
+    ``load(ids)`` reads the patches ``ids`` into one batch (padded to ``batch_size`` with its
+    last patch when ``pad_batch``); ``run(merger, ids, local, step)`` runs them all, adding
+    each output's core to ``merger`` at ``local`` and calling ``step(n)`` as batches finish.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], image: Any, reader: Reader, grid: PatchGrid,
+                 out_grid: PatchGrid, batch_size: int, pad_batch: bool, xp: Backend,
+                 on_disk: bool) -> None:  # fmt: skip
+        self.fn, self.image, self.reader, self.grid, self.out_grid = (
+            fn,
+            image,
+            reader,
+            grid,
+            out_grid,
+        )
+        self.batch_size, self.pad_batch, self.xp = batch_size, pad_batch, xp
+        self.in_shape = reader.patch_shape(tuple(int(s) for s in image.shape))
+        self.full = [p * f for p, f in zip(reader.size, factors(out_grid, grid))]
+        self.dtype = xp.dtype(image) if xp.name == "torch" else image.dtype
+        self.pool = Pool((batch_size, *self.in_shape), self.dtype, xp, image)
+        source = _compiled.host(reader.image)
+        each = math.prod(self.in_shape) * source.itemsize if source is not None else 0
+        # Large patches of an image in memory (an ndarray, a CPU tensor), cut by the compiled
+        # kernel on all cores; padding is read by the gathers of load().
+        self.compiled = (
+            all(m is None for m in reader.maps)
+            and (not on_disk or _compiled.loaded())  # out of core: not worth loading them
+            and _compiled.takes(source, grid.axes, each, len(grid))
+        )
+        self.source = source
+        self.corners = grid.starts() if self.compiled else None
+
+    def load(self, ids: np.ndarray) -> tuple[np.ndarray, Any]:
+        """The patches ``ids`` as one batch: ``(ids, batch)``."""
+        xp, reader, grid, size = self.xp, self.reader, self.grid, self.batch_size
+        pad = size - len(ids)
+        rows = ids if not self.pad_batch else np.concatenate([ids, np.full(pad, ids[-1])])
+        batch = self.pool.take() if len(rows) == size else None
+        if batch is None:
+            batch = xp.empty((len(rows), *self.in_shape), self.dtype, self.image)
+        if self.corners is not None and self.source is not None:
+            into = _compiled.host(batch)
+            if into is not None and _compiled.gather(into, self.source, self.corners[rows]):
+                return ids, batch
+        done = np.zeros(len(rows), dtype=bool)
+        last = grid.axes[-1]
+        # A stretch of a row in one read: for small patches (no Python step per patch), and for
+        # lazy images (a file's chunks decoded once for the stretch, not once per patch).
+        small = xp.nbytes(batch) // max(len(rows), 1) < RUN_BYTES
+        stretch = small or not (isinstance(reader.image, np.ndarray) or is_tensor(reader.image))
+        for b0, b1 in row_runs(rows, grid.counts[-1]) if stretch else []:
+            block, offsets = reader.read_run(int(rows[b0]), b1 - b0)
+            for r0, count, start, step in _strided.runs(offsets.tolist(), reader.size[-1]):
+                view = _strided.window_view(block, [last], [start], [step], [count],
+                                            [reader.size[-1]], xp)  # fmt: skip
+                _strided.copy(batch[b0 + r0 : b0 + r0 + count], view, 1, xp)
+            done[b0:b1] = True
+        for i in np.flatnonzero(~done).tolist():
+            copy_patch(batch[i], reader.read(int(rows[i])), xp)
+        return ids, batch
+
+    def run(self, merger: Any, ids: np.ndarray, local: np.ndarray,
+            step: Callable[[int], Any]) -> Any:  # fmt: skip
+        """Run every patch of ``ids`` through ``fn`` into ``merger``; its result."""
+        size, xp = self.batch_size, self.xp
+        batches = map(self.load, (ids[i : i + size] for i in range(0, len(ids), size)))
+        # A reader thread helps NumPy; once torch is loaded, its fused adds already use the
+        # cores, and the thread only costs memory.
+        ahead = xp is NUMPY and sys.modules.get("torch") is None and not self.compiled
+        at = 0
+        for ids_, batch in prefetch(batches) if ahead else batches:
+            result = check_output(self.fn(batch), batch, xp, self.out_grid, self.full, self.fn)
+            merger.add(core_of(result[: len(ids_)], self.out_grid, self.full),
+                       local[at : at + len(ids_)])  # fmt: skip
+            at += len(ids_)
+            step(len(ids_))
+        return merger.result()
+
+
+def factors(out_grid: PatchGrid, grid: PatchGrid) -> list[float]:
+    return [po / pi for po, pi in zip(out_grid.size, grid.size)]
+
+
+def core_of(result: Any, out_grid: PatchGrid, full: Sequence[float]) -> Any:
+    """The core of whole patches (a model that returns the margin too)."""
+    crop: list[Any] = [slice(None)] * result.ndim
+    cut = False
+    for a, p, f in zip(out_grid.axes, out_grid.size, full):
+        if result.shape[a + 1] != p:
+            m = (int(f) - p) // 2
+            crop[a + 1] = slice(m, m + p)
+            cut = True
+    return result[tuple(crop)] if cut else result
+
+
+def check_output(
+    result: Any, batch: Any, xp: Backend, out_grid: PatchGrid, full: Sequence[float], fn: Any
+) -> Any:
+    """fn's output as an array of the right kind and shape, or a ValueError that shows both."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+    if xp.name == "torch":
+        if not is_tensor(result):
+            raise PatchgridError(
+                f"fn ({name}) must return a tensor for a tensor image, got {type(result).__name__}"
+            )
+    else:
+        if not (isinstance(result, np.ndarray) or hasattr(result, "__array__")):
+            raise PatchgridError(f"fn ({name}) must return an array, got {type(result).__name__}")
+        result = np.asarray(result)
+    kind = xp.kind(result.dtype) if xp.name == "torch" else result.dtype.kind
+    if kind not in "biufc":
+        raise PatchgridError(
+            f"fn ({name}) returned an array of dtype {result.dtype}; it must return numbers "
+            f"(bool, integer, float or complex)"
+        )
+    if xp.name == "torch" and result.requires_grad:
+        raise PatchgridError(
+            f"fn ({name}) returned a tensor that requires grad; apply runs fn under "
+            f"torch.no_grad(): return result.detach(), or do not enable grad inside fn"
+        )
+    shape = tuple(result.shape)
+    core = list(out_grid.size)
+    ok = len(shape) == batch.ndim and shape[0] == batch.shape[0]
+    if ok:
+        for a, p, f in zip(out_grid.axes, core, full):
+            whole = float(f).is_integer() and shape[a + 1] == int(f)
+            ok = ok and (shape[a + 1] == p or whole)
+    if not ok:
+        spatial = {a: p for a, p in zip(out_grid.axes, core)}
+        expected = (batch.shape[0], *[spatial.get(a, "*") for a in range(batch.ndim - 1)])
+        whole = ""
+        if any(int(f) != p for p, f in zip(core, full)):
+            whole = f", or the whole patch {tuple(int(f) for f in full)} on the tiled axes"
+        raise PatchgridError(
+            f"fn ({name}) returned shape {shape} for a batch of shape {tuple(batch.shape)}; "
+            f"expected {expected} (* is free){whole}"
+        )
+    return result
