@@ -51,7 +51,9 @@ def test_every_operation_of_the_interface_raises(operation):
     class Empty(Backend):
         pass
 
-    with pytest.raises(NotImplementedError, match=rf"Empty does not implement {operation}\(\)"):
+    with pytest.raises(
+        NotImplementedError, match=rf"Empty does not implement {operation}\(\) of backends.Backend"
+    ):
         _use(Empty(), operation)
 
 

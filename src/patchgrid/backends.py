@@ -86,8 +86,7 @@ def _missing(operation: str, declared: Any) -> Any:
     @functools.wraps(declared)
     def missing(self: object, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(
-            f"{type(self).__name__} does not implement {operation}(), an operation of the "
-            f"patchgrid.backends.Backend interface"
+            f"{type(self).__name__} does not implement {operation}() of backends.Backend"
         )
 
     return missing
@@ -104,7 +103,8 @@ class Backend(Protocol):
     Every operation here raises ``NotImplementedError`` naming the backend and the operation;
     an implementation subclasses ``Backend`` and overrides each of them (:class:`NumpyBackend`,
     :class:`TorchBackend`), and mypy refuses to instantiate one that misses any. None is
-    concrete on the base, the three attributes included (properties that raise). Strides are
+    concrete on the base, the three attributes included (properties that raise); only
+    ``__hash__`` is, by identity (backends are keys of cached plans). Strides are
     in the backend's own units (bytes for NumPy, elements for torch); ``dtype`` arguments take
     the backend's dtypes or NumPy's; ``like`` is an array of the backend that a new one is
     made beside (on its device).
@@ -192,6 +192,10 @@ class Backend(Protocol):
     """
 
     name: str = "abstract"
+
+    def __hash__(self) -> int:
+        """By identity: a backend is part of the key of cached plans."""
+        return object.__hash__(self)
 
     @property
     def host_loops(self) -> bool: ...
@@ -690,11 +694,9 @@ def is_dask(x: object) -> bool:
 
 def backend_of(x: object) -> Backend:
     """The backend for ``x``: torch for a tensor, NumPy for everything else."""
-    if isinstance(x, np.ndarray):
+    if isinstance(x, np.ndarray) or not is_tensor(x):  # ndarrays first: the common case
         return NUMPY
-    if is_tensor(x):
-        return _torch_backend()
-    return NUMPY
+    return _torch_backend()
 
 
 def in_memory(x: object, plain: bool = False) -> bool:
