@@ -1,5 +1,7 @@
 """merge and Merger against a plain loop: ``out[sl] += w * p; count[sl] += w``."""
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -23,6 +25,16 @@ GRIDS = [
 ]
 GRID_IDS = ["1d", "2d", "2d-mixed", "3d", "3d-dense", "gapped", "channels-first",
             "channels-middle-unsorted", "larger"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, params=["scatter", "rows"])
+def strategy(request, monkeypatch):
+    """Every test here runs twice: small grids merged at once by the scatter strategy, and
+    the same grids merged by rows (the strategy of large grids), both against the loop."""
+    if request.param == "rows":
+        accumulate = importlib.import_module("patchgrid._accumulate")
+        monkeypatch.setattr(accumulate, "SCATTER_ELEMENTS", -1)
+    return request.param
 
 
 def _rng(seed=0):

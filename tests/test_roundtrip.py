@@ -1,6 +1,9 @@
 """Hypothesis properties: extract against the loop, merge(extract(x)) == x, Merger == merge."""
 
+import importlib
+
 import numpy as np
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -186,6 +189,23 @@ def test_merge_of_extract_restores_the_image(args, dtype, window, seed):
     image = _image(args[0], dtype, seed)
     grid = _grid(args)
     _assert_restores(pg.merge(pg.extract(image, grid), grid, window=window), image)
+
+
+@SETTINGS
+@given(
+    args=grid_args(full=True),
+    dtype=st.sampled_from(DTYPES),
+    window=st.sampled_from(["uniform", "gaussian"]),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_of_extract_restores_the_image_by_rows(args, dtype, window, seed):
+    # The same property through the strategy of large grids (small ones are gathered at once).
+    image = _image(args[0], dtype, seed)
+    grid = _grid(args)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.import_module("patchgrid._accumulate"), "SCATTER_ELEMENTS", -1)
+        merged = pg.merge(pg.extract(image, grid), grid, window=window)
+    _assert_restores(merged, image)
 
 
 @SETTINGS
