@@ -211,7 +211,8 @@ def _defined(tree: ast.Module) -> set[str]:
                 node, ast.ClassDef
             ) else None
         elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
-            names.add(node.attr)
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                names.add(node.attr)  # another object's private state is not this file's
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             names.add(node.id)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):

@@ -312,7 +312,7 @@ def test_apply_into_zarr_limits_zarr_while_it_runs_and_puts_it_back():
     with pytest.raises(RuntimeError, match="model failed"):
         pg.apply(broken, image, 16, 8, out=out, progress=False)
     assert zarr.config.get("async.concurrency") == before
-    assert _memory._state.jobs == 0
+    assert _memory.state.jobs == 0
 
 
 def test_zarr_concurrency_follows_the_chunk_bytes():

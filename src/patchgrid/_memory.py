@@ -76,7 +76,7 @@ class _State:
         self.zarr: Any = None  # zarr's config context while jobs run
 
 
-_state = _State()
+state = _State()
 
 
 def tune_allocator(threshold: int = 4 << 20) -> bool:
@@ -112,8 +112,8 @@ def tune_allocator(threshold: int = 4 << 20) -> bool:
     glibc = libc()
     if glibc is None or not glibc.mallopt(_M_MMAP_THRESHOLD, threshold):
         return False
-    with _state.lock:
-        _state.tuned = threshold
+    with state.lock:
+        state.tuned = threshold
     return True
 
 
@@ -169,22 +169,22 @@ class bound(contextlib.ContextDecorator):
         self._arrays = arrays
 
     def __enter__(self) -> bound:
-        with _state.lock:
-            _state.jobs += 1
-            if _state.jobs == 1:
+        with state.lock:
+            state.jobs += 1
+            if state.jobs == 1:
                 _set_allocator(MMAP_BYTES, TRIM_BYTES)
-                _state.zarr = _limit_zarr(self._arrays)
+                state.zarr = _limit_zarr(self._arrays)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with _state.lock:
-            _state.jobs -= 1
-            if _state.jobs == 0:
-                if _state.zarr is not None:
-                    _state.zarr.__exit__(None, None, None)
-                    _state.zarr = None
-                if _state.tuned is not None:
-                    _set_allocator(_state.tuned, _GLIBC_TRIM_DEFAULT)
+        with state.lock:
+            state.jobs -= 1
+            if state.jobs == 0:
+                if state.zarr is not None:
+                    state.zarr.__exit__(None, None, None)
+                    state.zarr = None
+                if state.tuned is not None:
+                    _set_allocator(state.tuned, _GLIBC_TRIM_DEFAULT)
                 else:
                     _set_allocator(_GLIBC_MMAP_MAX, 2 * _GLIBC_MMAP_MAX)
         release_memory()
