@@ -16,7 +16,7 @@ from ._merge import DiskMerger, Merger
 from ._progress import steps
 from ._regions import INDEX_MODES, Reader
 from ._tiled import TileMerger, apply_tiles
-from .backends import backend_of, is_dask, is_tensor, shares_memory
+from .backends import backend_of, in_memory, is_dask, shares_memory
 from .grid import PatchGrid, check_unchosen_axes, tiled_axes
 
 __all__ = ["apply"]
@@ -148,17 +148,12 @@ def apply(
         return xp.empty(out_grid.shape, dtype_empty, image)
     reader = Reader(image, grid, margins, xp)
     tiles = apply_tiles(out, out_grid, reduce)
-    on_disk = out is not None and type(out) is not np.ndarray and not is_tensor(out)
+    on_disk = out is not None and not in_memory(out, plain=True)  # a memmap is on disk
     batches = Batches(fn, image, reader, grid, out_grid, batch_size, pad_batch, xp, on_disk)
     step, close = steps(progress, sum(t.reads for t in tiles) if tiles else len(grid),
                         "patchgrid.apply")  # fmt: skip
-    grad: Any = contextlib.nullcontext()
-    if xp.name == "torch":
-        import torch
-
-        grad = torch.no_grad()
     try:
-        with grad, _memory.bound(image, out) if on_disk else contextlib.nullcontext():
+        with xp.no_grad(), _memory.bound(image, out) if on_disk else contextlib.nullcontext():
             if not tiles:
                 everything = np.arange(len(grid))
                 kind = DiskMerger if on_disk else Merger
@@ -219,9 +214,8 @@ def _check_out(out: Any, image: Any) -> None:
             f"out must be an array with shape, dtype and slice assignment (an ndarray, memmap, "
             f"zarr array, h5py dataset or tensor), got {type(out).__name__}"
         )
-    if (isinstance(out, np.ndarray) and not out.flags.writeable) or getattr(
-        out, "read_only", False
-    ):
+    xo = backend_of(out)
+    if (xo.owns(out) and not xo.writeable(out)) or getattr(out, "read_only", False):
         raise PatchgridError(
             f"out is read-only ({type(out).__name__}); give a writeable array (for a file, "
             f"open it for writing)"

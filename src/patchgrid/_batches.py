@@ -23,7 +23,7 @@ from . import _compiled, _strided
 from ._accumulate import RUN_BYTES, row_runs
 from ._checks import PatchgridError
 from ._regions import Reader
-from .backends import NUMPY, Backend, is_tensor
+from .backends import Backend, in_memory
 from .grid import PatchGrid
 
 
@@ -40,13 +40,11 @@ class Pool:
     LIMIT = 4
 
     def __init__(self, shape: tuple[int, ...], dtype: Any, xp: Backend, like: Any) -> None:
-        self._shape, self._xp, self._dtype = shape, xp, dtype
-        self._on = xp is NUMPY or (xp.name == "torch" and like.device.type == "cpu")
-        if self._on and xp.name == "torch":
-            try:
-                self._dtype = np.dtype(str(dtype).replace("torch.", ""))
-            except TypeError:  # a dtype NumPy does not have (bfloat16)
-                self._on = False
+        self._shape, self._xp = shape, xp
+        # None off the CPU, or for a dtype NumPy does not have (bfloat16).
+        host = xp.host_dtype(dtype, like)
+        self._on = host is not None
+        self._dtype = host
         self._bufs: list[np.ndarray] = []
 
     def take(self) -> Any:
@@ -64,20 +62,14 @@ class Pool:
         return self._wrap(self._bufs[-1])
 
     def _wrap(self, buf: np.ndarray) -> Any:
-        return self._xp.torch.from_numpy(buf) if self._xp.name == "torch" else buf[...]  # type: ignore[attr-defined]
+        return self._xp.from_host(buf)
 
 
 def copy_patch(dst: Any, src: Any, xp: Backend) -> None:
     """One patch into its place in a batch (NumPy: rows moved as opaque items, which is fast)."""
-    torch = sys.modules.get("torch")
-    if xp is NUMPY and torch is not None and src.dtype == dst.dtype and src.flags.writeable:
-        try:
-            # Loaded already by the caller: torch copies a strided patch on all cores.
-            torch.from_numpy(dst).copy_(torch.from_numpy(src))
-            return
-        except TypeError:  # a dtype torch does not have
-            pass
-    if xp is NUMPY and src.ndim:
+    if xp.copy_fast(dst, src):  # torch's threads, where the caller has loaded torch
+        return
+    if src.ndim and xp.host_loops:
         _strided.copy(dst[None], src[None], 1)
     else:
         xp.assign(dst, src)
@@ -144,7 +136,7 @@ class Batches:
         self.batch_size, self.pad_batch, self.xp = batch_size, pad_batch, xp
         self.in_shape = reader.patch_shape(tuple(int(s) for s in image.shape))
         self.full = [p * f for p, f in zip(reader.size, factors(out_grid, grid))]
-        self.dtype = xp.dtype(image) if xp.name == "torch" else image.dtype
+        self.dtype = xp.dtype(image)
         self.pool = Pool((batch_size, *self.in_shape), self.dtype, xp, image)
         source = _compiled.host(reader.image)
         each = math.prod(self.in_shape) * source.itemsize if source is not None else 0
@@ -175,7 +167,7 @@ class Batches:
         # A stretch of a row in one read: for small patches (no Python step per patch), and for
         # lazy images (a file's chunks decoded once for the stretch, not once per patch).
         small = xp.nbytes(batch) // max(len(rows), 1) < RUN_BYTES
-        stretch = small or not (isinstance(reader.image, np.ndarray) or is_tensor(reader.image))
+        stretch = small or not in_memory(reader.image)
         for b0, b1 in row_runs(rows, grid.counts[-1]) if stretch else []:
             block, offsets = reader.read_run(int(rows[b0]), b1 - b0)
             for r0, count, start, step in _strided.runs(offsets.tolist(), reader.size[-1]):
@@ -194,7 +186,7 @@ class Batches:
         batches = map(self.load, (ids[i : i + size] for i in range(0, len(ids), size)))
         # A reader thread helps NumPy; once torch is loaded, its fused adds already use the
         # cores, and the thread only costs memory.
-        ahead = xp is NUMPY and sys.modules.get("torch") is None and not self.compiled
+        ahead = xp.one_thread() and not self.compiled
         at = 0
         for ids_, batch in prefetch(batches) if ahead else batches:
             result = check_output(self.fn(batch), batch, xp, self.out_grid, self.full, self.fn)
@@ -226,22 +218,19 @@ def check_output(
 ) -> Any:
     """fn's output as an array of the right kind and shape, or a ValueError that shows both."""
     name = getattr(fn, "__name__", type(fn).__name__)
-    if xp.name == "torch":
-        if not is_tensor(result):
-            raise PatchgridError(
-                f"fn ({name}) must return a tensor for a tensor image, got {type(result).__name__}"
-            )
-    else:
-        if not (isinstance(result, np.ndarray) or hasattr(result, "__array__")):
-            raise PatchgridError(f"fn ({name}) must return an array, got {type(result).__name__}")
-        result = np.asarray(result)
-    kind = xp.kind(result.dtype) if xp.name == "torch" else result.dtype.kind
+    got = xp.as_output(result)
+    if got is None:
+        raise PatchgridError(
+            f"fn ({name}) must return {xp.output_kind}, got {type(result).__name__}"
+        )
+    result = got
+    kind = xp.kind(xp.dtype(result))
     if kind not in "biufc":
         raise PatchgridError(
             f"fn ({name}) returned an array of dtype {result.dtype}; it must return numbers "
             f"(bool, integer, float or complex)"
         )
-    if xp.name == "torch" and result.requires_grad:
+    if xp.needs_grad(result):
         raise PatchgridError(
             f"fn ({name}) returned a tensor that requires grad; apply runs fn under "
             f"torch.no_grad(): return result.detach(), or do not enable grad inside fn"
