@@ -58,10 +58,9 @@ def pad_array(x: Any, pad_width: Any, mode: str, value: Any, xp: Backend) -> Any
     if not any(b or a for b, a in pad_width):
         return x
     check_pad_value(value, mode, xp.dtype(x), xp)
-    if xp is NUMPY:
-        if mode == "constant":
-            return np.pad(x, pad_width, mode="constant", constant_values=value)
-        return np.pad(x, pad_width, mode=mode)  # type: ignore[call-overload]
+    whole = xp.pad(x, pad_width, mode, value)  # None: pad through index maps (torch)
+    if whole is not None:
+        return whole
     if mode not in INDEX_MODES:
         raise PatchgridError(
             f"pad_mode={mode!r} is not available for {xp.name} arrays; use one of {INDEX_MODES}"
@@ -74,7 +73,7 @@ def pad_array(x: Any, pad_width: Any, mode: str, value: Any, xp: Backend) -> Any
 
 def check_pad_value(value: Any, mode: str, dtype: Any, xp: Backend) -> None:
     """A constant pad must be storable in the image's dtype (-1 would wrap to 255 in uint8)."""
-    kind = xp.kind(dtype) if xp.name == "torch" else np.dtype(dtype).kind
+    kind = xp.kind(dtype)
     if kind not in "biufc":
         raise PatchgridError(
             f"the image's dtype {dtype} is not numeric, and these patches need padding "
@@ -97,9 +96,7 @@ def gather(x: Any, axis: int, index: np.ndarray, value: Any, xp: Backend) -> Any
         if out is None:
             return xp.full(shape, value, xp.dtype(x), x)
         where: list[Any] = [slice(None)] * x.ndim
-        where[axis] = np.flatnonzero(index < 0)
-        if xp.name == "torch":
-            where[axis] = xp.constant(where[axis], np.int64, x)
+        where[axis] = xp.index(np.flatnonzero(index < 0), x)
         out[tuple(where)] = value
     return out
 
@@ -148,12 +145,11 @@ def read_region(
     """
     if not gathers:
         block = image[tuple(region)]
-        return np.asarray(block) if xp is NUMPY else block
+        return xp.asarray(block)
     (a, ids), rest = gathers[0], gathers[1:]
     # In memory a region is a view, taken from at no cost for its span: one piece. A lazy
     # array reads all it is asked for: indices far apart are read as separate pieces.
-    in_memory = isinstance(image, np.ndarray) or xp is not NUMPY
-    found = pieces(ids, image.shape[a] if in_memory else len(ids))
+    found = pieces(ids, image.shape[a] if xp.owns(image) else len(ids))
     if len(found) == 1 and ids.min() >= 0:  # one read holds every index
         lo, hi, _ = found[0]
         sub = list(region)
@@ -176,7 +172,7 @@ def read_region(
     out = xp.full(shape, value, dtype, image)
     for where, lo, block in parts:
         index: list[Any] = [slice(None)] * len(shape)
-        index[a] = where if xp is NUMPY else xp.constant(where, np.int64, block)
+        index[a] = xp.index(where, block)
         out[tuple(index)] = xp.take(block, ids[where] - lo, a)
     return out
 
@@ -199,7 +195,7 @@ class Reader:
                 zip(margin, (grid.pad_width[a] for a in grid.axes))]  # fmt: skip
         self.maps: list[np.ndarray | None] = []
         if any(b or a for b, a in pads) and grid.pad_mode not in INDEX_MODES:
-            if xp is not NUMPY or not isinstance(image, np.ndarray):
+            if not xp.pads_whole(image):
                 raise PatchgridError(
                     f"pad_mode={grid.pad_mode!r} needs the whole image in memory as a NumPy "
                     f"array; use one of {INDEX_MODES} for {type(image).__name__}"
