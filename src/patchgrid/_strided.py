@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -145,6 +145,134 @@ def copy(dst: Any, src: Any, k: int, xp: Backend = NUMPY) -> None:
         np.copyto(dst[chunk], src[chunk], casting="same_kind")
 
 
+class _Walk(NamedTuple):
+    """How :func:`accumulate` walks one sub-grid: phases, chunks and the loop layout."""
+
+    k: int
+    counts: tuple[int, ...]
+    size: list[int]
+    m: list[int]  # phases per tiled axis: patches this many apart never overlap
+    per_chunk: list[int]  # patches per chunk along each chunked axis
+    ranges: list[range]  # chunk starts along each chunked axis
+    through_buffer: bool
+    inner_grid: bool
+    interleave: list[int]
+    budget: int
+    threaded: bool
+
+
+def _walk(acc: Any, patches: Any, axes: Sequence[int], step: Sequence[int], weight: Any,
+          xp: Backend) -> _Walk:  # fmt: skip
+    k = len(axes)
+    counts = tuple(patches.shape[:k])
+    patch = patches.shape[k:]
+    size = [patch[a] for a in axes]
+    m = [1 if s >= p else -(-p // s) for s, p in zip(step, size)]
+    blocks = [c + mj - 1 for c, mj in zip(counts, m)]
+    # The chunked axes: axis 0 only (cutting more axes into pieces shortens NumPy's loops more
+    # than the cache repays), in blocks of about CHUNK_BYTES.
+    span_all = xp.itemsize(acc) * math.prod(acc.shape)
+    span = span_all // max(acc.shape[axes[0]], 1) * max(min(step[0], size[0]), 1)
+    per_chunk = [max(1, min(blocks[0], CHUNK_BYTES // max(span, 1)))]
+    d = len(per_chunk)
+    # Tiny patch rows make NumPy's inner loop short; then iterate with the grid axes innermost.
+    small = xp is NUMPY and size[-1] * xp.itemsize(patches) < 256 and counts[-1] > 1 and k > d
+    # Short patch rows make NumPy's inner loop short. When patches of one phase touch end to
+    # end along the last tiled axis, copy them (rows as opaque items, which is fast) into a
+    # buffer laid out like the output, so the addition runs along whole output rows.
+    through_buffer = (
+        small
+        and m[-1] * step[-1] == size[-1]
+        and axes[-1] == len(patch) - 1
+        and xp.nbytes(patches) >= THROUGH_BUFFER_BYTES  # below it, the buffer costs more
+    )
+    inner_grid = (
+        small
+        and not through_buffer
+        and size[-1] * xp.itemsize(patches) < 64
+        and xp.nbytes(patches) >= THROUGH_BUFFER_BYTES
+    )
+    interleave: list[int] = []
+    for a in range(len(patch)):
+        if a in axes:
+            interleave.append(list(axes).index(a))
+        interleave.append(k + a)
+    # NumPy runs strided in-place operations through buffers of up to 8192 items per operand;
+    # beside a small output, smaller calls keep those (and ours) small too.
+    budget = min(CHUNK_BYTES, max(span_all // 4, 1 << 12))
+    # Threads pay for large patches and for weighted tiny ones; unweighted tiny ones are
+    # bound by the memory already, and each thread would only hold its own buffers.
+    threaded = not (small and weight is None)
+    ranges = [range(0, blocks[j], per_chunk[j]) for j in range(d)]
+    return _Walk(k, counts, size, m, per_chunk, ranges, through_buffer, inner_grid, interleave,
+                 budget, threaded)  # fmt: skip
+
+
+def _add_part(walk: _Walk, acc: Any, tgt: Any, src: Any, w: Any, op: str, xp: Backend,
+              scratch: list[Any]) -> None:  # fmt: skip
+    """One strided operation: ``src`` (weighted by ``w``) into ``tgt``."""
+    k = walk.k
+    if walk.through_buffer:
+        tgt, src = tgt.transpose(walk.interleave), src.transpose(walk.interleave)
+        n = src.size
+        if not scratch or scratch[0].size < n:
+            scratch[:] = [np.empty(n, dtype=np.result_type(src, acc))]
+        buf = scratch[0][:n].reshape(src.shape)
+        copy(buf, src, 0)
+        if w is not None:
+            ww = w.reshape((1,) * k + tuple(w.shape)).transpose(walk.interleave)
+            np.multiply(buf, ww, out=buf)
+        xp.inplace(op, tgt, buf)
+        return
+    if w is not None:
+        xp.add_product(tgt, src, w, scratch)
+        return
+    if walk.inner_grid:
+        perm = (*range(k, tgt.ndim), *range(k))
+        tgt, src = tgt.transpose(perm), src.transpose(perm)
+    xp.inplace(op, tgt, src, "C" if walk.inner_grid else "K")
+
+
+def _add_chunk(walk: _Walk, chunk: tuple[int, ...], acc: Any, patches: Any, axes: Sequence[int],
+               first: Sequence[int], step: Sequence[int], op: str, weight: Any,
+               xp: Backend) -> None:  # fmt: skip
+    """Every piece of every patch that lands in one chunk of the output."""
+    k, counts, size, m, per_chunk = walk.k, walk.counts, walk.size, walk.m, walk.per_chunk
+    d = len(per_chunk)
+    ndim = patches.ndim - k
+    scratch: list[Any] = []
+    for pieces in itertools.product(*[range(m[j]) for j in range(d)]):
+        lo = [max(chunk[j] - r, 0) for j, r in enumerate(pieces)]
+        hi = [min(chunk[j] + per_chunk[j] - r, counts[j]) for j, r in enumerate(pieces)]
+        if any(h <= lo_ for lo_, h in zip(lo, hi)):
+            continue
+        ext = [min(step[j], size[j] - r * step[j]) for j, r in enumerate(pieces)]
+        for phase in itertools.product(*[range(mj) for mj in m[d:]]):
+            cnt = [h - lo_ for lo_, h in zip(lo, hi)]
+            cnt += [len(range(q, n, mj)) for q, n, mj in zip(phase, counts[d:], m[d:])]
+            if 0 in cnt:
+                continue
+            f = [first[j] + (lo[j] + r) * step[j] for j, r in enumerate(pieces)]
+            f += [fj + q * sj for fj, q, sj in zip(first[d:], phase, step[d:])]
+            st = list(step[:d]) + [mj * sj for mj, sj in zip(m[d:], step[d:])]
+            target = window_view(acc, axes, f, st, cnt, ext + size[d:], xp)
+            pick = [slice(lo_, h) for lo_, h in zip(lo, hi)]
+            pick += [slice(q, None, mj) for q, mj in zip(phase, m[d:])]
+            inner: list[slice] = [slice(None)] * ndim
+            for j, r in enumerate(pieces):
+                inner[axes[j]] = slice(r * step[j], r * step[j] + ext[j])
+            source = patches[tuple(pick + inner)]
+            w = None if weight is None else weight[tuple(inner)]
+            # Split calls whose patches would not fit in cache along one grid axis (and,
+            # through a buffer, whose buffer would be large beside a small output).
+            cut = 1 if k > 1 else 0
+            n_cut = source.shape[cut]
+            per = max(1, n_cut * walk.budget // max(xp.nbytes(source), 1))
+            for c0 in range(0, n_cut, per):
+                part = (slice(None),) * cut + (slice(c0, c0 + per),)
+                _add_part(walk, acc, target[part], source[part], w, op, xp, scratch)
+
+
 def accumulate(
     acc: Any,
     patches: Any,
@@ -160,115 +288,19 @@ def accumulate(
     ``patches`` is ``(*counts, *patch)``; ``op`` is ``"add"``, ``"max"`` or ``"min"``;
     ``weight``, broadcastable to one patch, multiplies each patch first (``"add"`` only).
 
-    The output is walked in chunks of about ``CHUNK_BYTES``, cut along the first tiled axes
-    (the chunked axes) at multiples of the step. Along a chunked axis, patches are cut into
-    pieces one step long, so a chunk gathers every piece that lands in it while it sits in
-    cache. Along the other axes, patches ``ceil(size / step)`` apart never overlap, so each
-    phase of them is one strided operation.
+    The output is walked in chunks of about ``CHUNK_BYTES``, cut along the first tiled axis
+    at multiples of the step. Along it, patches are cut into pieces one step long, so a chunk
+    gathers every piece that lands in it while it sits in cache. Along the other axes, patches
+    ``ceil(size / step)`` apart never overlap, so each phase of them is one strided operation.
     """
-    k = len(axes)
-    counts = patches.shape[:k]
-    patch = patches.shape[k:]
-    size = [patch[a] for a in axes]
-    m = [1 if s >= p else -(-p // s) for s, p in zip(step, size)]
-    blocks = [c + mj - 1 for c, mj in zip(counts, m)]
-    # Choose the chunked axes: cut along axis 0 first, and along the next ones while one block
-    # of the previous axes is still larger than the chunk.
-    span = span_all = xp.itemsize(acc) * math.prod(acc.shape)
-    per_chunk: list[int] = []
-    for j, a in enumerate(axes):
-        span = span // max(acc.shape[a], 1) * max(min(step[j], size[j]), 1)
-        per_chunk.append(max(1, min(blocks[j], CHUNK_BYTES // max(span, 1))))
-        # Cutting more axes into pieces shortens NumPy's loops more than the cache repays.
-        break
-    d = len(per_chunk)
-    # Tiny patch rows make NumPy's inner loop short; then iterate with the grid axes innermost.
-    small = xp is NUMPY and size[-1] * xp.itemsize(patches) < 256 and counts[-1] > 1 and k > d
-    # Short patch rows make NumPy's inner loop short. When patches of one phase touch end to
-    # end along the last tiled axis, copy them (rows as opaque items, which is fast) into a
-    # buffer laid out like the output, so the addition runs along whole output rows.
-    last = axes[-1]
-    through_buffer = (
-        small
-        and m[-1] * step[-1] == size[-1]
-        and last == len(patch) - 1
-        and xp.nbytes(patches) >= THROUGH_BUFFER_BYTES  # below it, the buffer costs more
-    )
-    inner_grid = (
-        small
-        and not through_buffer
-        and size[-1] * xp.itemsize(patches) < 64
-        and xp.nbytes(patches) >= THROUGH_BUFFER_BYTES
-    )
-    order = "C" if inner_grid else "K"
-    interleave: list[int] = []
-    for a in range(len(patch)):
-        if a in axes:
-            interleave.append(list(axes).index(a))
-        interleave.append(k + a)
-    ranges = [range(0, blocks[j], per_chunk[j]) for j in range(d)]
-    # NumPy runs strided in-place operations through buffers of up to 8192 items per operand;
-    # beside a small output, smaller calls keep those (and ours) small too.
-    budget = min(CHUNK_BYTES, max(span_all // 4, 1 << 12))
-    # Threads pay for large patches and for weighted tiny ones; unweighted tiny ones are
-    # bound by the memory already, and each thread would only hold its own buffers.
-    threaded = not (small and weight is None)
+    walk = _walk(acc, patches, axes, step, weight, xp)
 
     def run(chunk: tuple[int, ...]) -> None:
-        scratch: list[Any] = []
-        for pieces in itertools.product(*[range(m[j]) for j in range(d)]):
-            lo = [max(chunk[j] - r, 0) for j, r in enumerate(pieces)]
-            hi = [min(chunk[j] + per_chunk[j] - r, counts[j]) for j, r in enumerate(pieces)]
-            if any(h <= lo_ for lo_, h in zip(lo, hi)):
-                continue
-            ext = [min(step[j], size[j] - r * step[j]) for j, r in enumerate(pieces)]
-            for phase in itertools.product(*[range(mj) for mj in m[d:]]):
-                cnt = [h - lo_ for lo_, h in zip(lo, hi)]
-                cnt += [len(range(q, n, mj)) for q, n, mj in zip(phase, counts[d:], m[d:])]
-                if 0 in cnt:
-                    continue
-                f = [first[j] + (lo[j] + r) * step[j] for j, r in enumerate(pieces)]
-                f += [fj + q * sj for fj, q, sj in zip(first[d:], phase, step[d:])]
-                st = list(step[:d]) + [mj * sj for mj, sj in zip(m[d:], step[d:])]
-                target = window_view(acc, axes, f, st, cnt, ext + size[d:], xp)
-                pick = [slice(lo_, h) for lo_, h in zip(lo, hi)]
-                pick += [slice(q, None, mj) for q, mj in zip(phase, m[d:])]
-                inner: list[slice] = [slice(None)] * len(patch)
-                for j, r in enumerate(pieces):
-                    inner[axes[j]] = slice(r * step[j], r * step[j] + ext[j])
-                source = patches[tuple(pick + inner)]
-                w = None if weight is None else weight[tuple(inner)]
-                # Split calls whose patches would not fit in cache along one grid axis (and,
-                # through a buffer, whose buffer would be large beside a small output).
-                cut = 1 if k > 1 else 0
-                n_cut = source.shape[cut]
-                per = max(1, n_cut * budget // max(xp.nbytes(source), 1))
-                for c0 in range(0, n_cut, per):
-                    part = (slice(None),) * cut + (slice(c0, c0 + per),)
-                    tgt, src = target[part], source[part]
-                    if through_buffer:
-                        tgt, src = tgt.transpose(interleave), src.transpose(interleave)
-                        n = src.size
-                        if not scratch or scratch[0].size < n:
-                            scratch[:] = [np.empty(n, dtype=np.result_type(src, acc))]
-                        buf = scratch[0][:n].reshape(src.shape)
-                        copy(buf, src, 0)
-                        if w is not None:
-                            ww = w.reshape((1,) * k + tuple(w.shape)).transpose(interleave)
-                            np.multiply(buf, ww, out=buf)
-                        xp.inplace(op, tgt, buf)
-                        continue
-                    if w is not None:
-                        xp.add_product(tgt, src, w, scratch)
-                        continue
-                    if inner_grid:
-                        perm = (*range(k, tgt.ndim), *range(k))
-                        tgt, src = tgt.transpose(perm), src.transpose(perm)
-                    xp.inplace(op, tgt, src, order)
+        _add_chunk(walk, chunk, acc, patches, axes, first, step, op, weight, xp)
 
-    chunks = list(itertools.product(*ranges))
+    chunks = list(itertools.product(*walk.ranges))
     if (
-        threaded
+        walk.threaded
         and xp is NUMPY
         and THREADS > 1
         and len(chunks) > 1
