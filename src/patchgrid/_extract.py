@@ -19,12 +19,11 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from . import _compiled, _strided
 from ._checks import PatchgridError
 from ._regions import Reader, padded
-from .backends import NUMPY, Backend, backend_of, check_cast, is_dask, is_tensor
+from .backends import NUMPY, Backend, backend_of, check_cast, in_memory, is_dask
 from .grid import PatchGrid, as_grid, grid_key
 
 __all__ = ["extract"]
@@ -32,10 +31,11 @@ __all__ = ["extract"]
 
 class _Plan(NamedTuple):
     """What a call of one layout needs again: the checked grid and, where the result is a view
-    of the image itself, its shape and strides (and whether the image exports a buffer)."""
+    of the image itself, its shape and strides, and the image's backend that makes it."""
 
     grid: PatchGrid
-    view: tuple[tuple[int, ...], tuple[int, ...], bool] | None
+    view: tuple[tuple[int, ...], tuple[int, ...]] | None
+    xp: Backend
 
 
 #: Plans by layout, oldest first; at most ``_PLANS_KEPT`` of them.
@@ -46,47 +46,29 @@ _PLANS_KEPT = 256
 def _layout(image: Any, *args: Any) -> tuple[Any, ...] | None:
     """The plan's key: the array's type, shape, strides and dtype, and the typed arguments
     (None for an array or arguments whose result cannot be planned)."""
-    t = type(image)
-    if t is np.ndarray:
-        head = (t, image.shape, image.strides, image.dtype)
-    elif is_tensor(image):
-        head = (t, tuple(image.shape), image.stride(), image.dtype)
-    else:
+    layout = backend_of(image).layout(image)  # None but for a plain ndarray or a tensor
+    if layout is None:
         return None
     rest = grid_key(*args)
-    return None if rest is None else (head, rest)
+    return None if rest is None else ((type(image), *layout), rest)
 
 
 def _remember(key: Any, grid: PatchGrid, arr: Any, result: Any, xp: Backend) -> None:
     """Keep the plan of ``key``; the result's geometry too where it is a view of ``arr``."""
     view = None
-    if xp is NUMPY and result.size and result.ctypes.data == arr.ctypes.data:
-        view = (result.shape, result.strides, bool(arr.flags.c_contiguous))
-    elif xp is not NUMPY and result.numel() and result.data_ptr() == arr.data_ptr():
-        view = (tuple(result.shape), result.stride(), False)
+    if xp.size(result) and xp.address(result) == xp.address(arr):
+        view = (xp.shape(result), xp.strides(result))
     if len(_PLANS) >= _PLANS_KEPT:
         with contextlib.suppress(RuntimeError, StopIteration, KeyError):  # another thread's
             del _PLANS[next(iter(_PLANS))]
-    _PLANS[key] = _Plan(grid, view)
-
-
-def _view(image: Any, shape: tuple[int, ...], strides: tuple[int, ...], buffer: bool) -> Any:
-    """The planned view of ``image``: read-only for NumPy (torch has no read-only tensors)."""
-    if type(image) is not np.ndarray:
-        return image.as_strided(shape, strides)
-    if not buffer:
-        return as_strided(image, shape, strides, writeable=False)
-    # The ndarray constructor over the image's buffer: a third of as_strided's cost.
-    view = np.ndarray(shape, image.dtype, image, 0, strides)
-    view.flags.writeable = False
-    return view
+    _PLANS[key] = _Plan(grid, view, xp)
 
 
 def _is_lazy(image: Any) -> bool:
     """An array-like that reads on slicing (zarr, h5py, pg.open): never turned into one array."""
     return (
-        not isinstance(image, (np.ndarray, list, tuple))
-        and not is_tensor(image)
+        not isinstance(image, (list, tuple))
+        and not in_memory(image)
         and hasattr(image, "shape")
         and hasattr(image, "dtype")
         and hasattr(image, "__getitem__")
@@ -126,8 +108,7 @@ def check_out(out: Any, xp: Backend, dtype: Any, shape: tuple[int, ...],
     """extract's ``out=``: of the image's kind, the result's shape, writeable, and of a dtype
     of the same kind (a float image is never truncated into integers); values are checked
     against its range where the dtypes do not settle it (see :func:`check_cast`)."""
-    known = isinstance(out, np.ndarray) or is_tensor(out)
-    if backend_of(out) is not xp or not known:
+    if not xp.owns(out):
         raise TypeError(f"out must be {kind}, got {type(out).__name__}")
     if tuple(out.shape) not in (shape, flat_shape):
         raise PatchgridError(
@@ -144,7 +125,7 @@ def check_out(out: Any, xp: Backend, dtype: Any, shape: tuple[int, ...],
 
 
 def _as_ndarray(image: Any) -> Any:
-    if isinstance(image, np.ndarray) or is_tensor(image):
+    if in_memory(image):
         return image
     if not (
         hasattr(image, "__array__") or hasattr(image, "shape") or isinstance(image, (list, tuple))
@@ -239,7 +220,8 @@ def extract(
         key = _layout(image, size, stride, axes, edge, pad_mode, pad_value, flatten, copy)
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None and plan.view is not None:
-        return _view(image, *plan.view)
+        # Read-only for NumPy (torch has no read-only tensors).
+        return plan.xp.as_strided(image, *plan.view, writeable=False)
     if is_dask(image):
         from .dask import extract_dask
 
@@ -290,7 +272,7 @@ def _extract_array(arr: Any, grid: PatchGrid, xp: Backend, flatten: bool, copy: 
         target = xp.empty(shape, xp.dtype(arr), arr)
     else:
         # Splitting the leading axis of a flat out into the counts is always a view.
-        target = out.view(shape) if xp.name == "torch" else out.reshape(shape)
+        target = xp.reshape(out, shape)
     if compiled and _compiled_copy(src, target, grid, stream=out is not None):
         return out if out is not None else (target.reshape(flat_shape) if flatten else target)
     for sub in _strided.subgrids(grid):
