@@ -14,6 +14,7 @@ for the data. An array window is checked on every call and not cached (arrays do
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -149,14 +150,19 @@ def merge_plan(grid: PatchGrid, reduce: str, window: Any, xp: Backend,
 
 
 class Scatter(NamedTuple):
-    """Index tables of a small merge: ``order`` sorts the flat patches by output voxel,
-    ``starts`` begins each voxel's run in that order, ``voxels`` are those voxels (flat),
-    ``coverage`` their summed weights (or counts), ``weights`` the window per sorted element
-    (None for a uniform one)."""
+    """Index tables of a small merge. ``index`` is the output voxel (flat) of every element
+    of the flat patches; ``order`` sorts them by voxel (stably: patch order within a voxel),
+    ``starts`` begins each voxel's run in that order, ``voxels`` are those voxels, ``coverage``
+    their summed weights (or counts); ``weights`` is the window per element, in patch order
+    (``by_index``) or in sorted order (None for a uniform window). ``by_index`` tables are
+    for sums in float64 (:func:`numpy.bincount`): there ``coverage`` spans every voxel, ones
+    where no patch covers."""
 
-    order: np.ndarray
-    starts: np.ndarray
-    voxels: np.ndarray
+    by_index: bool
+    index: np.ndarray
+    order: np.ndarray | None
+    starts: np.ndarray | None
+    voxels: np.ndarray | None
     coverage: np.ndarray
     weights: np.ndarray | None
 
@@ -167,28 +173,49 @@ def _scatter_tables(plan: MergePlan) -> Scatter:
     offsets = np.stack(np.meshgrid(*[np.arange(p) for p in grid.size], indexing="ij"), axis=-1)
     corners = grid.starts()
     points = (corners[:, None, :] + offsets.reshape(1, -1, k)).reshape(-1, k)
-    flat = np.ravel_multi_index(tuple(points.T), grid.shape)
-    order = np.argsort(flat, kind="stable")
-    ordered = flat[order]
-    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
-    voxels = ordered[starts]
+    index = np.ravel_multi_index(tuple(points.T), grid.shape)
     wide = sum_dtype(plan.xp, plan.spec.acc_dtype)
+    # Sums in float64 in patch order are numpy.bincount's own: no sort, no gather.
+    by_index = plan.op == "add" and np.dtype(plan.spec.acc_dtype) == np.float64
     weights = None
     if plan.weighted:
         per_patch = np.asarray(plan.weight, wide).reshape(1, -1)
-        weights = np.broadcast_to(per_patch, (len(corners), per_patch.size)).reshape(-1)[order]
-    if plan.reduce != "mean":
-        coverage = np.ones(len(voxels), wide)
-    elif plan.window.profiles is not None:
-        profs = plan.profile_coverage(False)
-        cov = profs[0].reshape((-1,) + (1,) * (k - 1))
-        for j in range(1, k):
-            cov = cov * profs[j].reshape((1,) * j + (-1,) + (1,) * (k - 1 - j))
-        coverage = cov.reshape(-1)[voxels]
+        weights = np.broadcast_to(per_patch, (len(corners), per_patch.size)).reshape(-1)
+    order = starts = voxels = None
+    if by_index:
+        n = math.prod(grid.shape)
+        if plan.reduce != "mean":
+            coverage = np.ones(n, wide)
+        else:
+            counted = np.bincount(index, weights=weights, minlength=n)
+            if plan.window.profiles is not None:
+                counted = _profile_product(plan, k).reshape(-1)
+            coverage = np.where(counted > 0, counted, 1).astype(wide)
     else:
-        assert weights is not None
-        coverage = np.add.reduceat(weights, starts)
-    for table in (order, starts, voxels, coverage, weights):
+        order = np.argsort(index, kind="stable")
+        ordered = index[order]
+        starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+        voxels = ordered[starts]
+        if weights is not None:
+            weights = weights[order]
+        if plan.reduce != "mean":
+            coverage = np.ones(len(voxels), wide)
+        elif plan.window.profiles is not None:
+            coverage = _profile_product(plan, k).reshape(-1)[voxels]
+        else:
+            assert weights is not None
+            coverage = np.add.reduceat(weights, starts)
+    for table in (index, order, starts, voxels, coverage, weights):
         if table is not None:
             table.flags.writeable = False
-    return Scatter(order, starts, voxels, coverage, weights)
+    return Scatter(by_index, index, order, starts, voxels, coverage, weights)
+
+
+def _profile_product(plan: MergePlan, k: int) -> np.ndarray:
+    """The coverage of a complete grid and a separable window: the per-axis profiles' outer
+    product, as the rows strategy divides by it."""
+    profs = plan.profile_coverage(False)
+    cov = profs[0].reshape((-1,) + (1,) * (k - 1))
+    for j in range(1, k):
+        cov = cov * profs[j].reshape((1,) * j + (-1,) + (1,) * (k - 1 - j))
+    return cov
