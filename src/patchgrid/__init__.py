@@ -1,4 +1,9 @@
-"""patchgrid: cut N-dimensional images into patches, know where each sits, put them back."""
+"""patchgrid: cut N-dimensional images into patches, know where each sits, put them back.
+
+L5, the public face: the names of ``__all__``, re-exported from the private modules that hold
+them (``pg.merge`` is :func:`patchgrid._merge.merge`), and :mod:`patchgrid.settings`. The
+torch datasets load on first use. The layers below are described in ``docs/design.md``.
+"""
 
 from . import settings as settings  # the module, for its settings: pg.settings.TILE_BYTES
 from ._apply import apply

@@ -1,4 +1,4 @@
-"""``python -m patchgrid``: the command line."""
+"""``python -m patchgrid``: the command line (L5, :func:`patchgrid.cli.console`)."""
 
 from .cli import console
 

@@ -1,4 +1,4 @@
-"""The one place where arguments are checked and normalised.
+"""The one place where arguments are checked and normalised (L0; the standard library only).
 
 Every public function calls these before doing any work, so that a bad value raises the same
 error, naming the same parameter, whichever entry point it came through.

@@ -1,4 +1,4 @@
-"""The memory of out-of-core work: the C allocator's knobs, zarr's concurrency, whole chunks.
+"""The memory of out-of-core work: the C allocator's knobs, zarr's concurrency, whole chunks (L0).
 
 An out-of-core job (``apply`` with ``out=`` on disk, the tiled merge) holds little of its own:
 a slab of accumulator, a batch, the rows it is writing. What made a 512^3 job peak at 700 MiB

@@ -1,5 +1,7 @@
 """The compiled kernels themselves (numba), imported only by :func:`patchgrid._compiled.kernels`.
 
+L0: plain functions over arrays that know no other part of patchgrid; loaded only when numba
+is installed and a job is large enough (:mod:`patchgrid._compiled` decides, once per job).
 Module-level functions, so that numba's on-disk cache finds them again in the next process
 (kernels made inside a function, calling other kernels, are compiled again every time).
 """

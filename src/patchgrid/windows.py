@@ -1,4 +1,9 @@
-"""Blending windows: the weight each voxel of a patch gets when overlapping patches are merged."""
+"""Blending windows: the weight each voxel of a patch gets when overlapping patches are merged.
+
+L0 (imports only :mod:`patchgrid._checks`): the named windows (uniform, gaussian, hann,
+triangular), their per-axis profiles where they are separable, and arrays checked against the
+patch size. A merge checks its window once, through :func:`patchgrid._plan.checked_window`.
+"""
 
 from __future__ import annotations
 
