@@ -55,11 +55,10 @@ def weight_array(
 def sum_dtype(xp: Backend, acc_dtype: Any) -> np.dtype:
     """The real NumPy dtype in which weights and coverages are made for an accumulator: its
     own precision where NumPy has it (extended precision for longdouble), float64 else."""
-    if xp is NUMPY:
-        real = np.finfo(np.dtype(acc_dtype)).dtype if np.dtype(acc_dtype).kind in "fc" else None
-        if real is not None and real.itemsize > 8:
-            wide: np.dtype = np.dtype(real)
-            return wide
+    if xp.kind(acc_dtype) in "fc":
+        real = xp.numpy_dtype(xp.real_dtype(acc_dtype))
+        if real.itemsize > 8:  # NumPy's longdouble (torch has nothing wider than float64)
+            return real
     return np.dtype(np.float64)
 
 
@@ -122,16 +121,14 @@ def divide_by_profiles(
     room = _strided.CHUNK_BYTES // 2 if xp.nbytes(acc) >= 1 << 20 else 0
     step = max(1, room // max(plane, 1))
     buf = None
-    cpu_torch = xp.name == "torch" and acc.device.type == "cpu" and acc.dtype.is_floating_point
-    if (xp is NUMPY or cpu_torch) and xp.nbytes(acc) >= 1 << 20:
-        # The float64 product cast straight into one small buffer of the output's dtype (a
-        # single rounding, as below), reused for every block of rows.
+    # None off the CPU (and for dtypes NumPy lacks): the divisor is then made on the device.
+    buf_dtype = xp.host_dtype(xp.dtype(acc), acc) if xp.nbytes(acc) >= 1 << 20 else None
+    if buf_dtype is not None:
+        # The float64 product cast straight into one small host buffer of the accumulator's
+        # dtype (a single rounding, as below), reused for every block of rows.
         shape = list(rest.shape)
         shape[a0] = min(step, n0)
-        dtype = str(acc.dtype).replace("torch.", "")
-        buf = np.empty(shape, dtype=np.dtype(dtype) if dtype != "bfloat16" else np.float32)
-        if cpu_torch and dtype not in ("float32", "float64"):
-            buf = None
+        buf = np.empty(shape, dtype=buf_dtype)
     for lo in range(0, n0, step):
         hi = min(lo + step, n0)
         where: list[Any] = [slice(None)] * ndim
@@ -143,10 +140,7 @@ def divide_by_profiles(
             cut[a0] = slice(0, hi - lo)
             divisor = buf[tuple(cut)]
             np.multiply(column, rest, out=divisor, casting="same_kind")
-            if cpu_torch:
-                part.div_(xp.torch.from_numpy(divisor))  # type: ignore[attr-defined]
-            else:
-                np.divide(part, divisor, out=part)
+            xp.divide(part, divisor)
         else:
             xp.divide(part, xp.constant(column * rest, xp.dtype(acc), acc))
 
@@ -166,11 +160,7 @@ class OutputSpec(NamedTuple):
 
     def real_dtype(self, xp: Backend) -> Any:
         """The weights' dtype: the accumulator's, or its real part's for complex patches."""
-        if xp.kind(self.acc_dtype) != "c":
-            return self.acc_dtype
-        if xp.name == "torch":
-            return xp.torch.float64  # type: ignore[attr-defined]
-        return np.finfo(self.acc_dtype).dtype
+        return xp.real_dtype(self.acc_dtype)
 
 
 def output_spec(grid: PatchGrid, patch_shape: tuple[int, ...], patch_dtype: Any, reduce: str,
@@ -201,9 +191,7 @@ def output_spec(grid: PatchGrid, patch_shape: tuple[int, ...], patch_dtype: Any,
         default = dtype
     elif sink_dtype is not None:
         default = sink_dtype
-        if xp.name != "torch" and not isinstance(default, np.dtype):
-            default = np.dtype(str(default).replace("torch.", ""))  # a tensor out=
-    out_dtype = xp.as_dtype(default) if xp.name == "torch" else np.dtype(default)
+    out_dtype = xp.as_dtype(default)  # NumPy reads a tensor out='s dtype by its name
     if reduce == "argmax":
         # The labels are known before any work: check them against the output now.
         check_cast(NUMPY, np.arange(max(n_classes, 1)), xp.numpy_dtype(out_dtype),
@@ -302,9 +290,7 @@ def fill_masks(xp: Backend, result: Any, masks: list[tuple[int, Any]], fill: Any
             continue
         axis = a if class_axis is None or a < class_axis else a - 1
         where: list[Any] = [slice(None)] * nd
-        where[axis] = np.flatnonzero(mask)
-        if xp.name == "torch":
-            where[axis] = xp.constant(where[axis], np.int64, result)
+        where[axis] = xp.index(np.flatnonzero(mask), result)
         result[tuple(where)] = fill
 
 
@@ -321,12 +307,7 @@ def write_rows(xp: Backend, sink: Any, block: Any, lo: int, hi: int, spec: Outpu
     if into != xp.numpy_dtype(spec.dtype):
         check_cast(xp, block, into, what=f"the merged result (dtype {spec.dtype})",
                    hint=f"out= has dtype {into}; " + cast_hint(spec.reduce))  # fmt: skip
-    if sink_xp.name == "torch":
-        if sink_xp is not xp:
-            block = sink_xp.torch.from_numpy(np.ascontiguousarray(block))  # type: ignore[attr-defined]
-        sink[tuple(where)] = block
-    else:
-        sink[tuple(where)] = xp.to_numpy(block)
+    sink[tuple(where)] = sink_xp.from_any(block)
 
 
 class Finisher:
