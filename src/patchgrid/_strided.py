@@ -129,7 +129,7 @@ def _chunks(shape: Sequence[int], item_bytes: int, k: int) -> Iterator[tuple[sli
 
 def copy(dst: Any, src: Any, k: int, xp: Backend = NUMPY) -> None:
     """``dst[...] = src`` for arrays shaped ``(*counts, *patch)``, ``k`` grid axes in front."""
-    if xp is not NUMPY:
+    if not xp.host_loops:  # torch copies on its own threads, or on the device
         xp.assign(dst, src)
         return
     if dst.dtype == src.dtype:
@@ -176,7 +176,7 @@ def _walk(acc: Any, patches: Any, axes: Sequence[int], step: Sequence[int], weig
     per_chunk = [max(1, min(blocks[0], CHUNK_BYTES // max(span, 1)))]
     d = len(per_chunk)
     # Tiny patch rows make NumPy's inner loop short; then iterate with the grid axes innermost.
-    small = xp is NUMPY and size[-1] * xp.itemsize(patches) < 256 and counts[-1] > 1 and k > d
+    small = xp.host_loops and size[-1] * xp.itemsize(patches) < 256 and counts[-1] > 1 and k > d
     # Short patch rows make NumPy's inner loop short. When patches of one phase touch end to
     # end along the last tiled axis, copy them (rows as opaque items, which is fast) into a
     # buffer laid out like the output, so the addition runs along whole output rows.
@@ -301,7 +301,7 @@ def accumulate(
     chunks = list(itertools.product(*walk.ranges))
     if (
         walk.threaded
-        and xp is NUMPY
+        and xp.host_loops
         and THREADS > 1
         and len(chunks) > 1
         and patches.nbytes >= THREADED_BYTES
