@@ -33,7 +33,6 @@ import numpy as np
 
 from . import _compiled, _strided
 from ._plan import MergePlan
-from .backends import backend_of
 
 # Patches smaller than this (bytes) go in stretches of a grid row rather than one by one.
 RUN_BYTES = 1 << 16
@@ -229,8 +228,7 @@ class Rows:
                 if self.wacc is not None:
                     counts = [hi - lo, *(m for _, m, _, _ in sub[1:])]
                     lead = weight.reshape((1,) * k + tuple(weight.shape))
-                    lead = lead.expand(*counts, *weight.shape) if xp.name == "torch" else (
-                        np.broadcast_to(lead, (*counts, *weight.shape)))  # fmt: skip
+                    lead = xp.broadcast_to(lead, (*counts, *weight.shape))
                     _strided.accumulate(self.wacc, lead, grid.axes, first, step, "add", None, xp)
         seen[r0:r1] = True
 
@@ -240,7 +238,7 @@ class Rows:
         grid = self.grid
         acc = self.acc
         if not (
-            isinstance(block, np.ndarray)
+            self.xp.host_loops  # the kernels take NumPy arrays
             and self.plan.op == "add"
             and self.wacc is None
             and grid.padded_shape == grid.shape
@@ -325,8 +323,7 @@ def is_direct(plan: MergePlan, sink: Any) -> bool:
         and grid.padded_shape == grid.shape
         and spec.dtype == spec.acc_dtype
         and (sink is None or (
-            backend_of(sink) is xp and (isinstance(sink, np.ndarray) or xp.name == "torch")
-            and xp.dtype(sink) == spec.acc_dtype and xp.writeable(sink)))
+            xp.owns(sink) and xp.dtype(sink) == spec.acc_dtype and xp.writeable(sink)))
     )  # fmt: skip
 
 
@@ -341,7 +338,7 @@ def planes(plan: MergePlan, arr: Any, sink: Any) -> Any:
     """
     grid, spec = plan.grid, plan.spec
     if not (
-        isinstance(arr, np.ndarray)
+        plan.xp.host_loops  # the kernels take NumPy arrays
         and plan.op == "add"
         and not plan.array_window
         and spec.class_axis is None
@@ -351,7 +348,7 @@ def planes(plan: MergePlan, arr: Any, sink: Any) -> Any:
     ):
         return None
     out = sink
-    if out is not None and (not isinstance(out, np.ndarray) or out.dtype != spec.dtype):
+    if out is not None and (not plan.xp.owns(out) or out.dtype != spec.dtype):
         return None
     probe = out if out is not None else np.empty(0, spec.dtype)
     if not _compiled.serves_planes(probe, arr, grid.ndim, grid.axes):
@@ -382,7 +379,7 @@ def scatter(plan: MergePlan, arr: Any) -> Rows | None:
     take)."""
     grid, spec = plan.grid, plan.spec
     if not (
-        isinstance(arr, np.ndarray)
+        plan.xp.host_loops  # NumPy's ufuncs over index tables
         and arr.size <= SCATTER_ELEMENTS
         and arr.nbytes < _compiled.MIN_BYTES  # a job the compiled kernels would take
         and len(grid.axes) == grid.ndim
