@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
 from functools import cache
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import _memory
+from .backends import backend_of
 
 # The least patch data (bytes) worth a call into the compiled kernel. Loading it costs a
 # process about 0.5 s and 65 MiB once (compiling it, the first time ever, a few seconds; numba
@@ -95,22 +95,12 @@ def host(x: Any) -> np.ndarray | None:
     """The kernels' view of ``x``: an ndarray itself; a CPU float tensor that needs no grad
     seen through NumPy (the tensor's own memory, no copy: the kernels write into it); else
     None."""
-    if isinstance(x, np.ndarray):
-        return x
-    torch = sys.modules.get("torch")
-    if (
-        torch is None
-        or not isinstance(x, torch.Tensor)
-        or x.device.type != "cpu"
-        or x.requires_grad
-        or x.dtype not in (torch.float32, torch.float64)
-    ):
-        return None
-    try:
-        view: np.ndarray = x.numpy()
-    except (RuntimeError, TypeError):  # a conjugate or negative view, and the like
-        return None
-    return view
+    xb = backend_of(x)
+    view = xb.host(x)
+    # Of another backend's memory (a tensor's), float views only, as the kernels always took.
+    if view is None or xb.host_loops or view.dtype in (np.float32, np.float64):
+        return view
+    return None
 
 
 def takes(image: np.ndarray | None, axes: tuple[int, ...], patch_bytes: int, n: int) -> bool:
