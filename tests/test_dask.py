@@ -421,14 +421,15 @@ def test_fn_returning_the_wrong_patch_shape_on_dask_says_so():
 def test_a_block_runs_its_longest_run_outermost(monkeypatch, tmp_path):
     zarr = pytest.importorskip("zarr")
     module = importlib.import_module("patchgrid.dask")
+    chunks = importlib.import_module("patchgrid._chunks")
     orders = []
-    run = module._run
+    run = chunks.run
 
     def record(fn, source, datas, steps, spec, out):
         orders.append([s.bid for s in steps])
         return run(fn, source, datas, steps, spec, out)
 
-    monkeypatch.setattr(module, "_run", record)
+    monkeypatch.setattr(chunks, "run", record)
     monkeypatch.setattr(module, "_threads", lambda: 1)  # two blocks of 2 x 16 chunks
     # The last axis has the most chunks (a whole run); the first takes up to SECOND.
     x = _volume((16, 64))

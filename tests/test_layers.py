@@ -43,6 +43,7 @@ LAYERS = {
     "_sample": 2,
     # L3: out of core and distributed
     "_tiled": 3,
+    "_chunks": 3,
     "dask": 3,
     # L4: the public functions that pick a path
     "_apply": 4,

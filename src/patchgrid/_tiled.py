@@ -17,7 +17,7 @@ import numpy as np
 from . import _memory, settings
 from ._merge import DiskMerger, Merger
 from .backends import is_tensor
-from .grid import PatchGrid, restore
+from .grid import PatchGrid, sub_grid
 
 
 class Cropped:
@@ -116,10 +116,7 @@ class Tile:
         self.reads = 0 if self.empty else math.prod(len(p) for p in self.picks)
         self._counts = grid.counts
         self.out_axis = out_axis
-        self.grid = None if self.empty else restore(
-            tuple(sub_shape), grid.size, grid.stride, grid.axes, grid.edge, grid.pad_mode,
-            grid.pad_value, [tuple(int(v) for v in s) for s in sub_starts], pads,
-        )  # fmt: skip
+        self.grid = None if self.empty else sub_grid(grid, sub_starts, sub_shape, pads)
 
     def runs(self) -> Iterator[tuple[int, int, int]]:
         """The tile's patches as runs contiguous in grid order, in grid order: (first patch

@@ -505,9 +505,20 @@ class PatchGrid:
 
 
 def restore(*args: Any) -> PatchGrid:
+    """A grid from its fields, as pickled by :meth:`PatchGrid.__reduce__` (for pickling only)."""
     grid = object.__new__(PatchGrid)
     grid._set(*args)
     return grid
+
+
+def sub_grid(grid: PatchGrid, starts: Sequence[Sequence[int] | np.ndarray], shape: Sequence[int],
+             pads: Sequence[int]) -> PatchGrid:  # fmt: skip
+    """The patches of ``grid`` that start at ``starts`` (per tiled axis, in the region's
+    coordinates) on a region of the image of ``shape`` (all axes), padded at its far end by
+    ``pads`` (per tiled axis): a tile of an out-of-core merge, a row of a Dask extract."""
+    return restore(tuple(int(n) for n in shape), grid.size, grid.stride, grid.axes, grid.edge,
+                   grid.pad_mode, grid.pad_value, [tuple(int(v) for v in s) for s in starts],
+                   [int(p) for p in pads])  # fmt: skip
 
 
 def as_grid(
