@@ -248,7 +248,7 @@ def _zarr_volume(tmp_path, shape=(1, 29, 34, 23), chunks=(1, 8, 8, 8)):
 
 def test_tasks_read_their_regions_from_the_store(tmp_path):
     x, z = _zarr_volume(tmp_path)
-    find = sys.modules["patchgrid.dask"]._store
+    find = sys.modules["patchgrid.dask"].store_of
     assert find(da.from_zarr(z, chunks=(1, 9, 11, 7))) is not None
     assert find(da.from_array(x, chunks=(1, 9, 11, 7))) is None  # chunks are data already
     assert find(da.from_zarr(z) + 1) is None  # a graph that computes something
@@ -402,7 +402,7 @@ def test_out_refuses_shards_that_tasks_would_share_and_suggests_chunks_that_fit(
 
 def test_reads_that_need_a_lock_go_through_dask(tmp_path):
     _, z = _zarr_volume(tmp_path)
-    assert sys.modules["patchgrid.dask"]._store(da.from_array(z, chunks=9, lock=True)) is None
+    assert sys.modules["patchgrid.dask"].store_of(da.from_array(z, chunks=9, lock=True)) is None
 
 
 def test_fn_returning_the_wrong_patch_shape_on_dask_says_so():
@@ -430,7 +430,7 @@ def test_a_block_runs_its_longest_run_outermost(monkeypatch, tmp_path):
         return run(fn, source, datas, steps, spec, out)
 
     monkeypatch.setattr(chunks, "run", record)
-    monkeypatch.setattr(module, "_threads", lambda: 1)  # two blocks of 2 x 16 chunks
+    monkeypatch.setattr(module, "worker_threads", lambda: 1)  # two blocks of 2 x 16 chunks
     # The last axis has the most chunks (a whole run); the first takes up to SECOND.
     x = _volume((16, 64))
     out = zarr.create_array(store=zarr.storage.MemoryStore(), shape=x.shape, chunks=(4, 4),

@@ -394,20 +394,21 @@ def scatter(plan: MergePlan, arr: Any) -> Rows | None:
     if tables.by_index:  # sums in float64, in patch order within each voxel
         values = flat if tables.weights is None else np.multiply(flat, tables.weights,
                                                                  dtype=np.float64)  # fmt: skip
-        sums = np.bincount(tables.index, weights=values, minlength=math.prod(grid.shape))
+        sums = np.bincount(tables.voxel_of, weights=values, minlength=math.prod(grid.shape))
         if plan.reduce == "mean":
-            sums /= tables.coverage
+            np.divide(sums, tables.coverage, out=sums)
         acc.acc = sums.reshape(grid.shape)
         acc.normalised = True
         return acc
     assert tables.order is not None
+    assert tables.starts is not None
     values = np.take(flat, tables.order)
     ufunc = {"add": np.add, "max": np.maximum, "min": np.minimum}[plan.op]
     if tables.weights is not None:
         values = np.multiply(values, tables.weights, dtype=spec.acc_dtype)
     sums = ufunc.reduceat(values, tables.starts, dtype=spec.acc_dtype)
     if plan.reduce == "mean":
-        sums /= tables.coverage
+        np.divide(sums, tables.coverage, out=sums)
     if len(sums) == math.prod(grid.shape):
         acc.acc = sums.reshape(grid.shape)  # every voxel covered: the sums are the image
     else:

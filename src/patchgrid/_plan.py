@@ -150,7 +150,7 @@ def merge_plan(grid: PatchGrid, reduce: str, window: Any, xp: Backend,
 
 
 class Scatter(NamedTuple):
-    """Index tables of a small merge. ``index`` is the output voxel (flat) of every element
+    """Index tables of a small merge. ``voxel_of`` is the output voxel (flat) of every element
     of the flat patches; ``order`` sorts them by voxel (stably: patch order within a voxel),
     ``starts`` begins each voxel's run in that order, ``voxels`` are those voxels, ``coverage``
     their summed weights (or counts); ``weights`` is the window per element, in patch order
@@ -159,7 +159,7 @@ class Scatter(NamedTuple):
     where no patch covers."""
 
     by_index: bool
-    index: np.ndarray
+    voxel_of: np.ndarray
     order: np.ndarray | None
     starts: np.ndarray | None
     voxels: np.ndarray | None

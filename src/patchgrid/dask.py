@@ -1,7 +1,7 @@
 """The distributed path: extract and apply on Dask arrays, equal to the in-memory results (L3).
 
 What lives here: the public face of the path (:func:`extract_dask`, :func:`apply_dask`,
-:func:`redundancy`) and the planning of blocks of chunks (``_plan``, ``_Axis``) with the graph
+:func:`redundancy`) and the planning of blocks of chunks (``plan_blocks``, ``_Axis``) with the graph
 built over them; the tasks themselves (read, run, sum, finish a chunk) live in
 :mod:`patchgrid._chunks`. Imports from its own layer (``_chunks``) and below; dask and
 dask.array only inside the functions that use them (an optional dependency). The public
@@ -150,7 +150,7 @@ class _Axis:
                                  b < self.tail[b])  # fmt: skip
 
 
-def _threads() -> int:
+def worker_threads() -> int:
     """Threads of the Dask client in use, else this machine's cores."""
     client = _client()
     if client is not None:
@@ -158,7 +158,7 @@ def _threads() -> int:
     return os.cpu_count() or 1
 
 
-def _plan(grid: PatchGrid, chunks: Sequence[Sequence[int]], threads: int,
+def plan_blocks(grid: PatchGrid, chunks: Sequence[Sequence[int]], threads: int,
           chained: bool) -> list[_Axis]:  # fmt: skip
     """Runs of chunks along each tiled axis (``chunks``: the chunks of the tiled axes).
 
@@ -209,7 +209,7 @@ def redundancy(
     between chunks). The padding of each task's last batch to ``batch_size`` is not counted.
     """
     k = len(grid.axes)
-    plan = _plan(grid, [chunks[a] for a in grid.axes], threads or _threads(), out)
+    plan = plan_blocks(grid, [chunks[a] for a in grid.axes], threads or worker_threads(), out)
     runs = np.prod([sum(last - first for first, last in zip(ax.first, ax.last)) for ax in plan])
     sums = 1.0
     for ax in plan:
@@ -217,7 +217,7 @@ def redundancy(
     return Redundancy(float(runs) / max(len(grid), 1) - 1.0 if k else 0.0, sums - 1.0)
 
 
-def _store(image: Any) -> Any:
+def store_of(image: Any) -> Any:
     """The array a Dask array reads its chunks from, if reading is all its graph does.
 
     ``da.from_zarr`` and ``da.from_array`` of a lazy array build one read per chunk. Tasks
@@ -287,8 +287,10 @@ def apply_dask(
     if out is not None:
         _check_out(out, out_chunks, class_axis)
     check_fill(NUMPY, fill, np.dtype(dtype))
-    plan = _plan(out_grid, [out_chunks[a] for a in grid.axes], _threads(), out is not None)
-    store = _store(image)
+    plan = plan_blocks(
+        out_grid, [out_chunks[a] for a in grid.axes], worker_threads(), out is not None
+    )
+    store = store_of(image)
     name = f"patchgrid-apply-{uuid.uuid4().hex}"
     fn_key = dask.delayed(fn, name=f"{name}-fn", traverse=False)
     source = None if store is None else dask.delayed(store, name=f"{name}-source", traverse=False)

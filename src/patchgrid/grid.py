@@ -179,6 +179,7 @@ class PatchGrid:
     shape: tuple[int, ...]
     size: tuple[int, ...]
     stride: tuple[int, ...]
+    _derived: dict[str, Any]
     axes: tuple[int, ...]
     edge: tuple[str, ...]
     pad_mode: str
