@@ -16,14 +16,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _compiled, _strided
 from ._checks import PatchgridError
 from ._regions import Reader, padded
-from .backends import NUMPY, Backend, backend_of, check_cast, in_memory, is_dask
+from .backends import NUMPY, ArrayT, Backend, backend_of, check_cast, in_memory, is_dask
 from .grid import PatchGrid, as_grid, grid_key
 
 __all__ = ["extract"]
@@ -137,6 +138,48 @@ def _as_ndarray(image: Any) -> Any:
     return np.asarray(image)
 
 
+@overload
+def extract(
+    image: np.ndarray,
+    size: int | Sequence[int] | PatchGrid,
+    stride: int | Sequence[int] | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    edge: str | Sequence[str] = "shift",
+    pad_mode: str = "constant",
+    pad_value: Any = 0,
+    flatten: bool = False,
+    copy: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray: ...
+@overload
+def extract(
+    image: ArrayT,  # a tensor in, a tensor out
+    size: int | Sequence[int] | PatchGrid,
+    stride: int | Sequence[int] | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    edge: str | Sequence[str] = "shift",
+    pad_mode: str = "constant",
+    pad_value: Any = 0,
+    flatten: bool = False,
+    copy: bool = False,
+    out: ArrayT | None = None,
+) -> ArrayT: ...
+@overload
+def extract(
+    image: npt.ArrayLike | Any,  # lists, zarr, HDF5, pg.open images: read into NumPy
+    size: int | Sequence[int] | PatchGrid,
+    stride: int | Sequence[int] | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    edge: str | Sequence[str] = "shift",
+    pad_mode: str = "constant",
+    pad_value: Any = 0,
+    flatten: bool = False,
+    copy: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray: ...
 def extract(
     image: Any,
     size: int | Sequence[int] | PatchGrid,
