@@ -5,22 +5,32 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, overload
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _checks, _compiled, settings
 from ._accumulate import RUN_BYTES, Direct, Rows, is_direct, planes, row_runs, scatter
 from ._checks import PatchgridError
 from ._finish import REDUCES, Finisher, OutputSpec, check_fill, shaped, warn_uncovered
 from ._plan import MergePlan, checked_window, merge_plan
-from .backends import NUMPY, backend_of, check_exact_sum
+from .backends import NUMPY, ArrayT, SupportsArray, backend_of, check_exact_sum
 from .grid import PatchGrid, as_grid
 
 __all__ = ["RUN_BYTES", "DiskMerger", "Merger", "batch_indices", "coverage", "merge", "row_runs"]
 
+if TYPE_CHECKING:  # a default (PEP 696): pg.Merger(grid) unannotated is a Merger[Any]
+    from typing_extensions import TypeVar
 
-class Merger:
+    MergedT = TypeVar("MergedT", bound=SupportsArray, default=Any)
+else:
+    from typing import TypeVar
+
+    MergedT = TypeVar("MergedT", bound=SupportsArray)
+
+
+class Merger(Generic[MergedT]):
     """Accumulates patches, in any order and in batches, into one image.
 
     Parameters
@@ -111,7 +121,7 @@ class Merger:
         self._acc: Rows | None = None
         self._finisher: Finisher | None = None
         self._done = 0  # padded rows before this one are finished
-        self._result: Any = None
+        self._result: MergedT | None = None
         self._overlap: int | None = None  # the most patches over a voxel, once needed
 
     @property
@@ -206,7 +216,7 @@ class Merger:
             self._overlap = self.grid.overlap
         check_exact_sum(xp, arr, spec.acc_dtype, self._overlap, not self._window.uniform)
 
-    def add(self, batch: Any, indices: Any) -> None:
+    def add(self, batch: MergedT, indices: npt.ArrayLike) -> None:
         """Add a batch of patches ``(B, *patch_shape)`` at grid indices ``indices``.
 
         ``indices`` holds ``B`` patch numbers, or ``(B, k)`` grid positions; a single patch
@@ -341,7 +351,7 @@ class Merger:
         )
         return np.asarray(cov[crop])
 
-    def result(self, *, allow_missing: bool = False) -> Any:
+    def result(self, *, allow_missing: bool = False) -> MergedT:
         """The merged image. Raises if a patch was never added, unless ``allow_missing``.
 
         Voxels that no added patch covers get ``fill``. Nothing can be added afterwards;
@@ -351,8 +361,9 @@ class Merger:
             return self._result
         grid = self.grid
         if not len(grid):  # an empty axis: an empty image, not an error
-            self._result = self._empty()
-            return self._result
+            empty: MergedT = self._empty()
+            self._result = empty
+            return empty
         acc, finisher = self._acc, self._finisher
         if acc is None or finisher is None:
             raise PatchgridError("no patches were added; nothing to merge")
@@ -372,9 +383,10 @@ class Merger:
             self._done = end
         if self.WARN_UNCOVERED and not len(missing):
             warn_uncovered(grid, self.fill)
-        self._result = acc.sink
+        result: MergedT = acc.sink
+        self._result = result
         acc.release()
-        return self._result
+        return result
 
 
 class DiskMerger(Merger):
@@ -449,6 +461,45 @@ def coverage(grid: PatchGrid, window: Any = None) -> np.ndarray:
     return merger.coverage()
 
 
+@overload
+def merge(
+    patches: np.ndarray,
+    grid_or_shape: PatchGrid | int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    edge: str | Sequence[str] = "shift",
+    reduce: str = "mean",
+    window: Any = None,
+    fill: Any = 0,
+    dtype: Any = None,
+) -> np.ndarray: ...
+@overload
+def merge(
+    patches: ArrayT,  # a tensor in, a tensor out
+    grid_or_shape: PatchGrid | int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    edge: str | Sequence[str] = "shift",
+    reduce: str = "mean",
+    window: Any = None,
+    fill: Any = 0,
+    dtype: Any = None,
+) -> ArrayT: ...
+@overload
+def merge(
+    patches: npt.ArrayLike,
+    grid_or_shape: PatchGrid | int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    edge: str | Sequence[str] = "shift",
+    reduce: str = "mean",
+    window: Any = None,
+    fill: Any = 0,
+    dtype: Any = None,
+) -> np.ndarray: ...
 def merge(
     patches: Any,
     grid_or_shape: PatchGrid | int | Sequence[int],
