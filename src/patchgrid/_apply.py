@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import numpy as np
 
@@ -16,14 +16,104 @@ from ._merge import DiskMerger, Merger
 from ._progress import steps
 from ._regions import INDEX_MODES, Reader
 from ._tiled import TileMerger, apply_tiles
-from .backends import backend_of, in_memory, is_dask, shares_memory
+from .backends import ArrayT, backend_of, in_memory, is_dask, shares_memory
 from .grid import PatchGrid, check_unchosen_axes, tiled_axes
 
 __all__ = ["apply"]
 
 Progress = Callable[[int, int], Any]
+#: Whatever ``out=`` is (ndarray, memmap, zarr, h5py, tensor): returned as it is.
+OutT = TypeVar("OutT")
 
 
+@overload
+def apply(
+    fn: Callable[[np.ndarray], Any],
+    image: np.ndarray,
+    size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    edge: str | Sequence[str] = "shift",
+    pad_mode: str = "constant",
+    pad_value: Any = 0,
+    window: Any = None,
+    reduce: str = "mean",
+    batch_size: int = 4,
+    pad_batch: bool = False,
+    margin: int | Sequence[int] = 0,
+    scale: Any = 1,
+    dtype: Any = None,
+    fill: Any = 0,
+    out: None = None,
+    progress: bool | Progress | None = None,
+) -> np.ndarray: ...
+@overload
+def apply(
+    fn: Callable[[ArrayT], ArrayT],
+    image: ArrayT,  # a tensor in, a tensor out
+    size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    edge: str | Sequence[str] = "shift",
+    pad_mode: str = "constant",
+    pad_value: Any = 0,
+    window: Any = None,
+    reduce: str = "mean",
+    batch_size: int = 4,
+    pad_batch: bool = False,
+    margin: int | Sequence[int] = 0,
+    scale: Any = 1,
+    dtype: Any = None,
+    fill: Any = 0,
+    out: None = None,
+    progress: bool | Progress | None = None,
+) -> ArrayT: ...
+@overload
+def apply(
+    fn: Callable[[np.ndarray], Any],
+    image: Any,  # zarr, HDF5, memmap, pg.open images: batches and result in NumPy
+    size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    edge: str | Sequence[str] = "shift",
+    pad_mode: str = "constant",
+    pad_value: Any = 0,
+    window: Any = None,
+    reduce: str = "mean",
+    batch_size: int = 4,
+    pad_batch: bool = False,
+    margin: int | Sequence[int] = 0,
+    scale: Any = 1,
+    dtype: Any = None,
+    fill: Any = 0,
+    out: None = None,
+    progress: bool | Progress | None = None,
+) -> np.ndarray: ...
+@overload
+def apply(
+    fn: Callable[[Any], Any],
+    image: Any,
+    size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    edge: str | Sequence[str] = "shift",
+    pad_mode: str = "constant",
+    pad_value: Any = 0,
+    window: Any = None,
+    reduce: str = "mean",
+    batch_size: int = 4,
+    pad_batch: bool = False,
+    margin: int | Sequence[int] = 0,
+    scale: Any = 1,
+    dtype: Any = None,
+    fill: Any = 0,
+    out: OutT,  # out= is returned
+    progress: bool | Progress | None = None,
+) -> OutT: ...
 def apply(
     fn: Callable[[Any], Any],
     image: Any,
