@@ -1,4 +1,12 @@
-"""Sliding-window apply: run a function over every patch and blend the outputs back."""
+"""Layer L4: apply(), running a function over every patch and blending the outputs back.
+
+What lives here: :func:`apply` and the choice it makes once per call: the geometry (the grid
+of the patches' cores and their margins), in memory, in tiles across the plane
+(:mod:`patchgrid._tiled`) or on Dask; the batches (:mod:`patchgrid._batches`) run into a
+:class:`~patchgrid.Merger`.
+
+Imports: NumPy and the layers below; ``dask`` (L3) only inside :func:`apply`, for a Dask image.
+"""
 
 from __future__ import annotations
 

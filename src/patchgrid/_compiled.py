@@ -1,4 +1,4 @@
-"""Optional compiled kernels (numba), used when numba is installed; NumPy stays the reference.
+"""Layer L1: optional compiled kernels (numba), when numba is installed; NumPy stays the reference.
 
 NumPy's overlap-add of large patches runs one short strided row at a time, at a fraction of
 the memory bandwidth. The kernel here walks the output plane by plane along the first tiled
@@ -6,6 +6,9 @@ axis, one plane per thread: each plane sits in cache while every patch that reac
 then is normalised in place and left alone. Patches are read once, the output written once.
 
 Set ``PATCHGRID_NUMBA=0`` to turn the kernels off (the NumPy path gives the same numbers).
+
+Imports: NumPy and the L0 modules ``_memory``, ``backends`` and, when the kernels are first
+asked for, ``_numba`` (which imports numba).
 """
 
 from __future__ import annotations

@@ -1,4 +1,13 @@
-"""Putting patches back together: overlap-add with weights, and reductions."""
+"""Layer L2: putting patches back together: merge(), coverage() and Merger.
+
+What lives here: :class:`Merger`, the public face over an accumulator strategy of
+:mod:`patchgrid._accumulate` (add a batch; finish the rows that are complete through
+:mod:`patchgrid._finish`), :class:`DiskMerger` (out= on disk), :func:`merge` (every patch
+at once) and :func:`coverage`.
+
+Imports: NumPy and the layers below (``_plan``, ``_accumulate``, ``_finish``, ``_compiled``,
+``backends``, ``grid``, ``_checks``, ``settings``).
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
-"""The loops behind extract and merge, in NumPy, arranged for long inner loops and warm caches.
+"""Layer L1: the loops behind extract and merge, in NumPy, for long inner loops and warm caches.
 
 Every grid is a product of per-axis start lists. Each list splits into runs of equal steps, so
 the grid splits into a few regular sub-grids, and a regular sub-grid is a strided view.
+Backends without host loops (torch) get one whole-array operation instead.
+
+Imports: NumPy and the L0 modules ``backends`` and ``grid`` only.
 """
 
 from __future__ import annotations
