@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _memory, settings
 from ._merge import DiskMerger, Merger
-from .backends import is_tensor
+from .backends import in_memory
 from .grid import PatchGrid, sub_grid
 
 
@@ -177,7 +177,7 @@ def apply_tiles(out: Any, grid: PatchGrid, reduce: str) -> list[Tile]:
     tiled; a file-backed one is, only when one slab across the whole plane would exceed
     :data:`patchgrid.settings.TILE_BYTES`.
     """
-    if out is None or type(out) is np.ndarray or is_tensor(out):
+    if out is None or in_memory(out, plain=True):  # a memmap is on disk
         return []
     ndim = grid.ndim
     free = [a for a in range(ndim) if a not in grid.axes]
