@@ -92,12 +92,14 @@ def run(number: int, repeats: int) -> list[tuple[str, str, float, str]]:
             assert np.allclose(merge().numpy(), image), "CORRECTNESS FAILURE: index_add_"
             ref = best_us(merge, number // 4, repeats)
             rows.append((f"merge {name}", "torch index_add_ (values, counts)", ref, "reference"))
-        for label, call in (
-            ("pg.merge(patches, shape, stride=2)", lambda: pg.merge(patches, SHAPE, stride=2)),
-            ("pg.merge(patches, grid)", lambda: pg.merge(patches, grid)),
-            ("pg.merge of the extract view", lambda: pg.merge(view.astype(dtype, copy=False),
-                                                               SHAPE, stride=2)),
-        ):  # fmt: skip
+        cut = pg.extract(image, SIZE, STRIDE)  # a strided view, not contiguous
+        cases: list[tuple[str, Callable[[], Any]]] = [
+            ("pg.merge(patches, shape, stride=2)",
+             lambda p=patches: pg.merge(p, SHAPE, stride=STRIDE)),
+            ("pg.merge(patches, grid)", lambda p=patches: pg.merge(p, grid)),
+            ("pg.merge of the extract view", lambda p=cut: pg.merge(p, SHAPE, stride=STRIDE)),
+        ]  # fmt: skip
+        for label, call in cases:
             t = best_us(call, number // 4, repeats)
             rows.append((f"merge {name}", label, t, f"{ref / t:.2f}x torch" if ref else ""))
     return rows
