@@ -229,13 +229,13 @@ def apply(
     batch_size = _checks.as_int(batch_size, "batch_size")
     if batch_size < 1:
         raise PatchgridError(f"batch_size must be a positive integer, got {batch_size}")
-    order, sizes, margins, grid = _layout(shape, size, stride, axes, edge, pad_mode, pad_value,
+    order, margins, grid = _layout(shape, size, stride, axes, edge, pad_mode, pad_value,
                                           margin)  # fmt: skip
     plain = type(scale) is int and scale == 1
     out_grid = grid if plain else grid.scaled(scale)
     if is_dask(image):
         warn_uncovered(out_grid, fill)
-        return _apply_dask(fn, image, grid, out_grid, margins, size, stride, order, sizes,
+        return _apply_dask(fn, image, grid, out_grid, margins, size, stride, order,
                            dict(edge=edge, pad_mode=pad_mode, pad_value=pad_value, window=window,
                                 reduce=reduce, batch_size=batch_size, margin=margin, scale=scale,
                                 dtype=dtype, fill=fill, progress=progress), out)  # fmt: skip
@@ -277,9 +277,9 @@ def apply(
 
 def _layout(shape: tuple[int, ...], size: Any, stride: Any, axes: Any, edge: Any, pad_mode: Any,
             pad_value: Any, margin: Any) -> tuple[tuple[int, ...], tuple[int, ...],
-                                                  tuple[int, ...], PatchGrid]:  # fmt: skip
-    """The tiled axes in the order given, the patch sizes in that order, the margins in the
-    grid's order, and the grid of the patches' cores."""
+                                                  PatchGrid]:  # fmt: skip
+    """The tiled axes in the order given, the margins in the grid's order, and the grid of
+    the patches' cores."""
     # size, stride, margin and edge follow the order of axes= as given (the grid sorts them).
     order = tiled_axes(shape, size, None, axes)
     k = len(order)
@@ -299,7 +299,7 @@ def _layout(shape: tuple[int, ...], size: Any, stride: Any, axes: Any, edge: Any
         core.append(p - 2 * m)
     grid = PatchGrid(shape, core, stride, axes=order, edge=edge, pad_mode=pad_mode,
                      pad_value=pad_value)  # fmt: skip
-    return order, sizes, tuple(margins[order.index(a)] for a in grid.axes), grid
+    return order, tuple(margins[order.index(a)] for a in grid.axes), grid
 
 
 def _check_out(out: Any, image: Any) -> None:
@@ -327,8 +327,7 @@ def _check_out(out: Any, image: Any) -> None:
 
 def _apply_dask(
     fn: Callable[[Any], Any], image: Any, grid: PatchGrid, out_grid: PatchGrid,
-    margins: Sequence[int], size: Any, stride: Any, axes: Sequence[int], sizes: Sequence[int],
-    kw: dict[str, Any],
+    margins: Sequence[int], size: Any, stride: Any, axes: Sequence[int], kw: dict[str, Any],
     out: Any,
 ) -> Any:  # fmt: skip
     """apply on a Dask array: a lazy Dask array, or the result written into ``out`` (zarr)."""
@@ -340,16 +339,28 @@ def _apply_dask(
             f"pad_mode={grid.pad_mode!r} needs the whole image; with a Dask image use one of "
             f"{INDEX_MODES}"
         )
-    # fn's output over one corner patch tells the result's dtype and the sizes of free axes.
-    corner = [slice(None)] * grid.ndim
-    for a, p in zip(axes, sizes):
-        corner[a] = slice(0, min(p, grid.shape[a]))
-    sample = np.asarray(image[tuple(corner)])
-    edge = "pad" if sample.shape != grid.shape else kw["edge"]
-    probe = apply(fn, sample, size, stride, axes=axes, pad_batch=True,
-                  **{**kw, "edge": edge, "progress": False})  # fmt: skip
+    sample = probe(fn, image, size, stride, axes=axes, pad_batch=True, **kw)
     # As in memory: the result takes dtype=, else out's dtype, else fn's (cast by rounding).
-    dtype = kw["dtype"] if kw["dtype"] is not None else getattr(out, "dtype", probe.dtype)
+    dtype = kw["dtype"] if kw["dtype"] is not None else getattr(out, "dtype", sample.dtype)
     return apply_dask(fn, image, grid, out_grid, margins, window=kw["window"],
                       reduce=kw["reduce"], batch_size=kw["batch_size"], dtype=dtype,
-                      fill=kw["fill"], probe=probe, out=out, progress=kw["progress"])  # fmt: skip
+                      fill=kw["fill"], probe=sample, out=out, progress=kw["progress"])  # fmt: skip
+
+
+def probe(fn: Callable[[Any], Any], image: Any, size: Any, stride: Any = None, *,
+          axes: Any = None, **kw: Any) -> Any:  # fmt: skip
+    """``fn``'s result over one patch-sized corner of ``image`` (read into memory), by
+    :func:`apply` with the same arguments: it tells the output's dtype and the sizes ``fn``
+    gives the axes it does not tile, before any work on the whole image (apply on Dask, the
+    command line).
+
+    A corner cut from a larger image is padded, never shifted, where ``fn`` needs more.
+    """
+    shape = tuple(int(n) for n in image.shape)
+    order = tiled_axes(shape, size, None, axes)
+    corner: list[slice] = [slice(None)] * len(shape)
+    for a, p in zip(order, _checks.per_axis(size, len(order), "size")):
+        corner[a] = slice(0, min(p, shape[a]))
+    sample = np.asarray(image[tuple(corner)])
+    cut = {"edge": "pad"} if sample.shape != shape else {}
+    return apply(fn, sample, size, stride, axes=order, **{**kw, **cut, "progress": False})

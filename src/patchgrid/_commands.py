@@ -28,11 +28,12 @@ import numpy as np
 
 import patchgrid as pg
 
-from . import _store, _tiled, io, plot
+from . import _apply, _checks, _store, _tiled, io, plot
 from ._checks import PatchgridError
 from ._progress import Progress
 from ._regions import Reader
 from .backends import NUMPY
+from .grid import tiled_axes as grid_axes
 
 # The file of each patch, by --format.
 SUFFIX = {"nii": ".nii.gz", "tif": ".tif", "npy": ".npy"}
@@ -367,15 +368,18 @@ def apply(args: argparse.Namespace) -> int:
     )
     with pg.open(args.image) as img:
         kw["axes"] = tiled_axes(img.ndim, img.format, args)
-        layout = tiled_layout(img, args)
-        probe = probe_model(fn, img, layout, args, kw)
-        out_shape, spacing, affine = output_layout(img, layout.axes, probe.shape, args)
+        probe = _apply.probe(fn, img, args.size, args.stride, **kw)
+        axes = grid_axes(img.shape, args.size, None, kw["axes"])
+        patch = [p if a not in axes else 0 for a, p in enumerate(img.shape)]
+        for a, p in zip(axes, _checks.per_axis(args.size, len(axes), "size")):
+            patch[a] = p
+        out_shape, spacing, affine = output_layout(img, axes, probe.shape, args)
         # A batch in, the model's output and its weighted float64 copy; NIfTI and TIFF
         # outputs are built whole in memory.
         in_memory = io.split_path(args.output)[1] in ("nifti", "tiff")
         out_bytes = math.prod(out_shape) * probe.dtype.itemsize
         check_memory(
-            args.batch_size * math.prod(layout.patch_shape) * (img.dtype.itemsize + 16)
+            args.batch_size * math.prod(patch) * (img.dtype.itemsize + 16)
             + (out_bytes if in_memory else 0),
             f"apply of {args.batch_size} patches at a time"
             + (
@@ -393,21 +397,6 @@ def apply(args: argparse.Namespace) -> int:
         f"{probe.dtype} ({time.perf_counter() - t0:.2f} s)"
     )
     return 0
-
-
-def tiled_layout(img: Any, args: argparse.Namespace) -> pg.PatchGrid:
-    """A grid of ``--size`` over the image whose tiled axes are normalised (``--axes``, else
-    a NIfTI file's spatial axes, else the library's choice; edge pad takes any image)."""
-    return pg.PatchGrid(
-        img.shape, args.size, axes=tiled_axes(img.ndim, img.format, args), edge="pad"
-    )
-
-
-def probe_model(
-    fn: Callable[[Any], Any], img: Any, layout: pg.PatchGrid, args: argparse.Namespace, kw: Any
-) -> Any:
-    """The model's output over one patch-sized corner: it tells the output's layout and dtype."""
-    return pg.apply(fn, img[probe_region(layout)], args.size, args.stride, progress=False, **kw)
 
 
 def output_layout(
@@ -439,14 +428,6 @@ def scaled_affine(affine: Any, axes: Sequence[int], scale: Sequence[Any]) -> Any
             m[a, a] = 1 / float(f)
             m[a, 3] = (1 / float(f) - 1) / 2  # voxel centres stay where they were
     return np.asarray(affine) @ m
-
-
-def probe_region(grid: Any) -> tuple[slice, ...]:
-    """One patch-sized corner of the image (less where the image is smaller)."""
-    key = [slice(None)] * grid.ndim
-    for a, p in zip(grid.axes, grid.size):
-        key[a] = slice(0, min(p, grid.shape[a]))
-    return tuple(key)
 
 
 def preview(args: argparse.Namespace) -> int:
