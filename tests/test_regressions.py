@@ -120,3 +120,18 @@ def test_merging_shifted_patches_as_drop_says_which_edge_it_assumed():
     patches = pg.extract(image, 4, 3, edge="shift")
     with pytest.raises(ValueError, match=r"edge \('drop',\).*pass the PatchGrid itself"):
         pg.merge(patches, image.shape, stride=3, edge="drop")
+
+
+@pytest.mark.parametrize(
+    "bad", [(4, 4.0), (4.0, 4), (4, True)], ids=["float-last", "float-first", "bool"]
+)
+def test_a_cached_layout_never_serves_an_argument_that_only_compares_equal(bad):
+    # 4, 4.0 and True compare equal, but only 4 is a size: a plan cached for (4, 4) must not
+    # answer a call with (4, 4.0) (it did, when the cache key ignored the types in tuples).
+    image = np.zeros((8, 8))
+    pg.extract(image, (4, 4))
+    pg.merge(pg.extract(image, (4, 4)), image.shape, stride=(4, 4))
+    with pytest.raises(TypeError, match=r"size\[[01]\] must be an integer"):
+        pg.extract(image, bad)
+    with pytest.raises(TypeError, match=r"must be an integer"):
+        pg.merge(pg.extract(image, (4, 4)), image.shape, stride=bad)
