@@ -1,4 +1,10 @@
-"""`PatchGrid`: where patches sit. Layout arithmetic only; it never touches array data."""
+"""`PatchGrid`: where patches sit. Layout arithmetic only; it never touches array data.
+
+L0 (imports only :mod:`patchgrid._checks`): the grid, a frozen and hashable value; the tiled
+axes chosen from the arguments (:func:`tiled_axes`), one grid per layout kept between calls
+(:func:`as_grid`), and the grid of some patches on a sub-region (:func:`sub_grid`, for tiles
+and Dask chunks).
+"""
 
 from __future__ import annotations
 
