@@ -148,14 +148,16 @@ class Rows:
             # known as added, and adding them again raises instead of counting them twice.
             seen[i] = True
 
-    def _kernels(self) -> bool:
+    def kernels(self) -> bool:
+        """Whether the compiled kernels may serve this merge: the plan allows loading them, or
+        the process has them loaded already."""
         return self.plan.kernels or _compiled.loaded()
 
     def _add_compiled(self, arr: Any, idx: np.ndarray, weight: Any) -> bool:
         """A batch of large patches through the compiled kernel, if it serves: NumPy floats,
         an adding reduction, a separable window (no weight volume to keep), a large job."""
         grid = self.grid
-        if not (self.plan.op == "add" and self.wacc is None and self._kernels()):
+        if not (self.plan.op == "add" and self.wacc is None and self.kernels()):
             return False
         acc, patches = _compiled.host(self.acc), _compiled.host(arr)
         w = None if weight is None else _compiled.host(weight)
@@ -242,7 +244,7 @@ class Rows:
             and self.plan.op == "add"
             and self.wacc is None
             and grid.padded_shape == grid.shape
-            and self._kernels()
+            and self.kernels()
             and _compiled.serves(acc, block, grid.ndim, grid.axes)
         ):
             return False

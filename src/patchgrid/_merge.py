@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, overload
 import numpy as np
 import numpy.typing as npt
 
-from . import _checks, _compiled, settings
+from . import _checks, settings
 from ._accumulate import RUN_BYTES, Direct, Rows, is_direct, planes, row_runs, scatter
 from ._checks import PatchgridError
 from ._finish import REDUCES, Finisher, OutputSpec, check_fill, shaped, warn_uncovered
@@ -286,7 +286,7 @@ class Merger(Generic[MergedT]):
             self._seen[...] = True
             self._flush()
             return
-        out = planes(acc.plan, arr, self._out) if acc.plan.kernels or _compiled.loaded() else None
+        out = planes(acc.plan, arr, self._out) if acc.kernels() else None
         if out is not None:
             # Finished as a direct merge: only the voxels no patch covers are left to fill.
             self._acc = acc = Direct(acc.plan, arr, out)
