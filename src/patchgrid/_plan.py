@@ -30,16 +30,28 @@ CACHE_SIZE = 128
 
 
 class Window(NamedTuple):
-    """A checked window: per-axis profiles where it is separable, the array, and its form."""
+    """A checked window: per-axis profiles where it is separable, the array, and its form.
+
+    A named window travels (to a Dask worker) as its name and size and is made again there,
+    from the cache: every task of a job would otherwise carry its own copy of the array.
+    """
 
     profiles: list[np.ndarray] | None
     array: np.ndarray
     uniform: bool
+    name: tuple[str | None, tuple[int, ...]] | None = None  # (window, size) of a named one
+
+    def __reduce__(self) -> Any:
+        if self.name is not None:
+            return (named_window, self.name)
+        return (Window, tuple(self))
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def _named_window(window: str | None, size: tuple[int, ...]) -> Window:
-    return _make_window(window, size)
+def named_window(window: str | None, size: tuple[int, ...]) -> Window:
+    """A named window (or None, uniform) for patches of ``size``, checked once, cached."""
+    made = _make_window(window, size)
+    return Window(made.profiles, made.array, made.uniform, (window, size))
 
 
 def _make_window(window: Any, size: tuple[int, ...]) -> Window:
@@ -52,7 +64,7 @@ def _make_window(window: Any, size: tuple[int, ...]) -> Window:
 def checked_window(window: Any, size: Sequence[int]) -> Window:
     """The window checked against the patch size: cached for names, made anew for arrays."""
     if window is None or isinstance(window, str):
-        return _named_window(window, tuple(size))
+        return named_window(window, tuple(size))
     return _make_window(window, tuple(size))
 
 
@@ -123,7 +135,7 @@ class MergePlan:
 def _cached_plan(grid: PatchGrid, reduce: str, window: str | None, patch_shape: tuple[int, ...],
                  patch_dtype: Any, xp: Backend, dtype: Any, sink_dtype: Any,
                  kernels: bool) -> MergePlan:  # fmt: skip
-    return _make_plan(grid, reduce, _named_window(window, grid.size), patch_shape, patch_dtype,
+    return _make_plan(grid, reduce, named_window(window, grid.size), patch_shape, patch_dtype,
                       xp, dtype, sink_dtype, kernels)  # fmt: skip
 
 
