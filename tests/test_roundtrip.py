@@ -178,6 +178,7 @@ def test_coverage_equals_the_loop(args):
     np.testing.assert_array_equal(pg.coverage(_grid(args)), coverage(Layout(*args)))
 
 
+@pytest.mark.parametrize("strategy", ["scatter", "rows"])
 @SETTINGS
 @given(
     args=grid_args(full=True),
@@ -185,25 +186,13 @@ def test_coverage_equals_the_loop(args):
     window=st.sampled_from(["uniform", "gaussian"]),
     seed=st.integers(0, 2**16),
 )
-def test_merge_of_extract_restores_the_image(args, dtype, window, seed):
-    image = _image(args[0], dtype, seed)
-    grid = _grid(args)
-    _assert_restores(pg.merge(pg.extract(image, grid), grid, window=window), image)
-
-
-@SETTINGS
-@given(
-    args=grid_args(full=True),
-    dtype=st.sampled_from(DTYPES),
-    window=st.sampled_from(["uniform", "gaussian"]),
-    seed=st.integers(0, 2**16),
-)
-def test_merge_of_extract_restores_the_image_by_rows(args, dtype, window, seed):
-    # The same property through the strategy of large grids (small ones are gathered at once).
+def test_merge_of_extract_restores_the_image(strategy, args, dtype, window, seed):
+    # Small grids are gathered at once (scatter); "rows" sends them the way of large ones.
     image = _image(args[0], dtype, seed)
     grid = _grid(args)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(importlib.import_module("patchgrid._accumulate"), "SCATTER_ELEMENTS", -1)
+        if strategy == "rows":
+            mp.setattr(importlib.import_module("patchgrid._accumulate"), "SCATTER_ELEMENTS", -1)
         merged = pg.merge(pg.extract(image, grid), grid, window=window)
     _assert_restores(merged, image)
 
