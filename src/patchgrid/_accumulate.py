@@ -397,7 +397,7 @@ def scatter(plan: MergePlan, arr: Any) -> Rows | None:
         values = flat if tables.weights is None else np.multiply(flat, tables.weights,
                                                                  dtype=np.float64)  # fmt: skip
         sums = np.bincount(tables.voxel_of, weights=values, minlength=math.prod(grid.shape))
-        if plan.reduce == "mean":
+        if tables.coverage is not None:
             np.divide(sums, tables.coverage, out=sums)
         acc.acc = sums.reshape(grid.shape)
         acc.normalised = True
@@ -409,7 +409,7 @@ def scatter(plan: MergePlan, arr: Any) -> Rows | None:
     if tables.weights is not None:
         values = np.multiply(values, tables.weights, dtype=spec.acc_dtype)
     sums = ufunc.reduceat(values, tables.starts, dtype=spec.acc_dtype)
-    if plan.reduce == "mean":
+    if tables.coverage is not None:
         np.divide(sums, tables.coverage, out=sums)
     if len(sums) == math.prod(grid.shape):
         acc.acc = sums.reshape(grid.shape)  # every voxel covered: the sums are the image

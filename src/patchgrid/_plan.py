@@ -13,20 +13,64 @@ for the data. An array window is checked on every call and not cached (arrays do
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import windows
+from . import settings, windows
 from ._finish import OutputSpec, output_spec, profile_sum, sum_dtype, weight_array
 from .backends import Backend
 from .grid import PatchGrid
 
-# How many layouts keep their plans (and windows) between calls.
+# How many layouts keep their plans (and windows) between calls, at most; the bytes of their
+# arrays are bounded by settings.CACHE_BYTES.
 CACHE_SIZE = 128
+
+
+class Kept:
+    """The plans (or windows) of recent layouts, least recently used first, bounded in number
+    (:data:`CACHE_SIZE`) and in the bytes of the arrays they hold
+    (:data:`patchgrid.settings.CACHE_BYTES`): a value larger than the budget is made for its
+    call and not kept. Safe to share between threads (apply's reader, Dask's workers)."""
+
+    def __init__(self) -> None:
+        self.items: OrderedDict[Any, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The value kept for ``key``, or ``make()`` (kept while the budget allows)."""
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = make()
+        with self.lock:
+            self.items[key] = value
+            self.trim()
+        return value
+
+    def trim(self) -> None:
+        """Let the least recently used go until the rest fits the budget (values grow as
+        plans fill their tables in, so the sizes are taken now)."""
+        sizes = {k: nbytes(v) for k, v in self.items.items()}
+        total = sum(sizes.values())
+        while self.items and (total > settings.CACHE_BYTES or len(self.items) > CACHE_SIZE):
+            key, _ = self.items.popitem(last=False)
+            total -= sizes[key]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+def nbytes(value: Any) -> int:
+    """The bytes of the arrays a plan or a window holds."""
+    arrays = value.arrays() if hasattr(value, "arrays") else []
+    return sum(int(a.nbytes) for a in arrays if a is not None)
 
 
 class Window(NamedTuple):
@@ -46,12 +90,25 @@ class Window(NamedTuple):
             return (named_window, self.name)
         return (Window, tuple(self))
 
+    def arrays(self) -> list[np.ndarray]:
+        """The arrays it holds (for the cache's budget)."""
+        return [self.array, *(self.profiles or [])]
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
+
+WINDOWS = Kept()
+
+
 def named_window(window: str | None, size: tuple[int, ...]) -> Window:
-    """A named window (or None, uniform) for patches of ``size``, checked once, cached."""
-    made = _make_window(window, size)
-    return Window(made.profiles, made.array, made.uniform, (window, size))
+    """A named window (or None, uniform) for patches of ``size``, checked once, kept."""
+
+    def make() -> Window:
+        made = _make_window(window, size)
+        return Window(made.profiles, made.array, made.uniform, (window, size))
+
+    try:
+        return WINDOWS.get((window, size), make)  # type: ignore[no-any-return]
+    except TypeError:  # an unhashable size: made for this call
+        return make()
 
 
 def _make_window(window: Any, size: tuple[int, ...]) -> Window:
@@ -107,6 +164,15 @@ class MergePlan:
         self._coverage: dict[bool, list[np.ndarray]] = {}
         self._scatter: Scatter | None = None
 
+    def arrays(self) -> list[np.ndarray | None]:
+        """The arrays it holds (for the cache's budget)."""
+        held: list[np.ndarray | None] = [self.weight, *self.window.arrays()]
+        for profs in self._coverage.values():
+            held += profs
+        if self._scatter is not None:
+            held += [t for t in self._scatter if isinstance(t, np.ndarray)]
+        return held
+
     def scatter(self) -> Scatter:
         """Where every element of the flat patches lands in the output, sorted by voxel: the
         index tables of the scatter strategy (:func:`patchgrid._accumulate.scatter`), made
@@ -131,12 +197,16 @@ class MergePlan:
         return list(self._coverage[ones])
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
+PLANS = Kept()
+
+
 def _cached_plan(grid: PatchGrid, reduce: str, window: str | None, patch_shape: tuple[int, ...],
                  patch_dtype: Any, xp: Backend, dtype: Any, sink_dtype: Any,
                  kernels: bool) -> MergePlan:  # fmt: skip
-    return _make_plan(grid, reduce, named_window(window, grid.size), patch_shape, patch_dtype,
-                      xp, dtype, sink_dtype, kernels)  # fmt: skip
+    key = (grid, reduce, window, patch_shape, patch_dtype, xp, dtype, sink_dtype, kernels)
+    return PLANS.get(key, lambda: _make_plan(  # type: ignore[no-any-return]
+        grid, reduce, named_window(window, grid.size), patch_shape, patch_dtype, xp, dtype,
+        sink_dtype, kernels))  # fmt: skip
 
 
 def _make_plan(grid: PatchGrid, reduce: str, window: Window, patch_shape: tuple[int, ...],
@@ -165,17 +235,17 @@ class Scatter(NamedTuple):
     """Index tables of a small merge. ``voxel_of`` is the output voxel (flat) of every element
     of the flat patches; ``order`` sorts them by voxel (stably: patch order within a voxel),
     ``starts`` begins each voxel's run in that order, ``voxels`` are those voxels, ``coverage``
-    their summed weights (or counts); ``weights`` is the window per element, in patch order
-    (``by_index``) or in sorted order (None for a uniform window). ``by_index`` tables are
-    for sums in float64 (:func:`numpy.bincount`): there ``coverage`` spans every voxel, ones
-    where no patch covers."""
+    their summed weights (or counts; for a mean only, ones where they sum to zero); ``weights``
+    is the window per element, in patch order (``by_index``) or in sorted order (None for a
+    uniform window). ``by_index`` tables are for sums in float64 (:func:`numpy.bincount`):
+    there ``order``, ``starts`` and ``voxels`` are None and ``coverage`` spans every voxel."""
 
     by_index: bool
     voxel_of: np.ndarray
     order: np.ndarray | None
     starts: np.ndarray | None
     voxels: np.ndarray | None
-    coverage: np.ndarray
+    coverage: np.ndarray | None
     weights: np.ndarray | None
 
 
@@ -193,15 +263,15 @@ def _scatter_tables(plan: MergePlan) -> Scatter:
     if plan.weighted:
         per_patch = np.asarray(plan.weight, wide).reshape(1, -1)
         weights = np.broadcast_to(per_patch, (len(corners), per_patch.size)).reshape(-1)
-    order = starts = voxels = None
+    order = starts = voxels = coverage = None
     if by_index:
-        n = math.prod(grid.shape)
-        if plan.reduce != "mean":
-            coverage = np.ones(n, wide)
-        else:
-            counted = np.bincount(index, weights=weights, minlength=n)
+        if plan.reduce == "mean":
             if plan.window.profiles is not None:
                 counted = _profile_product(plan, k).reshape(-1)
+            else:
+                counted = np.bincount(index, weights=weights, minlength=math.prod(grid.shape))
+            # Voxels no patch covers (or whose weights are all zero) divide by one; the
+            # finishing step fills them.
             coverage = np.where(counted > 0, counted, 1).astype(wide)
     else:
         order = np.argsort(index, kind="stable")
@@ -210,13 +280,13 @@ def _scatter_tables(plan: MergePlan) -> Scatter:
         voxels = ordered[starts]
         if weights is not None:
             weights = weights[order]
-        if plan.reduce != "mean":
-            coverage = np.ones(len(voxels), wide)
-        elif plan.window.profiles is not None:
-            coverage = _profile_product(plan, k).reshape(-1)[voxels]
-        else:
-            assert weights is not None
-            coverage = np.add.reduceat(weights, starts)
+        if plan.reduce == "mean":
+            if plan.window.profiles is not None:
+                counted = _profile_product(plan, k).reshape(-1)[voxels]
+            else:
+                assert weights is not None
+                counted = np.add.reduceat(weights, starts)
+            coverage = np.where(counted > 0, counted, 1).astype(wide)
     for table in (index, order, starts, voxels, coverage, weights):
         if table is not None:
             table.flags.writeable = False

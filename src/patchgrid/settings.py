@@ -1,4 +1,4 @@
-"""Module-level settings of patchgrid's out-of-core work, read at each call (L0).
+"""Module-level settings of patchgrid's out-of-core work and plan cache, read at each call (L0).
 
 Set them before a call to trade memory for speed::
 
@@ -11,7 +11,7 @@ call.
 
 from __future__ import annotations
 
-__all__ = ["FINISH_BYTES", "TILE_BYTES"]
+__all__ = ["CACHE_BYTES", "FINISH_BYTES", "TILE_BYTES"]
 
 #: Bytes of accumulator one tile may hold when ``apply`` or ``patchgrid merge`` fill an output
 #: on disk tile by tile across the plane: a slab of patch + stride rows across the tile's
@@ -20,3 +20,9 @@ TILE_BYTES: int = 24 << 20
 
 #: Bytes of accumulator whose finished rows are normalised, cast and written at once.
 FINISH_BYTES: int = 16 << 20
+
+#: Bytes of arrays (weights, windows, coverages, the index tables of small merges) that the plans
+#: of recent layouts keep between calls, so that a repeated call pays for its data only. The
+#: least recently used go first; a plan larger than this is made for its call and not kept.
+#: 0 keeps none.
+CACHE_BYTES: int = 32 << 20
