@@ -678,3 +678,26 @@ def test_views_of_a_tensor_share_its_memory_and_a_copy_does_not():
     copy = pg.extract(image, 4, 2, copy=True)
     copy.sub_(1)
     assert torch.equal(image, torch.arange(100.0).reshape(10, 10))
+
+
+@pytest.mark.parametrize("edge", ["drop", "shift", "pad"])
+def test_gradients_through_extract_equal_the_loop_on_every_call(edge):
+    # The first call of a layout and the cached ones make their views alike: a view that
+    # reached past a slice of the image once lost the gradient of what lay beyond.
+    x = torch.rand(10, 13, dtype=torch.float64, requires_grad=True)
+    grid = pg.PatchGrid((10, 13), 4, 2, edge=edge)
+    grads = []
+    for _ in range(3):
+        patches = pg.extract(x, grid)
+        weights = torch.arange(patches.numel(), dtype=torch.float64).reshape(patches.shape)
+        (patches * weights).sum().backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+    expected = torch.zeros(10, 13, dtype=torch.float64)
+    for i in range(len(grid)):
+        sl = grid.slices(i)
+        inside = tuple(slice(s.start, min(s.stop, n)) for s, n in zip(sl, (10, 13)))
+        cut = tuple(slice(0, s.stop - s.start) for s in inside)
+        expected[inside] += weights[grid.position(i)][cut]
+    for got in grads:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -81,12 +81,12 @@ def window_view(
     for a, f, e in zip(axes, first, extent):
         corner[a] = slice(f, f + e)
         shape[a] = e
-    base = src[tuple(corner)]
     src_strides = xp.strides(src)
     strides = [src_strides[a] * s for a, s in zip(axes, step)]
     if 0 in shape or 0 in count:
         return xp.empty((*count, *shape), xp.dtype(src), src)
-    return xp.as_strided(base, (*count, *shape), (*strides, *src_strides), xp.writeable(src))
+    return xp.as_strided(src, (*count, *shape), (*strides, *src_strides), xp.writeable(src),
+                         at=tuple(corner))  # fmt: skip
 
 
 class _Interface:

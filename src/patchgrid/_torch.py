@@ -160,8 +160,14 @@ class TorchOps:
         return result
 
     def as_strided(self, base: Any, shape: Sequence[int], strides: Sequence[int],
-                   writeable: bool) -> Any:  # fmt: skip
-        return base.as_strided(tuple(shape), tuple(strides))
+                   writeable: bool, at: tuple[slice, ...] | None = None) -> Any:  # fmt: skip
+        # A view of the whole tensor from an offset, never of a slice of it: autograd takes
+        # a strided view that reaches past its input for one that does not, and loses the
+        # gradient of what lies beyond.
+        offset = base.storage_offset()
+        for sl, step in zip(at or (), base.stride()):
+            offset += (sl.start or 0) * step
+        return base.as_strided(tuple(shape), tuple(strides), offset)
 
     def readonly(self, x: Any) -> Any:
         return x  # torch has no read-only tensors

@@ -231,7 +231,7 @@ class Backend(Protocol):
     def no_grad(self) -> contextlib.AbstractContextManager[Any]: ...
 
     def as_strided(self, base: ArrayT, shape: Sequence[int], strides: Sequence[int],
-                   writeable: bool) -> ArrayT: ...  # fmt: skip
+                   writeable: bool, at: tuple[slice, ...] | None = None) -> ArrayT: ...  # fmt: skip
     def readonly(self, x: ArrayT) -> ArrayT: ...
     def broadcast_to(self, x: ArrayT, shape: Sequence[int]) -> ArrayT: ...
     def reshape(self, x: ArrayT, shape: Sequence[int]) -> ArrayT: ...
@@ -349,7 +349,10 @@ class NumpyBackend(Backend):
         return contextlib.nullcontext()
 
     def as_strided(self, base: Any, shape: Sequence[int], strides: Sequence[int],
-                   writeable: bool) -> Any:  # fmt: skip
+                   writeable: bool, at: tuple[slice, ...] | None = None) -> Any:  # fmt: skip
+        # ``at``: the view starts at the first element of ``base[at]``.
+        if at is not None:
+            base = base[at]
         shape, strides = tuple(shape), tuple(strides)
         if not writeable and base.flags.c_contiguous and not base.dtype.hasobject:
             # The ndarray constructor over the base's buffer: a third of as_strided's cost.
