@@ -81,7 +81,7 @@ def test_a_memmap_travels_to_workers_as_its_file_name(tmp_path):
     mm = np.load(path, mmap_mode="r")
     ds = pg.PatchDataset(mm, size=4)
     state = ds.volumes[0].__getstate__()
-    assert state["_array"] is None
+    assert state["opened"] is None
     assert state["reopen"][0] == "memmap"
     loader = DataLoader(ds, batch_size=len(ds), num_workers=2)
     assert torch.equal(

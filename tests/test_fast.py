@@ -228,7 +228,7 @@ def test_batch_kernels_round_as_numpy_does(batched, monkeypatch, window):
     assert batched["divide"]
     monkeypatch.setattr(_compiled, "available", lambda: False)
     monkeypatch.setattr(_compiled, "loaded", lambda: False)
-    monkeypatch.setattr(backends, "_torch_can", lambda *a: False)  # NumPy's own ufuncs
+    monkeypatch.setattr(backends, "torch_can", lambda *a: False)  # NumPy's own ufuncs
     plain = _merge_in_batches(image, grid, window)
     # The same products, sums and divisions in the same order: equal, not merely close.
     np.testing.assert_array_equal(compiled, plain)

@@ -261,9 +261,9 @@ def test_slice_returns_that_region(tmp_path, ext, key, _name):
 def test_slice_reads_only_that_region(tmp_path, ext, monkeypatch):
     key = (slice(1, 3), slice(2, 5), slice(0, 4))
     with pg.open(_saved(tmp_path, ext, _volume())) as img:
-        # The wrapped file object is private; recording what it is asked for is the point.
-        recorder = Recorder(img._data)
-        monkeypatch.setattr(img, "_data", recorder)
+        # The wrapped file object (img.source); recording what it is asked for is the point.
+        recorder = Recorder(img.source)
+        monkeypatch.setattr(img, "source", recorder)
         img[key]
     assert recorder.sizes == [2 * 3 * 4]
 

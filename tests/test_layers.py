@@ -216,15 +216,60 @@ def _defined(tree: ast.Module) -> set[str]:
                 names.add(node.attr)  # another object's private state is not this file's
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             names.add(node.id)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            names.add(node.value)  # __slots__ entries, setattr names
+        elif isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__slots__" for t in node.targets
+        ):
+            names.update(c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant))
+        elif (
+            isinstance(node, ast.Call)
+            and _attribute_call(node) in ("setattr", "__setattr__")
+            and len(node.args) > 1
+            and isinstance(node.args[1], ast.Constant)
+        ):
+            names.add(node.args[1].value)  # object.__setattr__(self, "_x", ...): its own field
     return {n for n in names if n.startswith("_")}
+
+
+def _attribute_call(node: ast.Call) -> str | None:
+    """The name a call calls: ``f`` for ``f(...)``, ``g`` for ``x.g(...)``."""
+    if isinstance(node.func, ast.Name):
+        return node.func.id
+    if isinstance(node.func, ast.Attribute):
+        return node.func.attr
+    return None
+
+
+def _private_strings(tree: ast.Module, own: set[str]) -> list[tuple[int, str]]:
+    """``getattr(x, "_name")``, ``setattr(x, "_name", ...)`` and ``monkeypatch.setattr(x,
+    "_name", ...)`` for a private name the file does not define, and
+    ``monkeypatch.setattr("patchgrid.mod._name", ...)``: the checks above, spelled as strings."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or _attribute_call(node) not in (
+            "getattr",
+            "setattr",
+            "hasattr",
+            "delattr",
+        ):
+            continue
+        for arg in node.args[:2]:
+            if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
+                continue
+            last = arg.value.rsplit(".", 1)[-1]
+            dotted = arg.value.startswith("patchgrid.")
+            private = last.startswith("_") and not last.startswith("__")
+            if private and (dotted or last not in own):
+                found.append((node.lineno, repr(arg.value)))
+    return found
 
 
 @pytest.mark.parametrize("name", _modules())
 def test_no_private_name_crosses_a_module(name):
     tree = _tree(name)
-    found = _private_from_imports(tree) + _private_attributes(tree, _defined(tree))
+    own = _defined(tree)
+    found = (
+        _private_from_imports(tree) + _private_attributes(tree, own) + _private_strings(tree, own)
+    )
     assert [f"{name}.py:{line} {what}" for line, what in found] == []
 
 
@@ -242,6 +287,7 @@ def test_tests_take_no_private_names(path):
             and not node.attr.startswith("__")
         ):
             found.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
+    found += [f"{path.name}:{line} {what}" for line, what in _private_strings(tree, set())]
     assert found == []
 
 

@@ -446,7 +446,7 @@ class NumpyBackend(Backend):
             return bool(cast == ref)
 
     def inplace(self, op: str, target: Any, source: Any, order: str = "K") -> None:
-        if op == "add" and target.size >= TORCH_ADD_MIN and _torch_can(target, source):
+        if op == "add" and target.size >= TORCH_ADD_MIN and torch_can(target, source):
             # As for add_product: NumPy adds into a strided view through buffers, torch's
             # in-place add does not; used only when the caller has imported torch.
             torch = sys.modules["torch"]
@@ -463,7 +463,7 @@ class NumpyBackend(Backend):
         """When the caller has imported torch already, its fused ``addcmul_`` does this in one
         pass over the same memory (about 3x faster than NumPy's two); nothing imports torch
         for it."""
-        if _torch_can(target, source, weight):
+        if torch_can(target, source, weight):
             torch = sys.modules["torch"]
             out = torch.from_numpy(target)
             out.addcmul_(torch.from_numpy(source), torch.from_numpy(weight))
@@ -540,7 +540,7 @@ class NumpyBackend(Backend):
 TORCH_ADD_MIN = 1 << 16
 
 
-def _torch_can(target: Any, *sources: Any) -> bool:
+def torch_can(target: Any, *sources: Any) -> bool:
     """Whether torch, already imported by the caller, can work on these NumPy arrays in place:
     one float dtype of 4 bytes or more, writeable (torch warns on read-only arrays), no
     negative strides."""
@@ -764,7 +764,7 @@ def _file_of(x: Any) -> tuple[str, str] | None:
     h5 = getattr(getattr(x, "file", None), "filename", None)  # h5py
     if isinstance(h5, str):
         return os.path.realpath(h5), str(getattr(x, "name", ""))
-    inner = getattr(x, "_data", None)  # a pg.open image: the array it reads
+    inner = getattr(x, "source", None)  # a pg.open image: the array it reads
     if inner is not None and inner is not x:
         return _file_of(inner)
     return None

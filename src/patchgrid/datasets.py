@@ -45,7 +45,7 @@ class _Volume:
 
     def __init__(self, source: Any) -> None:
         self.source = source
-        self._array: Any = None
+        self.opened: Any = None
         if isinstance(source, (str, os.PathLike)):
             self.reopen: tuple[Any, ...] | None = ("path", os.fspath(source))
         elif isinstance(source, np.memmap) and getattr(source, "filename", None):
@@ -66,28 +66,28 @@ class _Volume:
             self.reopen = ("path", spec)
         else:
             self.reopen = None
-            self._array = source
+            self.opened = source
         if self.reopen is not None and not isinstance(source, (str, os.PathLike)):
-            self._array = source
+            self.opened = source
         self.shape = tuple(int(s) for s in self.array.shape)
 
     @property
     def array(self) -> Any:
-        if self._array is None:
+        if self.opened is None:
             assert self.reopen is not None
             if self.reopen[0] == "path":
-                self._array = open_image(self.reopen[1])
+                self.opened = open_image(self.reopen[1])
             else:
                 _, name, dtype, shape, offset, order = self.reopen
-                self._array = np.memmap(
+                self.opened = np.memmap(
                     name, dtype=dtype, mode="r", shape=shape, offset=offset, order=order
                 )
-        return self._array
+        return self.opened
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         if self.reopen is not None:
-            state["_array"] = None
+            state["opened"] = None
             state["source"] = None
         return state
 

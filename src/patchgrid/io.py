@@ -57,6 +57,8 @@ class Image:
     Made by :func:`open`. ``np.asarray(img)`` reads the whole image. ``spacing`` is the voxel
     size per axis (1.0 where the file says nothing), ``affine`` the 4 x 4 voxel-to-world
     matrix of a NIfTI file (None for the other formats unless one was saved with them).
+    ``source`` is what it reads from: the format library's own array (a memmap, a zarr array,
+    an h5py dataset, a NIfTI proxy, a TIFF reader).
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class Image:
         meta: dict[str, Any],
         closer: Any = None,
     ) -> None:
-        self._data = data
+        self.source = data
         self.path = path
         self.format = fmt
         self.shape = tuple(int(s) for s in data.shape)
@@ -96,7 +98,7 @@ class Image:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         try:
-            return np.asarray(self._data[key], dtype=self.dtype)
+            return np.asarray(self.source[key], dtype=self.dtype)
         except (IndexError, TypeError):
             raise
         except Exception as exc:  # a truncated or corrupt file, in whichever library's words
@@ -105,7 +107,7 @@ class Image:
             ) from None
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        whole = self[(slice(None),) * self.ndim] if self.ndim else np.asarray(self._data[()])
+        whole = self[(slice(None),) * self.ndim] if self.ndim else np.asarray(self.source[()])
         return whole if dtype is None else whole.astype(dtype)
 
     def __repr__(self) -> str:
