@@ -26,8 +26,9 @@ from ._batches import check_output, core_of, factors
 from ._finish import (
     OutputSpec,
     cast_hint,
-    divide_by_profiles,
+    fill_masks,
     finish_values,
+    normalise,
     profile_sum,
     sum_dtype,
     weight_array,
@@ -355,33 +356,20 @@ def finish(acc: np.ndarray | None, wacc: np.ndarray | None, cores: Sequence[tupl
     )
     acc = acc[core]
     ones = spec.reduce != "mean"
-    uncovered: list[Any] = []
     if wacc is not None and not ones:
-        cov = wacc[core]
-        np.divide(acc, np.where(cov > 0, cov, 1), out=acc, casting="unsafe")
-        uncovered.append(np.broadcast_to(cov == 0, acc.shape))
+        empty = normalise(NUMPY, acc, axes, "volume", wacc[core], divide=True)
     else:
         assert spec.coverage is not None
         sliced = [prof[lo:hi] for prof, (lo, hi) in zip(spec.coverage, cores)]
-        if not ones:
-            divide_by_profiles(acc, axes, sliced)
-        for a, prof in zip(axes, sliced):
-            if (prof == 0).any():
-                shape1 = [1] * acc.ndim
-                shape1[a] = len(prof)
-                uncovered.append(np.broadcast_to((prof == 0).reshape(shape1), acc.shape))
-    mask = np.logical_or.reduce(uncovered) if uncovered else None
+        empty = normalise(NUMPY, acc, axes, "profiles", sliced, divide=not ones)
     if spec.class_axis is not None:
         n = acc.shape[spec.class_axis]
         check_cast(NUMPY, np.arange(n), spec.dtype, what=f"class numbers of {n} classes",
                    hint=cast_hint("argmax"))  # fmt: skip
-        if mask is not None:
-            mask = mask.take(0, axis=spec.class_axis)
     out_spec = chunk_spec(spec, acc, patch_dtype)
     seen = None if patch_dtype is not None else False  # False: the values decide the cast
     result = finish_values(NUMPY, acc, out_spec, axes[0], patch_dtype=seen)
-    if mask is not None:
-        result = np.where(mask, np.array(spec.fill, dtype=spec.dtype), result)
+    fill_masks(NUMPY, result, empty, spec.fill, spec.class_axis)
     return np.asarray(result)  # may be a view of the sums: a zarr write needs no copy
 
 

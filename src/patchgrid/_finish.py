@@ -276,6 +276,21 @@ def finish_values(xp: Backend, block: Any, spec: OutputSpec, a0: int,
     return xp.astype(result, spec.dtype)
 
 
+def normalise(xp: Backend, block: Any, axes: Sequence[int], kind: str, cov: Any,
+              divide: bool) -> list[tuple[int, Any]]:  # fmt: skip
+    """Divide sums by their coverage (``divide``), given per tiled axis (``kind``
+    ``"profiles"``, ``axes`` saying where each goes) or as a volume that broadcasts against
+    them; a zero coverage divides by one. Returns where no patch covers, as
+    :func:`fill_masks` takes it: (axis, 1-D mask) pairs, or (-1, mask volume)."""
+    if kind == "profiles":
+        if divide:
+            divide_by_profiles(block, axes, cov, xp)
+        return [(a, p == 0) for a, p in zip(axes, cov) if (p == 0).any()]
+    if divide:
+        xp.divide(block, xp.constant(np.where(cov > 0, cov, 1), xp.dtype(block), block))
+    return [(-1, cov == 0)] if (cov == 0).any() else []
+
+
 def fill_masks(xp: Backend, result: Any, masks: list[tuple[int, Any]], fill: Any,
                class_axis: int | None) -> None:  # fmt: skip
     """Set ``fill`` where no patch covers: ``masks`` holds (axis, 1-D mask) pairs, or
@@ -363,14 +378,7 @@ class Finisher:
         block, wrows = acc.rows(start, upto)
         ones = spec.reduce != "mean"
         kind, cov = self.coverage_block(wrows, start, upto, complete, ones)
-        if kind == "profiles":
-            if not ones and not acc.normalised:
-                divide_by_profiles(block, grid.axes, cov, xp)
-            empty = [(a, p == 0) for a, p in zip(grid.axes, cov) if (p == 0).any()]
-        else:
-            if not ones and not acc.normalised:
-                xp.divide(block, xp.constant(np.where(cov > 0, cov, 1), xp.dtype(block), block))
-            empty = [(-1, cov == 0)] if (cov == 0).any() else []
+        empty = normalise(xp, block, grid.axes, kind, cov, not ones and not acc.normalised)
         # Crop to the image (padding and rows past its end).
         stop = max(min(upto, grid.shape[a0]) - start, 0)
         crop = [slice(0, s) if a in grid.axes else slice(None) for a, s in enumerate(grid.shape)]
