@@ -14,9 +14,10 @@ Strategies:
   (CPU NumPy and torch): strided operations per phase of patches that do not overlap, the
   compiled batch kernels where they serve;
 - :class:`Direct`: the accumulator is the output itself (nothing to cast, crop or reduce);
-- :func:`scatter`: a small merge in three operations over index tables the plan keeps (a
-  gather sorted by output voxel, a sum per voxel, a division): the cost of a repeated small
-  merge is its data, not its geometry;
+- :func:`scatter`: a small merge in a few operations over index tables the plan keeps (sums in
+  float64 by :func:`numpy.bincount`; in extended precision and for max/min, a gather sorted
+  by output voxel and one ``reduceat``; then a division): the cost of a repeated small merge
+  is its data, not its geometry;
 - :func:`planes`: every patch at once through the compiled kernel, each output plane summed in
   a float64 plane of its own and written normalised.
 
@@ -373,9 +374,10 @@ SCATTER_ELEMENTS = 1 << 16
 
 
 def scatter(plan: MergePlan, arr: Any) -> Rows | None:
-    """Every patch of a small grid at once: the patches gathered in the order of the voxels
-    they land on, summed per voxel in the accumulator's dtype (:meth:`numpy.ufunc.reduceat`)
-    and divided by the coverage; returned as an accumulator of finished, normalised rows, or
+    """Every patch of a small grid at once: summed per voxel in the accumulator's dtype (by
+    :func:`numpy.bincount` in patch order where that is float64, else gathered in the order of
+    the voxels they land on and summed by :meth:`numpy.ufunc.reduceat`) and divided by the
+    coverage; returned as an accumulator of finished, normalised rows, or
     None where the strategy does not serve (large or padded grids, free axes, labels, an
     accumulator that is the output, backends other than NumPy, jobs the compiled kernels
     take)."""
