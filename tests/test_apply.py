@@ -987,3 +987,40 @@ def test_out_that_maps_the_image_file_again_is_refused(tmp_path):
     out = np.load(tmp_path / "a.npy", mmap_mode="r+")
     with pytest.raises(ValueError, match="out shares memory with the image"):
         pg.apply(lambda b: b, image, 16, 8, out=out)
+
+
+@pytest.mark.parametrize(
+    ("size", "overlap", "stride"),
+    [
+        (16, 0.5, 8),
+        (16, 0.0, 16),
+        (10, 0.75, 2),
+        (5, 0.9, 1),
+        ((16, 12), (0.5, 0.25), (8, 9)),
+        (3, 0.99, 1),
+    ],
+    ids=["half", "none", "three-quarters", "at-least-one", "per-axis", "floor-one"],
+)
+def test_overlap_gives_monais_stride(size, overlap, stride):
+    # MONAI: int(roi * (1 - overlap)), at least 1; the same patches as that stride.
+    image = np.random.default_rng(0).random((40, 36))
+    by_overlap = pg.apply(lambda b: b * 3, image, size, overlap=overlap, window="hann",
+                          progress=False)  # fmt: skip
+    by_stride = pg.apply(lambda b: b * 3, image, size, stride, window="hann", progress=False)
+    np.testing.assert_array_equal(by_overlap, by_stride)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(stride=4, overlap=0.5), ValueError, "give stride or overlap, not both"),
+        (dict(overlap=1.0), ValueError, r"overlap must be in \[0, 1\), got 1.0"),
+        (dict(overlap=-0.1), ValueError, r"overlap must be in \[0, 1\)"),
+        (dict(overlap="half"), TypeError, "overlap must be a number"),
+        (dict(overlap=(0.5, 0.5, 0.5)), ValueError, "overlap has 3 entries for 2 tiled axes"),
+    ],
+    ids=["both", "one", "negative", "string", "too-many"],
+)
+def test_overlap_is_checked(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pg.apply(lambda b: b, np.zeros((20, 20)), 8, progress=False, **kwargs)

@@ -122,3 +122,43 @@ def test_bad_size_raises(size, error, match):
 def test_window_of_no_axes_raises():
     with pytest.raises(ValueError, match="at least one entry"):
         pg.window("hann", ())
+
+
+def _monai_reference(size):
+    """MONAI's importance map written out element by element in float64 (compute_importance_map
+    of monai.data.utils: sigma = 0.125 n, the product, then a floor of max(min, 1e-3))."""
+    out = np.empty(size)
+    for index in np.ndindex(*size):
+        w = 1.0
+        for i, n in zip(index, size):
+            x = i - (n - 1) / 2
+            w *= math.exp(-(x * x) / (2 * (0.125 * n) ** 2))
+        out[index] = w
+    return np.maximum(out, max(out.min(), 1e-3))
+
+
+@pytest.mark.parametrize("size", [(7,), (16, 16), (5, 9, 3), (24, 24, 24)], ids=str)
+def test_monai_gaussian_matches_monais_formula_and_floor(size):
+    got = pg.window("monai-gaussian", size)
+    # MONAI makes it in float32: equal to the float64 formula within float32 rounding.
+    np.testing.assert_allclose(got, _monai_reference(size), rtol=5e-7, atol=0)
+    assert got.min() >= 1e-3 * (1 - 1e-6)
+
+
+def test_monai_gaussian_floor_makes_it_not_separable():
+    # Far from the centre the product falls below 1e-3 and is raised to it: corners and edges
+    # hold the same weight, which no outer product of profiles gives.
+    w = pg.window("monai-gaussian", (32, 32, 32))
+    assert w[0, 0, 0] == w[0, 0, 16] == w.min()
+    assert w[4, 16, 16] > w.min()
+    assert w.min() == pytest.approx(1e-3, rel=1e-6)
+
+
+@pytest.mark.parametrize("size", [(64, 64, 64), (96, 96), (16,), (5, 9, 3)], ids=str)
+def test_monai_gaussian_equals_monais_own_map(size):
+    torch = pytest.importorskip("torch")
+    utils = pytest.importorskip("monai.data.utils")
+    theirs = utils.compute_importance_map(size, "gaussian").to(torch.float64).numpy()
+    # The same float32 steps; NumPy's exp and torch's differ by at most one float32 step per
+    # axis, so the product of three by at most a few.
+    np.testing.assert_allclose(pg.window("monai-gaussian", size), theirs, rtol=5e-7, atol=0)

@@ -41,6 +41,7 @@ def apply(
     size: int | Sequence[int],
     stride: int | Sequence[int] | None = None,
     *,
+    overlap: float | Sequence[float] | None = None,
     axes: int | Sequence[int] | None = None,
     edge: str | Sequence[str] = "shift",
     pad_mode: str = "constant",
@@ -63,6 +64,7 @@ def apply(
     size: int | Sequence[int],
     stride: int | Sequence[int] | None = None,
     *,
+    overlap: float | Sequence[float] | None = None,
     axes: int | Sequence[int] | None = None,
     edge: str | Sequence[str] = "shift",
     pad_mode: str = "constant",
@@ -85,6 +87,7 @@ def apply(
     size: int | Sequence[int],
     stride: int | Sequence[int] | None = None,
     *,
+    overlap: float | Sequence[float] | None = None,
     axes: int | Sequence[int] | None = None,
     edge: str | Sequence[str] = "shift",
     pad_mode: str = "constant",
@@ -107,6 +110,7 @@ def apply(
     size: int | Sequence[int],
     stride: int | Sequence[int] | None = None,
     *,
+    overlap: float | Sequence[float] | None = None,
     axes: int | Sequence[int] | None = None,
     edge: str | Sequence[str] = "shift",
     pad_mode: str = "constant",
@@ -128,6 +132,7 @@ def apply(
     size: int | Sequence[int],
     stride: int | Sequence[int] | None = None,
     *,
+    overlap: float | Sequence[float] | None = None,
     axes: int | Sequence[int] | None = None,
     edge: str | Sequence[str] = "shift",
     pad_mode: str = "constant",
@@ -160,6 +165,11 @@ def apply(
         Input patch size per tiled axis (the size ``fn`` sees).
     stride : int or sequence of int, optional
         Step between patches; defaults to the core size, ``size - 2 * margin``.
+    overlap : float or sequence of float, optional
+        Instead of ``stride``, the share of a patch's core that its neighbours cover, in
+        ``[0, 1)``: the stride is ``max(int(core * (1 - overlap)), 1)`` per axis, MONAI's
+        ``overlap`` (with ``margin=0`` the core is the patch, and the patches sit where
+        MONAI's ``sliding_window_inference`` puts them).
     axes, edge, pad_mode, pad_value
         As for :class:`PatchGrid`; ``edge`` defaults to ``"shift"`` (no padding, full
         coverage).
@@ -230,7 +240,8 @@ def apply(
     if batch_size < 1:
         raise PatchgridError(f"batch_size must be a positive integer, got {batch_size}")
     order, margins, grid = _layout(shape, size, stride, axes, edge, pad_mode, pad_value,
-                                          margin)  # fmt: skip
+                                   margin, overlap)  # fmt: skip
+    stride = tuple(grid.stride[grid.axes.index(a)] for a in order)  # overlap= made it too
     plain = type(scale) is int and scale == 1
     out_grid = grid if plain else grid.scaled(scale)
     if is_dask(image):
@@ -276,8 +287,9 @@ def apply(
 
 
 def _layout(shape: tuple[int, ...], size: Any, stride: Any, axes: Any, edge: Any, pad_mode: Any,
-            pad_value: Any, margin: Any) -> tuple[tuple[int, ...], tuple[int, ...],
-                                                  PatchGrid]:  # fmt: skip
+            pad_value: Any, margin: Any, overlap: Any = None) -> tuple[tuple[int, ...],
+                                                                    tuple[int, ...],
+                                                                    PatchGrid]:  # fmt: skip
     """The tiled axes in the order given, the margins in the grid's order, and the grid of
     the patches' cores."""
     # size, stride, margin and edge follow the order of axes= as given (the grid sorts them).
@@ -297,9 +309,31 @@ def _layout(shape: tuple[int, ...], size: Any, stride: Any, axes: Any, edge: Any
                 f"size - 2 * margin and must be at least 1"
             )
         core.append(p - 2 * m)
+    if overlap is not None:
+        stride = _stride_of(overlap, core, stride)
     grid = PatchGrid(shape, core, stride, axes=order, edge=edge, pad_mode=pad_mode,
                      pad_value=pad_value)  # fmt: skip
     return order, tuple(margins[order.index(a)] for a in grid.axes), grid
+
+
+def _stride_of(overlap: Any, core: Sequence[int], stride: Any) -> tuple[int, ...]:
+    """The stride that ``overlap`` (a share of each core, in [0, 1)) means: MONAI's
+    ``int(roi * (1 - overlap))``, at least 1."""
+    if stride is not None:
+        raise PatchgridError(
+            f"give stride or overlap, not both (got stride={stride!r}, overlap={overlap!r})"
+        )
+    k = len(core)
+    many = isinstance(overlap, (Sequence, np.ndarray)) and not isinstance(overlap, str)
+    values = list(overlap) if many else [overlap] * k
+    if len(values) != k:
+        raise PatchgridError(f"overlap has {len(values)} entries for {k} tiled axes")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"overlap must be a number in [0, 1), got {v!r}")
+        if not 0 <= float(v) < 1:
+            raise PatchgridError(f"overlap must be in [0, 1), got {v!r}")
+    return tuple(max(int(c * (1 - float(v))), 1) for c, v in zip(core, values))
 
 
 def _check_out(out: Any, image: Any) -> None:

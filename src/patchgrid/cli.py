@@ -111,7 +111,8 @@ def _blend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--window",
         default="uniform",
-        help="uniform, gaussian, hann or triangular (default: uniform)",
+        help="uniform, gaussian, hann, triangular or monai-gaussian (MONAI's own, with its 1e-3 "
+        "floor) (default: uniform)",
     )
     p.add_argument("--reduce", default="mean", help="mean, sum, max, min or argmax (default: mean)")
 
@@ -282,7 +283,8 @@ def _demo_args(sub: Any) -> None:
     p.add_argument(
         "--window",
         default="uniform",
-        help="uniform, gaussian, hann or triangular (default: uniform)",
+        help="uniform, gaussian, hann, triangular or monai-gaussian (MONAI's own, with its 1e-3 "
+        "floor) (default: uniform)",
     )
     p.add_argument(
         "--dir",
