@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from patchgrid.backends import NUMPY, WIDE, check_cast, check_exact_sum, lossless, shares_memory
+from patchgrid._memory import shares_memory
+from patchgrid.backends import NUMPY, WIDE, check_cast, check_exact_sum, lossless
 
 
 @pytest.mark.parametrize(

@@ -701,3 +701,59 @@ def test_gradients_through_extract_equal_the_loop_on_every_call(edge):
         expected[inside] += weights[grid.position(i)][cut]
     for got in grads:
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _oom_model(limit, calls):
+    def model(batch):
+        calls.append(len(batch))
+        if len(batch) > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.tanh(batch * 2)
+
+    return model
+
+
+@pytest.mark.parametrize(("batch_size", "limit"), [(8, 3), (8, 4), (5, 1), (16, 7)])
+@pytest.mark.parametrize("pad_batch", [False, True], ids=["plain", "pad-batch"])
+def test_out_of_memory_halves_the_batch_and_gives_the_smaller_batchs_result(
+    batch_size, limit, pad_batch
+):
+    image = torch.rand(1, 30, 26, dtype=torch.float64)
+    kw = dict(axes=(1, 2), window="gaussian", pad_batch=pad_batch, progress=False)
+    calls = []
+    with pytest.warns(pg.PatchgridWarning, match=r"ran out of device memory on a batch of"):
+        got = pg.apply(_oom_model(limit, calls), image, 8, 4, batch_size=batch_size, **kw)
+    final = batch_size
+    while final > limit:
+        final //= 2
+    expected = pg.apply(_oom_model(limit, []), image, 8, 4, batch_size=final, **kw)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert max(calls[-3:]) <= final  # it went on with the smaller batches
+    grid = pg.PatchGrid((1, 30, 26), 8, 4, axes=(1, 2))
+    assert sum(n for n in calls if n <= limit) >= len(grid)  # every patch ran once it fit
+
+
+def test_out_of_memory_on_one_patch_is_raised():
+    image = torch.rand(1, 20, 20, dtype=torch.float64)
+    with pytest.raises(torch.cuda.OutOfMemoryError), pytest.warns(pg.PatchgridWarning):
+        pg.apply(_oom_model(0, []), image, 8, 4, axes=(1, 2), batch_size=4, progress=False)
+
+
+def test_other_errors_of_the_model_are_not_retried():
+    calls = []
+
+    def broken(batch):
+        calls.append(len(batch))
+        raise RuntimeError("shape mismatch in the model")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        pg.apply(broken, torch.rand(1, 20, 20), 8, 4, axes=(1, 2), batch_size=4, progress=False)
+    assert calls == [4]
+
+
+def test_the_hosts_memory_error_is_not_retried():
+    def greedy(batch):
+        raise MemoryError("no more host memory")
+
+    with pytest.raises(MemoryError):
+        pg.apply(greedy, np.zeros((20, 20)), 8, 4, batch_size=4, progress=False)

@@ -20,11 +20,12 @@ from . import _checks, _memory
 from ._batches import Batches
 from ._checks import PatchgridError
 from ._finish import warn_uncovered
+from ._memory import shares_memory
 from ._merge import DiskMerger, Merger
 from ._progress import steps
 from ._regions import INDEX_MODES, Reader
 from ._tiled import TileMerger, apply_tiles
-from .backends import ArrayT, backend_of, in_memory, is_dask, shares_memory
+from .backends import ArrayT, backend_of, in_memory, is_dask
 from .grid import PatchGrid, check_unchosen_axes, tiled_axes
 
 __all__ = ["apply"]
@@ -213,7 +214,9 @@ def apply(
     rows of the output that patches are still being added to, about one patch thick along
     the first tiled axis; finished rows are normalised, reduced, cast and written to the
     output at once. Memory: the output (none with ``out=`` on disk), one batch, and that
-    accumulator. With a tensor image, ``fn`` runs under ``torch.no_grad()``.
+    accumulator. With a tensor image, ``fn`` runs under ``torch.no_grad()``; where it runs out of
+    CUDA memory on a batch of more than one patch, the batch is halved (with a warning) and the
+    run goes on, with the result the smaller batch gives.
 
     Examples
     --------

@@ -14,6 +14,7 @@ import math
 import queue
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import _compiled, _strided
 from ._accumulate import RUN_BYTES, row_runs
-from ._checks import PatchgridError
+from ._checks import PatchgridError, PatchgridWarning
 from ._regions import Reader
 from .backends import Backend, in_memory
 from .grid import PatchGrid
@@ -181,20 +182,56 @@ class Batches:
 
     def run(self, merger: Any, ids: np.ndarray, local: np.ndarray,
             step: Callable[[int], Any]) -> Any:  # fmt: skip
-        """Run every patch of ``ids`` through ``fn`` into ``merger``; its result."""
-        size, xp = self.batch_size, self.xp
-        batches = map(self.load, (ids[i : i + size] for i in range(0, len(ids), size)))
+        """Run every patch of ``ids`` through ``fn`` into ``merger``; its result.
+
+        Where ``fn`` runs out of device memory (``Backend.out_of_memory``) on a batch of more
+        than one patch, the batch size is halved and the run goes on from that batch, as if it
+        had had the smaller size from the start (patches are merged in the same order)."""
+        at = 0
+        while at < len(ids):
+            at = self._run_from(merger, ids, local, step, at)
+        return merger.result()
+
+    def _run_from(self, merger: Any, ids: np.ndarray, local: np.ndarray,
+                  step: Callable[[int], Any], at: int) -> int:  # fmt: skip
+        """Run the patches from ``ids[at]`` on in batches of the current size; where one
+        batch runs out of memory, halve the size and return where to go on."""
+        size, xp, rest = self.batch_size, self.xp, ids[at:]
+        batches = map(self.load, (rest[i : i + size] for i in range(0, len(rest), size)))
         # A reader thread helps NumPy; once torch is loaded, its fused adds already use the
         # cores, and the thread only costs memory.
         ahead = xp.one_thread() and not self.compiled
-        at = 0
-        for ids_, batch in prefetch(batches) if ahead else batches:
-            result = check_output(self.fn(batch), batch, xp, self.out_grid, self.full, self.fn)
-            merger.add(core_of(result[: len(ids_)], self.out_grid, self.full),
-                       local[at : at + len(ids_)])  # fmt: skip
-            at += len(ids_)
-            step(len(ids_))
-        return merger.result()
+        source = prefetch(batches) if ahead else batches
+        try:
+            for ids_, batch in source:
+                try:
+                    out = self.fn(batch)
+                except Exception as exc:
+                    if len(batch) < 2 or not xp.out_of_memory(exc):
+                        raise
+                    self.halve(len(batch))
+                    return at
+                result = check_output(out, batch, xp, self.out_grid, self.full, self.fn)
+                merger.add(core_of(result[: len(ids_)], self.out_grid, self.full),
+                           local[at : at + len(ids_)])  # fmt: skip
+                at += len(ids_)
+                step(len(ids_))
+        finally:
+            if hasattr(source, "close"):
+                source.close()  # the reader thread stops
+        return at
+
+    def halve(self, failed: int) -> None:
+        """Half the batches, after ``fn`` ran out of device memory on ``failed`` patches."""
+        self.batch_size = max(1, failed // 2)
+        self.pool = Pool((self.batch_size, *self.in_shape), self.dtype, self.xp, self.image)
+        name = getattr(self.fn, "__name__", type(self.fn).__name__)
+        warnings.warn(
+            f"fn ({name}) ran out of device memory on a batch of {failed} patches; going on "
+            f"with batches of {self.batch_size} (the result is the one that batch size gives)",
+            PatchgridWarning,
+            stacklevel=2,
+        )
 
 
 def factors(out_grid: PatchGrid, grid: PatchGrid) -> list[float]:

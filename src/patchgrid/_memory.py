@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import threading
 from typing import Any
 
 import numpy as np
+
+from .backends import is_tensor
 
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -315,3 +318,72 @@ def _spans(where: Any, shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
         start, stop, _ = w.indices(n)
         spans.append((start, max(start, stop)))
     return spans
+
+
+TOO_HARD = getattr(np, "exceptions", np).TooHardError  # NumPy 1.24 has it at the top
+
+
+def shares_memory(a: object, b: object) -> bool:
+    """Whether two arrays may hold the same data: NumPy's exact test where it is quick (else
+    its bounds), the byte ranges of tensors and of a tensor beside a NumPy array, and for
+    arrays backed by files (memmaps, zarr, HDF5, ``pg.open`` images) the same file and array
+    in it, however many handles or mappings there are."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        try:
+            if np.shares_memory(a, b, max_work=1 << 20):  # type: ignore[arg-type]
+                return True
+        except TOO_HARD:
+            return True if np.may_share_memory(a, b) else _same_file(a, b)
+        return _same_file(a, b)
+    ra, rb = _byte_range(a), _byte_range(b)
+    if ra is not None and rb is not None:
+        return ra[0] == rb[0] and ra[1] < rb[2] and rb[1] < ra[2]
+    return _same_file(a, b)
+
+
+def _byte_range(x: Any) -> tuple[str, int, int] | None:
+    """``(device, lo, hi)``: the addresses of a NumPy array's bytes or a tensor's storage
+    (host memory is device "cpu"); None for anything else."""
+    if is_tensor(x):
+        storage = x.untyped_storage()
+        return str(x.device), storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    if isinstance(x, np.ndarray):
+        lo, hi = _BYTE_BOUNDS(x)
+        return "cpu", int(lo), int(hi)
+    return None
+
+
+try:  # NumPy 2 keeps byte_bounds in np.lib.array_utils, NumPy 1 at the top
+    from numpy.lib.array_utils import byte_bounds as _BYTE_BOUNDS
+except ImportError:  # pragma: no cover - NumPy 1
+    from numpy import byte_bounds as _BYTE_BOUNDS  # type: ignore[attr-defined,no-redef]
+
+
+def _file_of(x: Any) -> tuple[str, str] | None:
+    """The file (and the array inside it) behind a memmap, zarr array, h5py dataset or
+    ``pg.open`` image; None for an array in memory."""
+    name = getattr(x, "filename", None)  # np.memmap
+    if isinstance(x, np.ndarray) and isinstance(name, (str, os.PathLike)):
+        return os.path.realpath(name), ""
+    base = getattr(x, "base", None)  # a view of a memmap (np.load gives one)
+    if isinstance(x, np.ndarray) and isinstance(base, np.ndarray):
+        return _file_of(base)
+    store = getattr(x, "store", None)
+    root = getattr(store, "root", None)  # zarr's LocalStore
+    if root is not None:
+        return os.path.realpath(str(root)), str(getattr(x, "path", ""))
+    h5 = getattr(getattr(x, "file", None), "filename", None)  # h5py
+    if isinstance(h5, str):
+        return os.path.realpath(h5), str(getattr(x, "name", ""))
+    inner = getattr(x, "source", None)  # a pg.open image: the array it reads
+    if inner is not None and inner is not x:
+        return _file_of(inner)
+    return None
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    fa, fb = _file_of(a), _file_of(b)
+    if fa is None or fb is None or fa[0] != fb[0]:
+        return False
+    pa, pb = fa[1].strip("/"), fb[1].strip("/")
+    return not pa or not pb or pa == pb or pa.startswith(pb + "/") or pb.startswith(pa + "/")

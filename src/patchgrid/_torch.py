@@ -95,6 +95,15 @@ class TorchOps:
     def writeable(self, x: Any) -> bool:
         return True
 
+    def out_of_memory(self, exc: BaseException) -> bool:
+        t = self.torch
+        oom = getattr(t, "OutOfMemoryError", None) or t.cuda.OutOfMemoryError
+        if not isinstance(exc, oom):
+            return False
+        if t.cuda.is_available():
+            t.cuda.empty_cache()  # what the failed call held, back to the device
+        return True
+
     def needs_grad(self, x: Any) -> bool:
         return bool(x.requires_grad)
 
@@ -284,20 +293,9 @@ class TorchOps:
                             value)  # fmt: skip
 
     def argmax(self, x: Any, axis: int) -> Any:
-        t = self.torch
         if x.shape[axis] > 16 or self.kind(x.dtype) not in "fiu":
-            return t.argmax(x.movedim(axis, -1).contiguous(), dim=-1)
-        # Few classes: compare whole planes class by class, as the NumPy backend does.
-        best = x.select(axis, 0).clone()
-        index = t.zeros(best.shape, dtype=t.int64, device=x.device)
-        for c in range(1, x.shape[axis]):
-            value = x.select(axis, c)
-            wins = value > best
-            if self.kind(x.dtype) == "f":
-                wins |= value.isnan() & ~best.isnan()
-            best = t.where(wins, value, best)
-            index.masked_fill_(wins, c)
-        return index
+            return self.torch.argmax(x.movedim(axis, -1).contiguous(), dim=-1)
+        return argmax_by_planes(self.torch, x, axis, self.kind(x.dtype) == "f")
 
     def round(self, x: Any) -> Any:
         return self.torch.round(x)
@@ -334,3 +332,18 @@ class TorchOps:
         if x.is_complex():
             x = self.torch.view_as_real(x.resolve_conj())
         return int(self.torch.isinf(x).sum().item())
+
+
+def argmax_by_planes(t: Any, x: Any, axis: int, floating: bool) -> Any:
+    """Argmax over few classes: whole planes compared class by class, as the NumPy backend
+    does (the first largest; NaN counts as largest)."""
+    best = x.select(axis, 0).clone()
+    index = t.zeros(best.shape, dtype=t.int64, device=x.device)
+    for c in range(1, x.shape[axis]):
+        value = x.select(axis, c)
+        wins = value > best
+        if floating:
+            wins |= value.isnan() & ~best.isnan()
+        best = t.where(wins, value, best)
+        index.masked_fill_(wins, c)
+    return index

@@ -12,7 +12,7 @@ What lives here:
 - :class:`TorchBackend`: torch's operations (:class:`patchgrid._torch.TorchOps`) on the
   interface; torch is imported when the first tensor is seen.
 - :func:`backend_of`, the lookup by type (cached), and the questions asked of any array:
-  :func:`in_memory`, :func:`is_tensor`, :func:`is_dask`, :func:`shares_memory`.
+  :func:`in_memory`, :func:`is_tensor`, :func:`is_dask`.
 - The one range-and-cast rule: :func:`lossless`, :func:`check_cast`, :func:`check_exact_sum`,
   and :data:`WIDE`.
 - The types: :class:`SupportsArray` and :data:`ArrayT`, "an ndarray in gives an ndarray out,
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
@@ -43,7 +42,7 @@ from ._torch import TorchOps
 __all__ = [
     "NUMPY", "WIDE", "ArrayT", "Backend", "NumpyBackend", "SupportsArray", "TorchBackend",
     "backend_of", "check_cast", "check_exact_sum", "in_memory", "is_dask", "is_tensor",
-    "lossless", "shares_memory",
+    "lossless",
 ]  # fmt: skip
 
 # Whether this platform's ``longdouble`` has more mantissa bits than float64 (x86's 80-bit
@@ -155,6 +154,9 @@ class Backend(Protocol):
     - ``as_output(x)``: a model's output as an array of this backend, or None where it is not
       one (NumPy takes anything with ``__array__``; torch only tensors).
     - ``no_grad()``: the context a model runs in (no autograd graph; nothing for NumPy).
+    - ``out_of_memory(exc)``: whether ``exc``, raised by a model, is the device running out of
+      memory, which a smaller batch may avoid (torch's CUDA out-of-memory error; the device's
+      cache is emptied then). Never for NumPy: the host's ``MemoryError`` is not retried.
 
     Views
 
@@ -264,6 +266,7 @@ class Backend(Protocol):
     def to_numpy(self, x: Any) -> np.ndarray: ...
     def value_range(self, x: SupportsArray) -> tuple[Any, Any]: ...
     def count_inf(self, x: SupportsArray) -> int: ...
+    def out_of_memory(self, exc: BaseException) -> bool: ...
 
 
 class NumpyBackend(Backend):
@@ -535,6 +538,9 @@ class NumpyBackend(Backend):
             return int(np.isinf(x.real).sum() + np.isinf(x.imag).sum())
         return int(np.isinf(x).sum())
 
+    def out_of_memory(self, exc: BaseException) -> bool:
+        return False
+
 
 # The least items of an in-place add worth handing to torch (when the caller imported it).
 TORCH_ADD_MIN = 1 << 16
@@ -707,72 +713,3 @@ def in_memory(x: object, plain: bool = False) -> bool:
     tensor (``plain``: not an ndarray subclass such as ``np.memmap``, whose pages live in a
     file). Lazy arrays (zarr, HDF5, ``pg.open`` images) and lists are not."""
     return backend_of(x).owns(x, plain)
-
-
-TOO_HARD = getattr(np, "exceptions", np).TooHardError  # NumPy 1.24 has it at the top
-
-
-def shares_memory(a: object, b: object) -> bool:
-    """Whether two arrays may hold the same data: NumPy's exact test where it is quick (else
-    its bounds), the byte ranges of tensors and of a tensor beside a NumPy array, and for
-    arrays backed by files (memmaps, zarr, HDF5, ``pg.open`` images) the same file and array
-    in it, however many handles or mappings there are."""
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        try:
-            if np.shares_memory(a, b, max_work=1 << 20):  # type: ignore[arg-type]
-                return True
-        except TOO_HARD:
-            return True if np.may_share_memory(a, b) else _same_file(a, b)
-        return _same_file(a, b)
-    ra, rb = _byte_range(a), _byte_range(b)
-    if ra is not None and rb is not None:
-        return ra[0] == rb[0] and ra[1] < rb[2] and rb[1] < ra[2]
-    return _same_file(a, b)
-
-
-def _byte_range(x: Any) -> tuple[str, int, int] | None:
-    """``(device, lo, hi)``: the addresses of a NumPy array's bytes or a tensor's storage
-    (host memory is device "cpu"); None for anything else."""
-    if is_tensor(x):
-        storage = x.untyped_storage()
-        return str(x.device), storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-    if isinstance(x, np.ndarray):
-        lo, hi = _BYTE_BOUNDS(x)
-        return "cpu", int(lo), int(hi)
-    return None
-
-
-try:  # NumPy 2 keeps byte_bounds in np.lib.array_utils, NumPy 1 at the top
-    from numpy.lib.array_utils import byte_bounds as _BYTE_BOUNDS
-except ImportError:  # pragma: no cover - NumPy 1
-    from numpy import byte_bounds as _BYTE_BOUNDS  # type: ignore[attr-defined,no-redef]
-
-
-def _file_of(x: Any) -> tuple[str, str] | None:
-    """The file (and the array inside it) behind a memmap, zarr array, h5py dataset or
-    ``pg.open`` image; None for an array in memory."""
-    name = getattr(x, "filename", None)  # np.memmap
-    if isinstance(x, np.ndarray) and isinstance(name, (str, os.PathLike)):
-        return os.path.realpath(name), ""
-    base = getattr(x, "base", None)  # a view of a memmap (np.load gives one)
-    if isinstance(x, np.ndarray) and isinstance(base, np.ndarray):
-        return _file_of(base)
-    store = getattr(x, "store", None)
-    root = getattr(store, "root", None)  # zarr's LocalStore
-    if root is not None:
-        return os.path.realpath(str(root)), str(getattr(x, "path", ""))
-    h5 = getattr(getattr(x, "file", None), "filename", None)  # h5py
-    if isinstance(h5, str):
-        return os.path.realpath(h5), str(getattr(x, "name", ""))
-    inner = getattr(x, "source", None)  # a pg.open image: the array it reads
-    if inner is not None and inner is not x:
-        return _file_of(inner)
-    return None
-
-
-def _same_file(a: Any, b: Any) -> bool:
-    fa, fb = _file_of(a), _file_of(b)
-    if fa is None or fb is None or fa[0] != fb[0]:
-        return False
-    pa, pb = fa[1].strip("/"), fb[1].strip("/")
-    return not pa or not pb or pa == pb or pa.startswith(pb + "/") or pb.startswith(pa + "/")
