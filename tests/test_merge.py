@@ -130,6 +130,21 @@ def test_array_window_equals_the_loop(shape, size, stride, axes, edge, reduce):
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+@pytest.mark.parametrize("edge", EDGES)
+@pytest.mark.parametrize(("shape", "size", "stride", "axes"), WINDOW_GRIDS, ids=WINDOW_GRID_IDS)
+def test_monai_gaussian_equals_the_loop(shape, size, stride, axes, edge, reduce, dtype):
+    # A named window that is not separable: small grids keep its summed weights in the plan.
+    grid, layout = _make(shape, size, stride, axes, edge)
+    patches = _random_patches(grid, dtype)
+    weight = pg.window("monai-gaussian", layout.size)
+    expected, _ = layout.merge(_flat(patches, grid).astype(np.float64), reduce, weight)
+    got = pg.merge(patches, grid, reduce=reduce, window="monai-gaussian")
+    rtol = 1e-10 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
+
+
 def test_array_window_as_a_list():
     grid, layout = _make((9, 7), (3, 2), (2, 1), (0, 1), "drop")
     patches = _random_patches(grid)

@@ -378,12 +378,13 @@ def scatter(plan: MergePlan, arr: Any) -> Rows | None:
     :func:`numpy.bincount` in patch order where that is float64, else gathered in the order of
     the voxels they land on and summed by :meth:`numpy.ufunc.reduceat`) and divided by the
     coverage; returned as an accumulator of finished, normalised rows, or
-    None where the strategy does not serve (large or padded grids, free axes, labels, an
-    accumulator that is the output, backends other than NumPy, jobs the compiled kernels
-    take)."""
+    None where the strategy does not serve (a plan not kept between calls, as an array
+    window's; large or padded grids, free axes, labels, an accumulator that is the output,
+    backends other than NumPy, jobs the compiled kernels take)."""
     grid, spec = plan.grid, plan.spec
     if not (
         plan.xp.host_loops  # NumPy's ufuncs over index tables
+        and plan.kept  # tables made for one call cost more than the rows strategy
         and arr.size <= SCATTER_ELEMENTS
         and arr.nbytes < _compiled.MIN_BYTES  # a job the compiled kernels would take
         and len(grid.axes) == grid.ndim
@@ -394,6 +395,8 @@ def scatter(plan: MergePlan, arr: Any) -> Rows | None:
         return None
     tables = plan.scatter()
     acc = Rows(plan, arr)
+    if tables.weight_sums is not None:  # the finishing step's coverage (a copy: rows shift)
+        acc.wacc = tables.weight_sums.copy()
     flat = arr.reshape(-1)
     if tables.by_index:  # sums in float64, in patch order within each voxel
         values = flat if tables.weights is None else np.multiply(flat, tables.weights,

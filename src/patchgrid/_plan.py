@@ -147,13 +147,14 @@ class MergePlan:
         The compiled kernels may be loaded for this merge (they serve when loaded otherwise).
     """
 
-    __slots__ = ("_coverage", "_scatter", "array_window", "grid", "kernels", "op", "reduce", "spec",
-                 "weight", "weighted", "window", "xp")  # fmt: skip
+    __slots__ = ("_coverage", "_scatter", "array_window", "grid", "kept", "kernels", "op",
+                 "reduce", "spec", "weight", "weighted", "window", "xp")  # fmt: skip
 
     def __init__(self, grid: PatchGrid, reduce: str, window: Window, spec: OutputSpec,
                  xp: Backend, kernels: bool) -> None:  # fmt: skip
         self.grid, self.reduce, self.window, self.spec, self.xp = grid, reduce, window, spec, xp
         self.kernels = kernels
+        self.kept = False  # made for the cache: what it works out serves the next calls too
         self.op = {"max": "max", "min": "min"}.get(reduce, "add")
         self.weighted = not window.uniform and reduce not in ("max", "min")
         self.array_window = window.profiles is None and reduce in ("mean", "argmax")
@@ -204,9 +205,14 @@ def _cached_plan(grid: PatchGrid, reduce: str, window: str | None, patch_shape: 
                  patch_dtype: Any, xp: Backend, dtype: Any, sink_dtype: Any,
                  kernels: bool) -> MergePlan:  # fmt: skip
     key = (grid, reduce, window, patch_shape, patch_dtype, xp, dtype, sink_dtype, kernels)
-    return PLANS.get(key, lambda: _make_plan(  # type: ignore[no-any-return]
-        grid, reduce, named_window(window, grid.size), patch_shape, patch_dtype, xp, dtype,
-        sink_dtype, kernels))  # fmt: skip
+
+    def make() -> MergePlan:
+        plan = _make_plan(grid, reduce, named_window(window, grid.size), patch_shape,
+                          patch_dtype, xp, dtype, sink_dtype, kernels)  # fmt: skip
+        plan.kept = True
+        return plan
+
+    return PLANS.get(key, make)  # type: ignore[no-any-return]
 
 
 def _make_plan(grid: PatchGrid, reduce: str, window: Window, patch_shape: tuple[int, ...],
@@ -238,7 +244,9 @@ class Scatter(NamedTuple):
     their summed weights (or counts; for a mean only, ones where they sum to zero); ``weights``
     is the window per element, in patch order (``by_index``) or in sorted order (None for a
     uniform window). ``by_index`` tables are for sums in float64 (:func:`numpy.bincount`):
-    there ``order``, ``starts`` and ``voxels`` are None and ``coverage`` spans every voxel."""
+    there ``order``, ``starts`` and ``voxels`` are None and ``coverage`` spans every voxel.
+    ``weight_sums`` (a mean with an array window) is the weights summed over the image, zero
+    where no patch covers: the finishing step's coverage, so that it need not add it up."""
 
     by_index: bool
     voxel_of: np.ndarray
@@ -247,6 +255,7 @@ class Scatter(NamedTuple):
     voxels: np.ndarray | None
     coverage: np.ndarray | None
     weights: np.ndarray | None
+    weight_sums: np.ndarray | None = None  # an array window's, over the image (0: uncovered)
 
 
 def _scatter_tables(plan: MergePlan) -> Scatter:
@@ -263,13 +272,14 @@ def _scatter_tables(plan: MergePlan) -> Scatter:
     if plan.weighted:
         per_patch = np.asarray(plan.weight, wide).reshape(1, -1)
         weights = np.broadcast_to(per_patch, (len(corners), per_patch.size)).reshape(-1)
-    order = starts = voxels = coverage = None
+    order = starts = voxels = coverage = weight_sums = None
     if by_index:
         if plan.reduce == "mean":
             if plan.window.profiles is not None:
                 counted = _profile_product(plan, k).reshape(-1)
             else:
                 counted = np.bincount(index, weights=weights, minlength=math.prod(grid.shape))
+                weight_sums = counted.astype(wide).reshape(grid.shape)
             # Voxels no patch covers (or whose weights are all zero) divide by one; the
             # finishing step fills them.
             coverage = np.where(counted > 0, counted, 1).astype(wide)
@@ -286,11 +296,13 @@ def _scatter_tables(plan: MergePlan) -> Scatter:
             else:
                 assert weights is not None
                 counted = np.add.reduceat(weights, starts)
+                weight_sums = np.zeros(grid.shape, wide)
+                weight_sums.reshape(-1)[voxels] = counted
             coverage = np.where(counted > 0, counted, 1).astype(wide)
-    for table in (index, order, starts, voxels, coverage, weights):
+    for table in (index, order, starts, voxels, coverage, weights, weight_sums):
         if table is not None:
             table.flags.writeable = False
-    return Scatter(by_index, index, order, starts, voxels, coverage, weights)
+    return Scatter(by_index, index, order, starts, voxels, coverage, weights, weight_sums)
 
 
 def _profile_product(plan: MergePlan, k: int) -> np.ndarray:
