@@ -63,6 +63,16 @@ def test_apply_on_dask_equals_in_memory(chunks, edge):
     np.testing.assert_allclose(lazy.compute(), pg.apply(_double, x, 10, 6, **kw), rtol=1e-6)
 
 
+@pytest.mark.parametrize("window", ["monai-gaussian", "gaussian"])
+def test_apply_on_dask_takes_overlap_and_monais_window(window):
+    # overlap= becomes the stride before the Dask path; MONAI's window travels by its name.
+    x = _volume()
+    kw = dict(axes=(1, 2, 3), overlap=0.4, window=window, batch_size=3, progress=False)
+    lazy = pg.apply(_double, da.from_array(x, chunks=(1, 13, 17, 9)), 10, **kw)
+    np.testing.assert_allclose(lazy.compute(), pg.apply(_double, x, 10, 6, **{**kw,
+                               "overlap": None}), rtol=1e-6)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "kw",
     [
