@@ -1,4 +1,5 @@
-"""extract, merge, Merger and apply on torch tensors, CPU and (where there is one) CUDA.
+"""extract, merge, Merger and apply on torch tensors, CPU and (where there is one) CUDA, through
+both merge engines (rows, and the device engine CUDA tensors take).
 
 Tensors in give tensors out, on the same device and of the same dtype, with the values the
 plain-loop references in ``reference.py`` (or a whole-image torch computation) give.
@@ -18,6 +19,16 @@ DEVICES = [
         "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
     ),
 ]
+
+
+@pytest.fixture(autouse=True, params=["auto", "always"], ids=["rows-engine", "device-engine"])
+def engine(request, monkeypatch):
+    """Every test once through torch's rows engine on the CPU and once through the device
+    engine, which CUDA tensors take (``settings.DEVICE_ENGINE = "always"`` puts CPU tensors
+    on it), so that the CUDA code path is checked on every machine."""
+    monkeypatch.setattr(pg.settings, "DEVICE_ENGINE", request.param)
+    return request.param
+
 
 SHAPE = (2, 9, 11)
 AXES = (1, 2)

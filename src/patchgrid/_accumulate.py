@@ -21,19 +21,25 @@ Strategies:
 - :func:`planes`: every patch at once through the compiled kernel, each output plane summed in
   a float64 plane of its own and written normalised.
 
-A device-resident accumulator for CUDA is one more subclass of :class:`Rows`.
+- :class:`Device` (and :class:`DeviceDirect`): the device engine, for tensors on an accelerator
+  (:func:`fused` says where): every batch in a few strided operations whatever its patches'
+  size, the window and the coverage made on the device once, finished rows divided there
+  without a host array or a synchronisation.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from . import _compiled, _strided
+from . import _compiled, _strided, settings
+from ._checks import PatchgridError
 from ._plan import MergePlan
+from .backends import Backend
 
 # Patches smaller than this (bytes) go in stretches of a grid row rather than one by one.
 RUN_BYTES = 1 << 16
@@ -59,6 +65,9 @@ class Rows:
 
     direct = False  # the accumulator is the output
     normalised = False  # the sums are divided by the coverage already
+    fused = False  # the device engine: a batch in a few operations, nothing through the host
+    # Patches smaller than this (bytes) go in stretches of a grid row, larger ones one by one.
+    runs_below: float = RUN_BYTES
 
     def __init__(self, plan: MergePlan, like: Any, sink: Any = None) -> None:
         self.plan, self.xp, self.like, self.sink = plan, plan.xp, like, sink
@@ -98,11 +107,11 @@ class Rows:
             if a not in grid.axes:
                 shape[a] = spec.patch_shape[a]
         shape[a0] = rows
-        acc = xp.full(shape, spec.identity, spec.acc_dtype, self.like)
+        acc = self.alloc(shape, spec.identity, spec.acc_dtype)
         wacc = None
         if self.plan.array_window:
             wshape = [1 if a not in grid.axes else n for a, n in enumerate(shape)]
-            wacc = xp.full(wshape, 0, spec.real_dtype(xp), self.like)
+            wacc = self.alloc(wshape, 0, spec.real_dtype(xp))
         if have:
             head: list[Any] = [slice(None)] * grid.ndim
             head[a0] = slice(0, have)
@@ -110,6 +119,10 @@ class Rows:
             if wacc is not None:
                 xp.assign(wacc[tuple(head)], self.wacc)
         self.acc, self.wacc = acc, wacc
+
+    def alloc(self, shape: Sequence[int], value: Any, dtype: Any) -> Any:
+        """A new accumulator array beside the patches, filled with ``value``."""
+        return self.xp.full(shape, value, dtype, self.like)
 
     def local(self, index: int) -> tuple[slice, ...]:
         """Slices of patch ``index`` in the accumulator, whose first row is ``lo``."""
@@ -130,7 +143,7 @@ class Rows:
         done = np.zeros(len(idx), dtype=bool)
         # Small patches cost a Python step each; large ones are better one by one (torch's
         # in-place ops, when loaded, are faster on one patch than on a strided stretch).
-        small = xp.nbytes(arr) // max(len(idx), 1) < RUN_BYTES
+        small = xp.nbytes(arr) // max(len(idx), 1) < self.runs_below
         for b0, b1 in row_runs(idx, grid.counts[-1]) if small else []:
             self._add_run(arr[b0:b1], int(idx[b0]), weight, scratch, seen)
             done[b0:b1] = True
@@ -158,7 +171,7 @@ class Rows:
         """A batch of large patches through the compiled kernel, if it serves: NumPy floats,
         an adding reduction, a separable window (no weight volume to keep), a large job."""
         grid = self.grid
-        if not (self.plan.op == "add" and self.wacc is None and self.kernels()):
+        if self.fused or not (self.plan.op == "add" and self.wacc is None and self.kernels()):
             return False
         acc, patches = _compiled.host(self.acc), _compiled.host(arr)
         w = None if weight is None else _compiled.host(weight)
@@ -315,6 +328,104 @@ class Direct(Rows):
 
     def drop(self, n: int) -> None:
         pass  # the output keeps every row
+
+
+class Device(Rows):
+    """The device engine: a slab of rows on the accelerator that never sends the host a
+    question (issue 15's profile of the rows engine on CUDA: 1,457 kernel launches and 257
+    synchronous host-to-device copies for 343 patches).
+
+    - a batch is added in a few strided operations (one per phase of patches of a grid row
+      that do not overlap), whatever its patches' size, never patch by patch;
+    - the window is put on the device once (:meth:`Rows.weight`), and so are the coverage's
+      per-axis profiles, whose slices divide finished rows (:meth:`normalise`);
+    - finished rows are divided, reduced and cast in one pass a flush (see ``Merger._flush``),
+      and the slab is allocated by the device's own fill, never through a host array.
+    """
+
+    fused = True
+    runs_below = math.inf  # stretches of a row for patches of every size
+
+    def __init__(self, plan: MergePlan, like: Any, sink: Any = None) -> None:
+        super().__init__(plan, like, sink)
+        self._divisors: dict[bool, tuple[Any, Any, list[tuple[int, np.ndarray]]]] = {}
+
+    def alloc(self, shape: Sequence[int], value: Any, dtype: Any) -> Any:
+        xp = self.xp
+        acc = xp.empty(shape, dtype, self.like)
+        xp.assign(acc, value)
+        return acc
+
+    def _profiles(self, ones: bool) -> tuple[Any, Any, list[tuple[int, np.ndarray]]]:
+        """The coverage of a complete grid as per-axis profiles on the device (zeros made
+        ones): the first axis's profile, the product of the others, and the host masks of the
+        voxels no patch covers (``(axis, mask)`` pairs, only axes that have some)."""
+        if ones not in self._divisors:
+            grid, xp, plan = self.grid, self.xp, self.plan
+            profs = plan.profile_coverage(ones)
+            dtype = plan.spec.real_dtype(xp)
+            shaped = []
+            for a, p in zip(grid.axes, profs):
+                shape = [1] * grid.ndim
+                shape[a] = len(p)
+                shaped.append(xp.constant(np.where(p > 0, p, 1).reshape(shape), dtype,
+                                          self.like))  # fmt: skip
+            rest = None
+            for p in shaped[1:]:
+                rest = p if rest is None else rest * p
+            masks = [(a, p == 0) for a, p in zip(grid.axes, profs) if (p == 0).any()]
+            self._divisors[ones] = (shaped[0], rest, masks)
+        return self._divisors[ones]
+
+    def normalise(self, block: Any, wrows: Any, start: int, upto: int, complete: bool,
+                  ones: bool, divide: bool) -> list[tuple[int, Any]] | None:  # fmt: skip
+        """Divide the finished rows ``block`` (padded rows ``[start, upto)``) by their coverage
+        on the device. Returns where no patch covers, as :func:`~patchgrid._finish.fill_masks`
+        takes it, or None where patches are missing (their weights are then added up on the
+        host, as the rows engine does)."""
+        plan, xp, grid = self.plan, self.xp, self.grid
+        if not complete:
+            return None
+        if ones or plan.window.profiles is not None:
+            first, rest, masks = self._profiles(ones)
+            a0 = grid.axes[0]
+            if divide:
+                where: list[Any] = [slice(None)] * grid.ndim
+                where[a0] = slice(start, upto)
+                column = first[tuple(where)]
+                xp.divide(block, column if rest is None else column * rest)
+            return [(a, m[start:upto] if a == a0 else m) for a, m in masks]
+        if wrows is None:
+            return None
+        if divide:
+            xp.divide(block, wrows + (wrows == 0))  # no weight: divide by one, fill below
+        return [(-1, wrows == 0)]
+
+
+class DeviceDirect(Device, Direct):
+    """The device engine where the output is the accumulator (nothing to reduce, cast or
+    crop)."""
+
+
+def fused(xp: Backend, like: Any) -> bool:
+    """Whether the device engine merges (and reads) arrays like ``like``: tensors on an
+    accelerator, or every tensor, as :data:`patchgrid.settings.DEVICE_ENGINE` says."""
+    mode = settings.DEVICE_ENGINE
+    if mode not in ("auto", "always", "never"):
+        raise PatchgridError(
+            f"patchgrid.settings.DEVICE_ENGINE must be 'auto', 'always' or 'never', got {mode!r}"
+        )
+    if xp.host_loops or mode == "never":
+        return False
+    return mode == "always" or xp.on_device(like)
+
+
+def strategy(plan: MergePlan, like: Any, sink: Any) -> type[Rows]:
+    """The accumulator of a merge of patches like ``like`` into ``sink`` (None: a new array)."""
+    direct = is_direct(plan, sink)
+    if fused(plan.xp, like):
+        return DeviceDirect if direct else Device
+    return Direct if direct else Rows
 
 
 def is_direct(plan: MergePlan, sink: Any) -> bool:

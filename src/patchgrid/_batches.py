@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import _compiled, _strided
-from ._accumulate import RUN_BYTES, row_runs
+from ._accumulate import RUN_BYTES, fused, row_runs
 from ._checks import PatchgridError, PatchgridWarning
 from ._regions import Reader
 from .backends import Backend, in_memory
@@ -42,9 +42,10 @@ class Pool:
 
     def __init__(self, shape: tuple[int, ...], dtype: Any, xp: Backend, like: Any) -> None:
         self._shape, self._xp = shape, xp
-        # None off the CPU, or for a dtype NumPy does not have (bfloat16).
+        # None off the CPU, or for a dtype NumPy does not have (bfloat16); the device engine
+        # on the CPU runs as it does on CUDA, without host buffers.
         host = xp.host_dtype(dtype, like)
-        self._on = host is not None
+        self._on = host is not None and not fused(xp, like)
         self._dtype = host
         self._bufs: list[np.ndarray] = []
 
@@ -150,6 +151,8 @@ class Batches:
         )
         self.source = source
         self.corners = grid.starts() if self.compiled else None
+        # The device engine reads a stretch of a row in one copy whatever the patches' size.
+        self.fused = fused(xp, image)
 
     def load(self, ids: np.ndarray) -> tuple[np.ndarray, Any]:
         """The patches ``ids`` as one batch: ``(ids, batch)``."""
@@ -168,7 +171,7 @@ class Batches:
         # A stretch of a row in one read: for small patches (no Python step per patch), and for
         # lazy images (a file's chunks decoded once for the stretch, not once per patch).
         small = xp.nbytes(batch) // max(len(rows), 1) < RUN_BYTES
-        stretch = small or not in_memory(reader.image)
+        stretch = small or self.fused or not in_memory(reader.image)
         for b0, b1 in row_runs(rows, grid.counts[-1]) if stretch else []:
             block, offsets = reader.read_run(int(rows[b0]), b1 - b0)
             for r0, count, start, step in _strided.runs(offsets.tolist(), reader.size[-1]):

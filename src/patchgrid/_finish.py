@@ -238,9 +238,10 @@ def check_values(xp: Backend, values: Any, spec: OutputSpec, dtype: Any = None,
                what=f"the merged result (reduce={spec.reduce!r})", hint=hint)  # fmt: skip
 
 
-def labels(xp: Backend, scores: Any, spec: OutputSpec, a0: int) -> Any:
-    """Argmax over the class axis, a few rows (along axis ``a0``) at a time, straight into
-    the label dtype.
+def labels(xp: Backend, scores: Any, spec: OutputSpec, a0: int, whole: bool = False) -> Any:
+    """Argmax over the class axis, a few rows (along axis ``a0``) at a time (the ``whole``
+    block at once for the device engine, whose operations are launches), straight into the
+    label dtype.
 
     Whole, NumPy's argmax over a leading axis copies the scores and returns int64 labels:
     twice the block and eight bytes a voxel, where these are one.
@@ -253,6 +254,8 @@ def labels(xp: Backend, scores: Any, spec: OutputSpec, a0: int) -> Any:
     at = a0 if a0 < ca else a0 - 1
     n = scores.shape[a0]
     step = max(1, _strided.CHUNK_BYTES // max(xp.nbytes(scores) // max(n, 1), 1))
+    if whole:
+        step = max(n, 1)
     for lo in range(0, n, step):
         src: list[Any] = [slice(None)] * scores.ndim
         dst: list[Any] = [slice(None)] * len(shape)
@@ -261,13 +264,14 @@ def labels(xp: Backend, scores: Any, spec: OutputSpec, a0: int) -> Any:
     return out
 
 
-def finish_values(xp: Backend, block: Any, spec: OutputSpec, a0: int,
-                  patch_dtype: Any = None) -> Any:  # fmt: skip
+def finish_values(xp: Backend, block: Any, spec: OutputSpec, a0: int, patch_dtype: Any = None,
+                  whole: bool = False) -> Any:  # fmt: skip
     """Normalised sums to output values: labels (argmax), or rounded where the output is an
     integer, checked by the cast rule, and cast. The one finishing step of every merge
-    (in memory, tiled and Dask); ``patch_dtype`` as for :func:`check_values`."""
+    (in memory, tiled and Dask); ``patch_dtype`` as for :func:`check_values`, ``whole`` as
+    for :func:`labels`."""
     if spec.class_axis is not None:
-        result = labels(xp, block, spec, a0)
+        result = labels(xp, block, spec, a0, whole)
     else:
         result = block
         if xp.kind(spec.dtype) in "iub" and xp.kind(xp.dtype(result)) == "f":
@@ -301,7 +305,9 @@ def fill_masks(xp: Backend, result: Any, masks: list[tuple[int, Any]], fill: Any
             m = mask
             if class_axis is not None:
                 m = m.reshape(m.shape[:class_axis] + m.shape[class_axis + 1 :])
-            xp.fill_where(result, xp.constant(m, bool, result), fill)
+            # A mask of the device engine is on the device already.
+            xp.fill_where(result, m if xp.owns(m) and not xp.host_loops else
+                          xp.constant(m, bool, result), fill)  # fmt: skip
             continue
         axis = a if class_axis is None or a < class_axis else a - 1
         where: list[Any] = [slice(None)] * nd
@@ -377,8 +383,13 @@ class Finisher:
         grid, xp, a0, spec = self.grid, self.xp, self.grid.axes[0], self.plan.spec
         block, wrows = acc.rows(start, upto)
         ones = spec.reduce != "mean"
-        kind, cov = self.coverage_block(wrows, start, upto, complete, ones)
-        empty = normalise(xp, block, grid.axes, kind, cov, not ones and not acc.normalised)
+        divide = not ones and not acc.normalised
+        empty = None
+        if acc.fused:  # the device engine: its coverage lives on the device
+            empty = acc.normalise(block, wrows, start, upto, complete, ones, divide)
+        if empty is None:
+            kind, cov = self.coverage_block(wrows, start, upto, complete, ones)
+            empty = normalise(xp, block, grid.axes, kind, cov, divide)
         # Crop to the image (padding and rows past its end).
         stop = max(min(upto, grid.shape[a0]) - start, 0)
         crop = [slice(0, s) if a in grid.axes else slice(None) for a, s in enumerate(grid.shape)]
@@ -393,7 +404,7 @@ class Finisher:
         if acc.direct:
             fill_masks(xp, result, masks, self.fill, None)
             return
-        result = finish_values(xp, result, spec, a0)
+        result = finish_values(xp, result, spec, a0, whole=acc.fused)
         fill_masks(xp, result, masks, self.fill, spec.class_axis)
         if stop > 0:
             if acc.sink is None:

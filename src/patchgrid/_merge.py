@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _checks, settings
-from ._accumulate import RUN_BYTES, Direct, Rows, is_direct, planes, row_runs, scatter
+from ._accumulate import RUN_BYTES, Direct, Rows, planes, row_runs, scatter, strategy
 from ._checks import PatchgridError
 from ._finish import REDUCES, Finisher, OutputSpec, check_fill, shaped, warn_uncovered
 from ._plan import MergePlan, checked_window, merge_plan
@@ -183,8 +183,7 @@ class Merger(Generic[MergedT]):
             )
         check_fill(xp, self.fill, spec.dtype)
         self._plan = plan
-        strategy = Direct if is_direct(plan, self._out) else Rows
-        self._acc = strategy(plan, patches, self._out)
+        self._acc = strategy(plan, patches, self._out)(plan, patches, self._out)
         self._finisher = Finisher(plan, self.fill, self._seen)
         return self._acc
 
@@ -331,7 +330,9 @@ class Merger(Generic[MergedT]):
         acc.ensure(upto)
         # Finished rows a few MiB at a time: their normalised, cast copy stays that small.
         row = acc.xp.nbytes(acc.acc) // max(acc.acc.shape[a0], 1)
-        step = upto - self._done if acc.direct else max(1, settings.FINISH_BYTES // max(row, 1))
+        # The device engine finishes what is done at once: its operations are launches.
+        whole = acc.direct or acc.fused
+        step = upto - self._done if whole else max(1, settings.FINISH_BYTES // max(row, 1))
         while self._done < upto:
             end = min(upto, self._done + step)
             finisher.finish(acc, self._done, end, complete=True)

@@ -177,6 +177,8 @@ def _walk(acc: Any, patches: Any, axes: Sequence[int], step: Sequence[int], weig
     span_all = xp.itemsize(acc) * math.prod(acc.shape)
     span = span_all // max(acc.shape[axes[0]], 1) * max(min(step[0], size[0]), 1)
     per_chunk = [max(1, min(blocks[0], CHUNK_BYTES // max(span, 1)))]
+    if xp.on_device(acc):  # no cache to keep warm: one launch per phase, not per chunk
+        per_chunk = [max(blocks[0], 1)]
     d = len(per_chunk)
     # Tiny patch rows make NumPy's inner loop short; then iterate with the grid axes innermost.
     small = xp.host_loops and size[-1] * xp.itemsize(patches) < 256 and counts[-1] > 1 and k > d
@@ -203,6 +205,8 @@ def _walk(acc: Any, patches: Any, axes: Sequence[int], step: Sequence[int], weig
     # NumPy runs strided in-place operations through buffers of up to 8192 items per operand;
     # beside a small output, smaller calls keep those (and ours) small too.
     budget = min(CHUNK_BYTES, max(span_all // 4, 1 << 12))
+    if xp.on_device(acc):
+        budget = span_all * 2 + xp.nbytes(patches)  # never split
     # Threads pay for large patches and for weighted tiny ones; unweighted tiny ones are
     # bound by the memory already, and each thread would only hold its own buffers.
     threaded = not (small and weight is None)

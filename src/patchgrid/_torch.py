@@ -113,6 +113,9 @@ class TorchOps:
     def one_thread(self) -> bool:
         return False  # torch's kernels use its own threads
 
+    def on_device(self, x: Any) -> bool:
+        return bool(x.device.type != "cpu")
+
     def empty(self, shape: Sequence[int], dtype: Any, like: Any) -> Any:
         return self.torch.empty(tuple(shape), dtype=self.as_dtype(dtype), device=like.device)
 

@@ -132,6 +132,8 @@ class Backend(Protocol):
     - ``pads_whole(x)``: whether :meth:`pad` takes ``x`` in every ``numpy.pad`` mode, those
       that read the whole image (``mean``, ``median``...) included: an ndarray for NumPy;
       never for torch.
+    - ``on_device(x)``: whether ``x`` lives off the host, on an accelerator (a CUDA tensor):
+      the device engine merges it (:data:`patchgrid.settings.DEVICE_ENGINE`). Never for NumPy.
     - ``one_thread()``: whether accumulating runs on one thread, so that a reader thread
       beside it helps: NumPy's ufuncs, unless the caller has imported torch (whose fused adds
       NumPy arrays borrow, on all cores); never torch's.
@@ -220,6 +222,7 @@ class Backend(Protocol):
     def needs_grad(self, x: SupportsArray) -> bool: ...
     def pads_whole(self, x: object) -> bool: ...
     def one_thread(self) -> bool: ...
+    def on_device(self, x: SupportsArray) -> bool: ...
 
     def empty(self, shape: Sequence[int], dtype: Any, like: Any) -> Any: ...
     def full(self, shape: Sequence[int], value: Any, dtype: Any, like: Any) -> Any: ...
@@ -318,6 +321,9 @@ class NumpyBackend(Backend):
 
     def one_thread(self) -> bool:
         return sys.modules.get("torch") is None
+
+    def on_device(self, x: Any) -> bool:
+        return False
 
     def empty(self, shape: Sequence[int], dtype: Any, like: Any) -> Any:
         return np.empty(tuple(shape), dtype=dtype)

@@ -11,7 +11,7 @@ call.
 
 from __future__ import annotations
 
-__all__ = ["CACHE_BYTES", "FINISH_BYTES", "TILE_BYTES"]
+__all__ = ["CACHE_BYTES", "DEVICE_ENGINE", "FINISH_BYTES", "TILE_BYTES"]
 
 #: Bytes of accumulator one tile may hold when ``apply`` or ``patchgrid merge`` fill an output
 #: on disk tile by tile across the plane: a slab of patch + stride rows across the tile's
@@ -26,3 +26,10 @@ FINISH_BYTES: int = 16 << 20
 #: least recently used go first; a plan larger than this is made for its call and not kept.
 #: 0 keeps none.
 CACHE_BYTES: int = 32 << 20
+
+#: Which torch tensors the device engine merges: ``"auto"`` those on an accelerator (CUDA),
+#: ``"always"`` every tensor, also on the CPU (to compare the engines, or count its operations),
+#: ``"never"`` none. The device engine adds a batch in a few fused operations whatever its
+#: patches' size, keeps the window and the coverage on the device, and finishes rows without
+#: a host copy or a synchronisation; on the CPU, torch's rows engine is faster for large patches.
+DEVICE_ENGINE: str = "auto"
