@@ -128,3 +128,135 @@ def test_a_wrong_engine_setting_is_named(monkeypatch):
     with pytest.raises(ValueError, match=r"DEVICE_ENGINE must be 'auto', 'always' or 'never', "
                                          r"got 'cuda'"):  # fmt: skip
         pg.apply(lambda b: b, torch.zeros(8, 8), 4, progress=False)
+
+
+# --- a batch of images, MONAI's (B, C, *spatial) -------------------------------------------
+
+
+def _conv():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)
+    ).eval()
+
+
+def test_a_batch_of_images_gives_the_model_n_c_patch_batches():
+    net = _conv()
+    images = torch.rand(3, 2, 12, 14, 16, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def model(b):
+        seen.append(tuple(b.shape))
+        return net(b)
+
+    got = pg.apply(model, images, (8, 8, 8), overlap=0.5, batch_size=4, window="monai-gaussian",
+                   batched=True, progress=False)  # fmt: skip
+    assert got.shape == (3, 3, 12, 14, 16)
+    assert all(len(s) == 5 and s[1:] == (2, 8, 8, 8) for s in seen)
+    for i in range(3):  # each image as if given alone
+        alone = pg.apply(net, images[i], (8, 8, 8), overlap=0.5, batch_size=4,
+                         window="monai-gaussian", progress=False)  # fmt: skip
+        torch.testing.assert_close(got[i], alone, rtol=0, atol=0)
+
+
+def test_a_batch_of_images_against_monai():
+    monai = pytest.importorskip("monai.inferers")
+    net = _conv()
+    images = torch.rand(2, 2, 20, 18, 22, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = monai.sliding_window_inference(images, (8, 8, 8), 4, net, overlap=0.25,
+                                              mode="gaussian")  # fmt: skip
+    got = pg.apply(net, images, (8, 8, 8), overlap=0.25, batch_size=4, window="monai-gaussian",
+                   batched=True, progress=False)  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_batch_of_images_into_out_and_with_argmax(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    rng = np.random.default_rng(4)
+    images = rng.random((2, 3, 10, 12)).astype(np.float32)
+    out = zarr.create_array(tmp_path / "o.zarr", shape=(2, 10, 12), chunks=(1, 5, 6),
+                            dtype="uint8")  # fmt: skip
+    got = pg.apply(lambda b: b, images, (4, 4), 2, reduce="argmax", batched=True, out=out,
+                   progress=False)  # fmt: skip
+    assert got is out
+    np.testing.assert_array_equal(out[...], images.argmax(axis=1))
+    mem = pg.apply(lambda b: b, images, (4, 4), 2, reduce="argmax", batched=True, progress=False)
+    np.testing.assert_array_equal(mem, images.argmax(axis=1))
+
+
+def test_a_batch_of_images_with_an_int_size_tiles_the_spatial_axes():
+    images = torch.rand(2, 3, 9, 10, 11, generator=torch.Generator().manual_seed(7))
+    seen = []
+
+    def model(b):
+        seen.append(tuple(b.shape[1:]))
+        return b
+
+    got = pg.apply(model, images, 4, overlap=0.5, batched=True, progress=False)
+    assert set(seen) == {(3, 4, 4, 4)}  # MONAI's (B, C, *spatial): C is never tiled
+    torch.testing.assert_close(got, images)
+
+
+def test_a_batch_of_images_names_what_is_wrong():
+    with pytest.raises(ValueError, match=r"axes=\(0, 2\) names it"):
+        pg.apply(lambda b: b, np.zeros((2, 8, 8)), (4, 4), axes=(0, 2), batched=True)
+    with pytest.raises(ValueError, match=r"needs at least one more axis"):
+        pg.apply(lambda b: b, np.zeros(8), 4, batched=True)
+    with pytest.raises(ValueError, match=r"out must have the batch of 2 images on axis 0"):
+        pg.apply(lambda b: b, np.zeros((2, 8, 8)), (4, 4), batched=True, out=np.zeros((8, 8)))
+
+
+# --- a model on a device over an image on the host ----------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["auto", "always"])
+def test_device_runs_the_model_on_tensors_over_a_host_image(monkeypatch, engine, tmp_path):
+    monkeypatch.setattr(pg.settings, "DEVICE_ENGINE", engine)
+    rng = np.random.default_rng(5)
+    image = rng.random((2, 30, 26, 22)).astype(np.float32)
+    kinds = set()
+
+    def model(b):
+        kinds.add(type(b).__name__)
+        return b * 2
+
+    want = pg.apply(lambda b: b * 2, image, (8, 8, 8), 5, window="gaussian", progress=False)
+    got = pg.apply(model, image, (8, 8, 8), 5, window="gaussian", device="cpu", progress=False)
+    assert kinds == {"Tensor"}
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    memmap = np.lib.format.open_memmap(tmp_path / "o.npy", "w+", np.float32, image.shape)
+    pg.apply(model, image, (8, 8, 8), 5, window="gaussian", device="cpu", out=memmap,
+             progress=False)  # fmt: skip
+    np.testing.assert_allclose(memmap, want, rtol=1e-6)
+    tensor = pg.apply(model, torch.from_numpy(image), (8, 8, 8), 5, window="gaussian",
+                      device="cpu", progress=False)  # fmt: skip
+    np.testing.assert_allclose(tensor.numpy(), want, rtol=1e-6)
+
+
+def test_device_from_a_file_to_a_file(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    rng = np.random.default_rng(6)
+    data = rng.random((1, 40, 24, 28)).astype(np.float32)
+    src = zarr.create_array(tmp_path / "in.zarr", shape=data.shape, chunks=(1, 8, 24, 28),
+                            dtype="float32")  # fmt: skip
+    src[...] = data
+    dst = zarr.create_array(tmp_path / "out.zarr", shape=(2, 40, 24, 28), chunks=(2, 8, 24, 28),
+                            dtype="float32")  # fmt: skip
+
+    def model(b):
+        assert isinstance(b, torch.Tensor)
+        return torch.cat([b, -b], dim=1)
+
+    got = pg.apply(model, src, (8, 8, 8), 4, device="cpu", out=dst, progress=False)
+    assert got is dst
+    np.testing.assert_allclose(dst[...], np.concatenate([data, -data]), rtol=1e-6)
+
+
+def test_device_names_what_is_wrong():
+    with pytest.raises(ValueError, match=r"device must be a torch device .* got 'gpu0'"):
+        pg.apply(lambda b: b, np.zeros((8, 8)), 4, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"torch sees no CUDA device"):
+            pg.apply(lambda b: b, np.zeros((8, 8)), 4, device="cuda")

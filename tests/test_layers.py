@@ -34,6 +34,7 @@ LAYERS = {
     "_strided": 1,
     "_compiled": 1,
     "io": 1,
+    "_device": 1,
     # L2: the plan, accumulating, finishing, batches, merge, sample
     "_plan": 2,
     "_finish": 2,

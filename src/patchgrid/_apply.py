@@ -19,9 +19,10 @@ import numpy as np
 from . import _checks, _memory
 from ._batches import Batches
 from ._checks import PatchgridError
+from ._device import Upload, model_device
 from ._finish import warn_uncovered
 from ._memory import shares_memory
-from ._merge import DiskMerger, Merger
+from ._merge import DiskMerger, HostMerger, Merger
 from ._progress import steps
 from ._regions import INDEX_MODES, Reader
 from ._tiled import TileMerger, apply_tiles
@@ -57,6 +58,8 @@ def apply(
     fill: Any = 0,
     out: None = None,
     progress: bool | Progress | None = None,
+    batched: bool = False,
+    device: Any = None,
 ) -> np.ndarray: ...
 @overload
 def apply(
@@ -80,6 +83,8 @@ def apply(
     fill: Any = 0,
     out: None = None,
     progress: bool | Progress | None = None,
+    batched: bool = False,
+    device: Any = None,
 ) -> ArrayT: ...
 @overload
 def apply(
@@ -103,6 +108,8 @@ def apply(
     fill: Any = 0,
     out: None = None,
     progress: bool | Progress | None = None,
+    batched: bool = False,
+    device: Any = None,
 ) -> np.ndarray: ...
 @overload
 def apply(
@@ -126,6 +133,8 @@ def apply(
     fill: Any = 0,
     out: OutT,  # out= is returned
     progress: bool | Progress | None = None,
+    batched: bool = False,
+    device: Any = None,
 ) -> OutT: ...
 def apply(
     fn: Callable[[Any], Any],
@@ -148,6 +157,8 @@ def apply(
     fill: Any = 0,
     out: Any = None,
     progress: bool | Progress | None = None,
+    batched: bool = False,
+    device: Any = None,
 ) -> Any:
     """Run ``fn`` over every patch of ``image`` and blend its outputs into one image.
 
@@ -200,6 +211,21 @@ def apply(
     progress : bool, callable or None
         A tqdm bar over patches: shown by default when stderr is a terminal, never with
         ``False``, always with ``True``. A callable gets ``(done, total)`` instead.
+    batched : bool
+        Axis 0 of the image is a batch of images, as MONAI's ``(B, C, *spatial)``: ``fn``
+        sees batches ``(n, C, *patch)`` and the result is ``(B, C_out, *spatial)``, each image
+        merged as if it were given alone. ``axes`` counts the image's axes (axis 0 is never
+        tiled); without it, an int ``size`` tiles the spatial axes (2 and on, as in MONAI's
+        layout), a sequence the last ones; ``size``, ``stride`` and the rest are per tiled
+        axis as usual.
+    device : str or torch.device, optional
+        Run ``fn`` on this torch device (``"cuda"``) over an image in host memory or on disk
+        (an ndarray, memmap, zarr or HDF5 array, ``pg.open`` image, CPU tensor): batches are
+        read on the host into page-locked buffers and sent without blocking while the model
+        runs on the previous one; ``fn`` takes and returns tensors on the device, where the
+        outputs are blended; finished rows come back to the result (an array of the image's
+        kind, in host memory) or to ``out=``, so a volume larger than host memory streams
+        from disk to disk through the GPU. Needs torch (``pip install 'patchgrid[torch]'``).
 
     Returns
     -------
@@ -235,7 +261,18 @@ def apply(
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if not hasattr(image, "shape") or not hasattr(image, "__getitem__"):
         image = np.asarray(image)
-    xp = backend_of(image)
+    kw = dict(overlap=overlap, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value,
+              window=window, reduce=reduce, batch_size=batch_size, pad_batch=pad_batch,
+              margin=margin, scale=scale, dtype=dtype, fill=fill, device=device)  # fmt: skip
+    if batched:
+        return _apply_batched(fn, image, size, stride, kw, out, progress)
+    where, host = model_device(image, device)
+    if where is not None and is_dask(image):
+        raise PatchgridError(
+            f"device={device!r} reads a host image in batches for a model on the device; a Dask "
+            f"image runs fn in its tasks: move each batch to the device inside fn instead"
+        )
+    xp = backend_of(host)
     shape = tuple(int(s) for s in image.shape)
     if out is not None:
         _check_out(out, image)
@@ -256,37 +293,148 @@ def apply(
     if not len(grid):  # an axis of length 0: fn is never called, the result is empty
         if out is not None:
             return Merger(out_grid, reduce=reduce, window=window, fill=fill, out=out).result()
-        dtype_empty = dtype if dtype is not None else xp.dtype(image)
-        return xp.empty(out_grid.shape, dtype_empty, image)
-    reader = Reader(image, grid, margins, xp)
-    tiles = apply_tiles(out, out_grid, reduce)
+        dtype_empty = dtype if dtype is not None else xp.dtype(host)
+        return backend_of(image).empty(out_grid.shape, dtype_empty, image)
+    upload = None if where is None else Upload(where)
+    batches = Batches(fn, host, Reader(host, grid, margins, xp), grid, out_grid, batch_size,
+                      pad_batch, xp, out is not None and not in_memory(out, plain=True),
+                      upload)  # fmt: skip
+    merge_kw = dict(reduce=reduce, window=window, fill=fill, dtype=dtype)
+    result = _run(batches, out_grid, out, merge_kw, progress)
+    if out is None and host is not image:  # a CPU tensor read on the host: a tensor back
+        result = backend_of(image).from_any(result)
+    return result
+
+
+def _run(batches: Batches, out_grid: PatchGrid, out: Any, merge_kw: dict[str, Any],
+         progress: Any) -> Any:  # fmt: skip
+    """Every batch through the model into one Merger, or tile by tile across the plane for an
+    ``out`` on disk too wide for one slab."""
+    tiles = apply_tiles(out, out_grid, merge_kw["reduce"])
     on_disk = out is not None and not in_memory(out, plain=True)  # a memmap is on disk
-    batches = Batches(fn, image, reader, grid, out_grid, batch_size, pad_batch, xp, on_disk)
-    step, close = steps(progress, sum(t.reads for t in tiles) if tiles else len(grid),
+    step, close = steps(progress, sum(t.reads for t in tiles) if tiles else len(out_grid),
                         "patchgrid.apply")  # fmt: skip
+    image = batches.image
     try:
-        with xp.no_grad(), _memory.bound(image, out) if on_disk else contextlib.nullcontext():
+        with batches.model_xp.no_grad(), (_memory.bound(image, out) if on_disk else
+                                           contextlib.nullcontext()):  # fmt: skip
             if not tiles:
-                everything = np.arange(len(grid))
-                kind = DiskMerger if on_disk else Merger
-                merger = kind(out_grid, reduce=reduce, window=window, fill=fill, dtype=dtype,
-                              out=out)  # fmt: skip
-                return batches.run(merger, everything, everything, step)
+                everything = np.arange(len(out_grid))
+                host = batches.upload is not None and out is None
+                kind = DiskMerger if on_disk else HostMerger if host else Merger
+                return batches.run(kind(out_grid, out=out, **merge_kw), everything, everything,
+                                   step)  # fmt: skip
             a0 = out_grid.axes[0]
-            warn_uncovered(out_grid, fill, stacklevel=4)
+            warn_uncovered(out_grid, merge_kw["fill"], stacklevel=5)
             for tile in tiles:
                 if tile.empty:  # no patch reaches this tile
                     axis = tile.out_axis[a0]
-                    tile.fill(out, axis, out_grid.stride[0], fill, dtype or out.dtype)
+                    tile.fill(out, axis, out_grid.stride[0], merge_kw["fill"],
+                              merge_kw["dtype"] or out.dtype)  # fmt: skip
                     continue
                 assert tile.grid is not None
-                merger = TileMerger(tile.grid, reduce=reduce, window=window, fill=fill,
-                                    dtype=dtype, out=tile.sink(out))  # fmt: skip
-                batches.run(merger, *tile.ids(), step)
+                batches.run(TileMerger(tile.grid, out=tile.sink(out), **merge_kw), *tile.ids(),
+                            step)  # fmt: skip
                 _memory.release_memory()
             return out
     finally:
         close()
+
+
+class _Advance:
+    """A ``progress`` callable for one image of a batch of images: it advances the bar of the
+    whole batch by what that image's run has done since its last call."""
+
+    def __init__(self, step: Callable[[int], Any]) -> None:
+        self.step, self.done = step, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.step(done - self.done)
+        self.done = done
+
+
+class _Item:
+    """Image ``i`` of an ``out=`` that cannot be sliced into a view (zarr, HDF5): what
+    ``apply`` writes goes to ``out[i, ...]``."""
+
+    def __init__(self, out: Any, i: int) -> None:
+        self.out, self.i = out, i
+        self.shape = tuple(out.shape[1:])
+        self.dtype = out.dtype
+        chunks = getattr(out, "chunks", None)
+        if isinstance(chunks, tuple) and len(chunks) == len(out.shape):
+            self.chunks = chunks[1:]
+
+    def _key(self, key: Any) -> tuple[Any, ...]:
+        return (self.i, *(key if isinstance(key, tuple) else (key,)))
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.out[self._key(key)]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.out[self._key(key)] = value
+
+
+def _apply_batched(fn: Callable[[Any], Any], image: Any, size: Any, stride: Any,
+                   kw: dict[str, Any], out: Any, progress: Any) -> Any:  # fmt: skip
+    """apply with ``batched=True``: each image of axis 0 through :func:`apply` with the same
+    arguments, into one result ``(B, ...)`` (or ``out[i]``), one progress bar for all."""
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) < 2:
+        raise PatchgridError(
+            f"batched=True takes axis 0 of the image as a batch of images and needs at least "
+            f"one more axis; got an image of shape {shape}"
+        )
+    if kw["axes"] is not None:
+        axes = _checks.axes_tuple(kw["axes"], len(shape))
+        if 0 in axes:
+            raise PatchgridError(
+                f"batched=True takes axis 0 as the batch of images, never tiled; axes="
+                f"{kw['axes']!r} names it (count the image's axes, the batch axis included)"
+            )
+        kw["axes"] = tuple(a - 1 for a in axes)
+    elif not isinstance(size, (Sequence, np.ndarray)):  # MONAI's layout: the spatial axes
+        if len(shape) < 3:
+            raise PatchgridError(
+                f"batched=True with an int size tiles the axes after (B, C); an image of shape "
+                f"{shape} has none: give size per axis, or axes="
+            )
+        kw["axes"] = tuple(range(1, len(shape) - 1))
+    if out is not None:
+        if len(getattr(out, "shape", ())) < 1 or out.shape[0] != shape[0]:
+            raise PatchgridError(
+                f"out must have the batch of {shape[0]} images on axis 0, got shape "
+                f"{tuple(getattr(out, 'shape', ()))}"
+            )
+        if is_dask(image):
+            raise PatchgridError(
+                "batched=True with a Dask image gives a lazy array; store it yourself "
+                "(result.to_zarr(...)) rather than passing out="
+            )
+    one = _layout(shape[1:], size, stride, kw["axes"], kw["edge"], kw["pad_mode"],
+                  kw["pad_value"], kw["margin"], kw["overlap"])[2]  # fmt: skip
+    step, close = steps(progress, shape[0] * len(one), "patchgrid.apply")
+    results: list[Any] = []
+    whole: Any = out
+    try:
+        for i in range(shape[0]):
+            into: Any = None
+            if whole is not None:
+                into = whole[i] if in_memory(whole) else _Item(whole, i)
+            done: Any = apply(fn, image[i], size, stride, out=into, progress=_Advance(step),
+                              **kw)  # fmt: skip
+            if whole is None and not is_dask(image):  # the first result says shape and dtype
+                xr = backend_of(done)
+                whole = xr.empty((shape[0], *done.shape), xr.dtype(done), done)
+                xr.assign(whole[0], done)
+            results.append(done)
+    finally:
+        close()
+    if is_dask(image):
+        import dask.array as da
+
+        return da.stack(results)
+    return whole
 
 
 def _layout(shape: tuple[int, ...], size: Any, stride: Any, axes: Any, edge: Any, pad_mode: Any,

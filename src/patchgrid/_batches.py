@@ -23,6 +23,7 @@ import numpy as np
 from . import _compiled, _strided
 from ._accumulate import RUN_BYTES, fused, row_runs
 from ._checks import PatchgridError, PatchgridWarning
+from ._device import Upload
 from ._regions import Reader
 from .backends import Backend, in_memory
 from .grid import PatchGrid
@@ -40,8 +41,9 @@ class Pool:
 
     LIMIT = 4
 
-    def __init__(self, shape: tuple[int, ...], dtype: Any, xp: Backend, like: Any) -> None:
-        self._shape, self._xp = shape, xp
+    def __init__(self, shape: tuple[int, ...], dtype: Any, xp: Backend, like: Any,
+                 alloc: Callable[..., np.ndarray] = np.empty) -> None:  # fmt: skip
+        self._shape, self._xp, self._alloc = shape, xp, alloc
         # None off the CPU, or for a dtype NumPy does not have (bfloat16); the device engine
         # on the CPU runs as it does on CUDA, without host buffers.
         host = xp.host_dtype(dtype, like)
@@ -60,7 +62,7 @@ class Pool:
                 return self._wrap(self._bufs[i])
         if len(self._bufs) >= self.LIMIT:
             return None
-        self._bufs.append(np.empty(self._shape, self._dtype))
+        self._bufs.append(self._alloc(self._shape, self._dtype))
         return self._wrap(self._bufs[-1])
 
     def _wrap(self, buf: np.ndarray) -> Any:
@@ -123,11 +125,12 @@ class Batches:
     ``load(ids)`` reads the patches ``ids`` into one batch (padded to ``batch_size`` with its
     last patch when ``pad_batch``); ``run(merger, ids, local, step)`` runs them all, adding
     each output's core to ``merger`` at ``local`` and calling ``step(n)`` as batches finish.
+    With ``upload``, batches read on the host go to the model's device (in the reader thread).
     """
 
     def __init__(self, fn: Callable[[Any], Any], image: Any, reader: Reader, grid: PatchGrid,
                  out_grid: PatchGrid, batch_size: int, pad_batch: bool, xp: Backend,
-                 on_disk: bool) -> None:  # fmt: skip
+                 on_disk: bool, upload: Upload | None = None) -> None:  # fmt: skip
         self.fn, self.image, self.reader, self.grid, self.out_grid = (
             fn,
             image,
@@ -136,10 +139,12 @@ class Batches:
             out_grid,
         )
         self.batch_size, self.pad_batch, self.xp = batch_size, pad_batch, xp
+        self.upload = upload
+        self.model_xp = xp if upload is None else upload.xp  # what the model takes and gives
         self.in_shape = reader.patch_shape(tuple(int(s) for s in image.shape))
         self.full = [p * f for p, f in zip(reader.size, factors(out_grid, grid))]
         self.dtype = xp.dtype(image)
-        self.pool = Pool((batch_size, *self.in_shape), self.dtype, xp, image)
+        self.pool = self._pool()
         source = _compiled.host(reader.image)
         each = math.prod(self.in_shape) * source.itemsize if source is not None else 0
         # Large patches of an image in memory (an ndarray, a CPU tensor), cut by the compiled
@@ -153,6 +158,16 @@ class Batches:
         self.corners = grid.starts() if self.compiled else None
         # The device engine reads a stretch of a row in one copy whatever the patches' size.
         self.fused = fused(xp, image)
+
+    def _pool(self) -> Pool:
+        alloc = np.empty if self.upload is None else self.upload.host_buffer
+        return Pool((self.batch_size, *self.in_shape), self.dtype, self.xp, self.image, alloc)
+
+    def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, Any, Any]:
+        """The patches ``ids`` read into one batch, and sent to the model's device where it
+        is another: ``(ids, batch, sent)``."""
+        ids, batch = self.load(ids)
+        return ids, batch, None if self.upload is None else self.upload.send(batch)
 
     def load(self, ids: np.ndarray) -> tuple[np.ndarray, Any]:
         """The patches ``ids`` as one batch: ``(ids, batch)``."""
@@ -199,14 +214,17 @@ class Batches:
                   step: Callable[[int], Any], at: int) -> int:  # fmt: skip
         """Run the patches from ``ids[at]`` on in batches of the current size; where one
         batch runs out of memory, halve the size and return where to go on."""
-        size, xp, rest = self.batch_size, self.xp, ids[at:]
-        batches = map(self.load, (rest[i : i + size] for i in range(0, len(rest), size)))
+        size, xp, rest = self.batch_size, self.model_xp, ids[at:]
+        batches = map(self.fetch, (rest[i : i + size] for i in range(0, len(rest), size)))
         # A reader thread helps NumPy; once torch is loaded, its fused adds already use the
-        # cores, and the thread only costs memory.
-        ahead = xp.one_thread() and not self.compiled
+        # cores, and the thread only costs memory. Batches for a device are read and sent
+        # while the model runs.
+        ahead = (self.xp.one_thread() and not self.compiled) or self.upload is not None
         source = prefetch(batches) if ahead else batches
         try:
-            for ids_, batch in source:
+            for ids_, batch, sent in source:
+                if self.upload is not None:
+                    batch = self.upload.ready(sent)
                 try:
                     out = self.fn(batch)
                 except Exception as exc:
@@ -227,7 +245,7 @@ class Batches:
     def halve(self, failed: int) -> None:
         """Half the batches, after ``fn`` ran out of device memory on ``failed`` patches."""
         self.batch_size = max(1, failed // 2)
-        self.pool = Pool((self.batch_size, *self.in_shape), self.dtype, self.xp, self.image)
+        self.pool = self._pool()
         name = getattr(self.fn, "__name__", type(self.fn).__name__)
         warnings.warn(
             f"fn ({name}) ran out of device memory on a batch of {failed} patches; going on "

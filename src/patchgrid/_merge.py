@@ -27,7 +27,16 @@ from ._plan import MergePlan, checked_window, merge_plan
 from .backends import NUMPY, ArrayT, SupportsArray, backend_of, check_exact_sum
 from .grid import PatchGrid, as_grid
 
-__all__ = ["RUN_BYTES", "DiskMerger", "Merger", "batch_indices", "coverage", "merge", "row_runs"]
+__all__ = [
+    "RUN_BYTES",
+    "DiskMerger",
+    "HostMerger",
+    "Merger",
+    "batch_indices",
+    "coverage",
+    "merge",
+    "row_runs",
+]
 
 if TYPE_CHECKING:  # a default (PEP 696): pg.Merger(grid) unannotated is a Merger[Any]
     from typing_extensions import TypeVar
@@ -183,9 +192,14 @@ class Merger(Generic[MergedT]):
             )
         check_fill(xp, self.fill, spec.dtype)
         self._plan = plan
-        self._acc = strategy(plan, patches, self._out)(plan, patches, self._out)
+        sink = self._out if self._out is not None else self._new_sink(plan)
+        self._acc = strategy(plan, patches, sink)(plan, patches, sink)
         self._finisher = Finisher(plan, self.fill, self._seen)
         return self._acc
+
+    def _new_sink(self, plan: MergePlan) -> Any:
+        """The output array where ``out=`` gives none: None, made beside the patches."""
+        return None
 
     def output_spec(self, patches: Any) -> OutputSpec:
         """The output this Merger makes of patches like ``patches`` (a batch ``(B, *patch)``):
@@ -403,6 +417,16 @@ class DiskMerger(Merger):
     """A Merger for out-of-core work: the compiled kernels serve only if already loaded."""
 
     LOAD_KERNELS = False
+
+
+class HostMerger(Merger):
+    """A Merger whose result is a NumPy array in host memory wherever its patches are (the
+    patches of a model on a GPU over an image in host memory: ``apply(..., device=)``): the
+    device engine blends on the device, and finished rows come back as they finish."""
+
+    def _new_sink(self, plan: MergePlan) -> Any:
+        spec = plan.spec
+        return np.empty(spec.shape, plan.xp.numpy_dtype(spec.dtype))
 
 
 def batch_indices(grid: PatchGrid, arr: Any, indices: Any,
