@@ -1024,3 +1024,61 @@ def test_overlap_gives_monais_stride(size, overlap, stride):
 def test_overlap_is_checked(kwargs, error, match):
     with pytest.raises(error, match=match):
         pg.apply(lambda b: b, np.zeros((20, 20)), 8, progress=False, **kwargs)
+
+
+# --- a model that adds a class (or channel) axis to an image that has none ------------------
+
+
+def _three(b):
+    """Class scores for an image without a class axis: (n, *patch) -> (n, 3, *patch)."""
+    if isinstance(b, np.ndarray):
+        return np.stack([b, 1 - b, np.full_like(b, 0.5)], axis=1)
+    import torch
+
+    return torch.stack([b, 1 - b, torch.full_like(b, 0.5)], dim=1)
+
+
+@given(
+    shape=st.tuples(st.integers(5, 14), st.integers(5, 14), st.integers(5, 14)),
+    size=st.integers(2, 5),
+    stride=st.integers(1, 5),
+    edge=st.sampled_from(["shift", "pad"]),
+    batch=st.integers(1, 7),
+)
+@settings(max_examples=40, deadline=None)
+def test_a_model_may_add_a_class_axis_in_front(shape, size, stride, edge, batch):
+    stride = min(stride, size)  # every voxel covered
+    image = np.random.default_rng(sum(shape)).random(shape)
+    scores = np.stack([image, 1 - image, np.full_like(image, 0.5)])  # the reference, no patches
+    got = pg.apply(_three, image, size, stride, edge=edge, batch_size=batch, progress=False)
+    np.testing.assert_allclose(got, scores, rtol=1e-12, atol=1e-12)
+    labels = pg.apply(_three, image, size, stride, edge=edge, batch_size=batch, reduce="argmax",
+                      progress=False)  # fmt: skip
+    np.testing.assert_array_equal(labels, scores.argmax(axis=0))
+
+
+def test_a_class_axis_added_in_front_on_every_path(tmp_path):
+    image = np.random.default_rng(1).random((18, 20, 22)).astype(np.float32)
+    scores = np.stack([image, 1 - image, np.full_like(image, 0.5)])
+    torch = pytest.importorskip("torch")
+    got = pg.apply(_three, torch.from_numpy(image), 8, 4, progress=False)
+    np.testing.assert_allclose(got.numpy(), scores, rtol=1e-6)
+    da = pytest.importorskip("dask.array")
+    lazy = pg.apply(_three, da.from_array(image, chunks=9), 8, 4, progress=False)
+    np.testing.assert_allclose(lazy.compute(), scores, rtol=1e-6)
+    labels = pg.apply(_three, da.from_array(image, chunks=9), 8, 4, reduce="argmax")
+    np.testing.assert_array_equal(labels.compute(), scores.argmax(axis=0))
+    zarr = pytest.importorskip("zarr")
+    out = zarr.create_array(tmp_path / "o.zarr", shape=scores.shape, chunks=(3, 6, 20, 22),
+                            dtype="float32")  # fmt: skip
+    pg.apply(_three, image, 8, 4, out=out, progress=False)
+    np.testing.assert_allclose(out[...], scores, rtol=1e-6)
+    grid = pg.PatchGrid(image.shape, 8, 4)  # merge takes such patches too
+    merged = pg.merge(_three(pg.extract(image, grid, flatten=True)), grid)
+    np.testing.assert_allclose(merged, scores, rtol=1e-6)
+
+
+def test_a_wrong_output_shape_shows_both_forms():
+    with pytest.raises(ValueError, match=r"expected \(4, 8, 8\) \(\* is free\), or "
+                                         r"\(4, C, 8, 8\) with a class or channel axis C"):  # fmt: skip
+        pg.apply(lambda b: b[:, :4], np.zeros((20, 20)), 8, 4)

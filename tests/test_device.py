@@ -260,3 +260,57 @@ def test_device_names_what_is_wrong():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"torch sees no CUDA device"):
             pg.apply(lambda b: b, np.zeros((8, 8)), 4, device="cuda")
+
+
+def test_a_batch_of_no_images_gives_an_empty_result_without_calling_fn():
+    def never(b):
+        raise AssertionError("fn called")
+
+    got = pg.apply(never, np.zeros((0, 2, 12, 14), np.float32), 4, batched=True)
+    assert got.shape == (0, 2, 12, 14)
+    assert got.dtype == np.float32
+    da = pytest.importorskip("dask.array")
+    lazy = pg.apply(never, da.zeros((0, 2, 12, 14), dtype=np.float32), 4, batched=True)
+    assert lazy.shape == (0, 2, 12, 14)
+
+
+def test_a_batch_of_images_on_disk_is_read_region_by_region(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    data = np.random.default_rng(8).random((2, 1, 16, 16, 20)).astype(np.float32)
+    src = zarr.create_array(tmp_path / "in.zarr", shape=data.shape, chunks=(1, 1, 8, 8, 10),
+                            dtype="float32")  # fmt: skip
+    src[...] = data
+    reads = []
+    real = type(src).__getitem__
+
+    def spy(self, key):
+        reads.append(key)
+        return real(self, key)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(type(src), "__getitem__", spy):
+        got = pg.apply(lambda b: b * 2, src, 8, 4, batched=True, progress=False)
+    np.testing.assert_allclose(got, 2 * data, rtol=1e-6)
+    # Every read takes one image and a patch-sized region of it, never a whole image.
+    assert all(isinstance(k[0], int) and k[3].stop - k[3].start <= 8 for k in reads)
+
+
+def test_a_batch_of_images_counts_progress_to_its_total(tmp_path, monkeypatch):
+    zarr = pytest.importorskip("zarr")
+    monkeypatch.setattr(pg.settings, "TILE_BYTES", 4096)  # tiles: border patches read twice
+    images = np.random.default_rng(9).random((2, 1, 32, 120)).astype(np.float32)
+    out = zarr.create_array(tmp_path / "o.zarr", shape=images.shape, chunks=(1, 1, 16, 40),
+                            dtype="float32")  # fmt: skip
+    seen = []
+    pg.apply(lambda b: b, images, (16, 16), 8, batched=True, out=out,
+             progress=lambda done, total: seen.append((done, total)))  # fmt: skip
+    assert seen[-1][0] == seen[-1][1]
+    np.testing.assert_allclose(out[...], images, rtol=1e-6)
+
+
+def test_device_takes_a_bfloat16_model_and_a_big_endian_image():
+    image = np.random.default_rng(10).random((1, 20, 23)).astype(">f4")
+    got = pg.apply(lambda b: (b * 2).bfloat16(), image, 8, 4, axes=(1, 2), device="cpu",
+                   progress=False)  # fmt: skip
+    np.testing.assert_allclose(got, 2 * image.astype(np.float32), rtol=1e-2)

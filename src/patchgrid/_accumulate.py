@@ -422,7 +422,10 @@ def fused(xp: Backend, like: Any) -> bool:
 
 def strategy(plan: MergePlan, like: Any, sink: Any) -> type[Rows]:
     """The accumulator of a merge of patches like ``like`` into ``sink`` (None: a new array)."""
-    direct = is_direct(plan, sink)
+    # An output on another device than the patches (a CPU tensor for a GPU model's outputs)
+    # takes finished rows; it cannot be the accumulator.
+    here = getattr(sink, "device", None) == getattr(like, "device", None)
+    direct = is_direct(plan, sink) and (sink is None or here)
     if fused(plan.xp, like):
         return DeviceDirect if direct else Device
     return Direct if direct else Rows

@@ -11,23 +11,24 @@ Imports: NumPy and the layers below; ``dask`` (L3) only inside :func:`apply`, fo
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
 import numpy as np
 
 from . import _checks, _memory
-from ._batches import Batches
+from ._batches import Batches, check_output, core_of
 from ._checks import PatchgridError
 from ._device import Upload, model_device
-from ._finish import warn_uncovered
+from ._finish import OutputSpec, warn_uncovered
 from ._memory import shares_memory
 from ._merge import DiskMerger, HostMerger, Merger
 from ._progress import steps
 from ._regions import INDEX_MODES, Reader
 from ._tiled import TileMerger, apply_tiles
 from .backends import ArrayT, backend_of, in_memory, is_dask
-from .grid import PatchGrid, check_unchosen_axes, tiled_axes
+from .grid import PatchGrid, check_unchosen_axes, tiled_axes, with_leading_axis
 
 __all__ = ["apply"]
 
@@ -354,8 +355,9 @@ class _Advance:
 
 
 class _Item:
-    """Image ``i`` of an ``out=`` that cannot be sliced into a view (zarr, HDF5): what
-    ``apply`` writes goes to ``out[i, ...]``."""
+    """Image ``i`` of an array that cannot be sliced into a view (zarr, HDF5, ``pg.open``
+    images): what ``apply`` reads comes from ``array[i, ...]`` region by region, and what it
+    writes goes there."""
 
     def __init__(self, out: Any, i: int) -> None:
         self.out, self.i = out, i
@@ -413,21 +415,32 @@ def _apply_batched(fn: Callable[[Any], Any], image: Any, size: Any, stride: Any,
             )
     one = _layout(shape[1:], size, stride, kw["axes"], kw["edge"], kw["pad_mode"],
                   kw["pad_value"], kw["margin"], kw["overlap"])[2]  # fmt: skip
-    step, close = steps(progress, shape[0] * len(one), "patchgrid.apply")
+    scale = kw["scale"]
+    out_one = one if type(scale) is int and scale == 1 else one.scaled(scale)
+    if not shape[0]:  # no image: fn is never called, as for an empty grid
+        return _no_images(image, out, out_one.shape, kw["dtype"])
+    per_image = len(one)
+    if out is not None:  # written tile by tile: patches at tile borders are read twice
+        tiles = apply_tiles(out[0] if in_memory(out) else _Item(out, 0), out_one, kw["reduce"])
+        per_image = sum(t.reads for t in tiles) if tiles else per_image
+    step, close = steps(progress, shape[0] * per_image, "patchgrid.apply")
     results: list[Any] = []
     whole: Any = out
+    lazy = not in_memory(image) and not is_dask(image)  # read per image, region by region
     try:
         for i in range(shape[0]):
             into: Any = None
             if whole is not None:
                 into = whole[i] if in_memory(whole) else _Item(whole, i)
-            done: Any = apply(fn, image[i], size, stride, out=into, progress=_Advance(step),
+            source = _Item(image, i) if lazy else image[i]
+            done: Any = apply(fn, source, size, stride, out=into, progress=_Advance(step),
                               **kw)  # fmt: skip
             if whole is None and not is_dask(image):  # the first result says shape and dtype
                 xr = backend_of(done)
                 whole = xr.empty((shape[0], *done.shape), xr.dtype(done), done)
                 xr.assign(whole[0], done)
-            results.append(done)
+            if is_dask(image):
+                results.append(done)
     finally:
         close()
     if is_dask(image):
@@ -435,6 +448,19 @@ def _apply_batched(fn: Callable[[Any], Any], image: Any, size: Any, stride: Any,
 
         return da.stack(results)
     return whole
+
+
+def _no_images(image: Any, out: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """The result of ``batched=True`` over a batch of no images: ``out``, or an empty array of
+    the image's kind (in the image's dtype unless ``dtype`` says)."""
+    if out is not None:
+        return out
+    if is_dask(image):
+        import dask.array as da
+
+        return da.empty((0, *shape), dtype=dtype or image.dtype)
+    xp = backend_of(image)
+    return xp.empty((0, *shape), dtype if dtype is not None else xp.dtype(image), image)
 
 
 def _layout(shape: tuple[int, ...], size: Any, stride: Any, axes: Any, edge: Any, pad_mode: Any,
@@ -525,11 +551,81 @@ def _apply_dask(
             f"{INDEX_MODES}"
         )
     sample = probe(fn, image, size, stride, axes=axes, pad_batch=True, **kw)
+    labels_of_added = kw["reduce"] == "argmax" and len(grid.axes) == image.ndim
+    if sample.ndim == image.ndim + 1 or labels_of_added:
+        # The model adds a class or channel axis in front: the tasks see the image with an
+        # axis of length 1 there, which fn never sees, and fn's axis takes its place.
+        image, grid, out_grid = image[None], with_leading_axis(grid), with_leading_axis(out_grid)
+        fn = _behind_axis(fn)
     # As in memory: the result takes dtype=, else out's dtype, else fn's (cast by rounding).
     dtype = kw["dtype"] if kw["dtype"] is not None else getattr(out, "dtype", sample.dtype)
     return apply_dask(fn, image, grid, out_grid, margins, window=kw["window"],
                       reduce=kw["reduce"], batch_size=kw["batch_size"], dtype=dtype,
                       fill=kw["fill"], probe=sample, out=out, progress=kw["progress"])  # fmt: skip
+
+
+def _behind_axis(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``fn`` over batches of an image given an axis of length 1 in front, which it never
+    sees (its output puts its own axis there)."""
+
+    @functools.wraps(fn)
+    def call(batch: Any) -> Any:
+        return fn(batch[:, 0])
+
+    return call
+
+
+class Replay:
+    """``fn``, except that its first call on one given batch returns an output already
+    computed for that batch: the command line sizes its output from the first batch and then
+    runs the whole image without calling the model on that batch twice. Any other batch (or
+    the same one a second time) goes to ``fn``."""
+
+    def __init__(self, fn: Callable[[Any], Any], batch: Any, output: Any) -> None:
+        self.fn, self.__name__ = fn, getattr(fn, "__name__", type(fn).__name__)
+        self._kept: tuple[Any, Any] | None = (batch, output)
+
+    def __call__(self, batch: Any) -> Any:
+        kept, self._kept = self._kept, None
+        if kept is not None and _same(kept[0], batch):
+            return kept[1]
+        return self.fn(batch)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two batches hold the same values (NaN equal to NaN), of one kind and shape."""
+    if type(a) is not type(b) or tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        return False
+    x, y = backend_of(a).to_numpy(a), backend_of(b).to_numpy(b)
+    return bool(np.array_equal(x, y, equal_nan=x.dtype.kind in "fc"))
+
+
+def first_batch(fn: Callable[[Any], Any], image: Any, size: Any, stride: Any = None, *,
+                axes: Any = None, **kw: Any) -> tuple[OutputSpec, Replay]:  # fmt: skip
+    """What :func:`apply` with these arguments makes, told by ``fn``'s output on the first
+    batch (its shape and dtypes, as the merge will make them: the output spec), and ``fn``
+    wrapped so that apply's own first call on that batch is not run twice (:class:`Replay`).
+
+    The batch is read from ``image`` as apply reads it (only the region it needs).
+    """
+    shape = tuple(int(n) for n in image.shape)
+    _, margins, grid = _layout(shape, size, stride, axes, kw.get("edge", "shift"),
+                               kw.get("pad_mode", "constant"), kw.get("pad_value", 0),
+                               kw.get("margin", 0), kw.get("overlap"))  # fmt: skip
+    scale = kw.get("scale", 1)
+    out_grid = grid if type(scale) is int and scale == 1 else grid.scaled(scale)
+    xp = backend_of(image)
+    batches = Batches(fn, image, Reader(image, grid, margins, xp), grid, out_grid,
+                      kw.get("batch_size", 4), kw.get("pad_batch", False), xp, True)  # fmt: skip
+    ids, batch = batches.load(np.arange(min(batches.batch_size, len(grid))))
+    batch = xp.copy(batch)  # the batch buffers are used again
+    with xp.no_grad():
+        output = fn(batch)
+    result = check_output(output, batch, xp, out_grid, batches.full, fn)
+    merger = Merger(out_grid, reduce=kw.get("reduce", "mean"), window=kw.get("window"),
+                    fill=kw.get("fill", 0), dtype=kw.get("dtype"))  # fmt: skip
+    spec = merger.output_spec(core_of(result[: len(ids)], out_grid, batches.full))
+    return spec, Replay(fn, batch, output)
 
 
 def probe(fn: Callable[[Any], Any], image: Any, size: Any, stride: Any = None, *,

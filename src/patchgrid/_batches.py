@@ -144,6 +144,8 @@ class Batches:
         self.in_shape = reader.patch_shape(tuple(int(s) for s in image.shape))
         self.full = [p * f for p, f in zip(reader.size, factors(out_grid, grid))]
         self.dtype = xp.dtype(image)
+        if isinstance(self.dtype, np.dtype):  # batches in the machine's byte order (torch's)
+            self.dtype = self.dtype.newbyteorder("=")
         self.pool = self._pool()
         source = _compiled.host(reader.image)
         each = math.prod(self.in_shape) * source.itemsize if source is not None else 0
@@ -166,6 +168,8 @@ class Batches:
     def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, Any, Any]:
         """The patches ``ids`` read into one batch, and sent to the model's device where it
         is another: ``(ids, batch, sent)``."""
+        if self.upload is not None:
+            self.upload.prune()  # pinned buffers whose copies are done go back to the pool
         ids, batch = self.load(ids)
         return ids, batch, None if self.upload is None else self.upload.send(batch)
 
@@ -221,16 +225,22 @@ class Batches:
         # while the model runs.
         ahead = (self.xp.one_thread() and not self.compiled) or self.upload is not None
         source = prefetch(batches) if ahead else batches
+        items = iter(source)
         try:
-            for ids_, batch, sent in source:
-                if self.upload is not None:
-                    batch = self.upload.ready(sent)
-                try:
+            while True:
+                batch = None
+                try:  # reading a batch may run out of device memory too (its upload)
+                    ids_, batch, sent = next(items)
+                    if self.upload is not None:
+                        batch = self.upload.ready(sent)
                     out = self.fn(batch)
+                except StopIteration:
+                    break
                 except Exception as exc:
-                    if len(batch) < 2 or not xp.out_of_memory(exc):
+                    failed = size if batch is None else len(batch)
+                    if failed < 2 or not xp.out_of_memory(exc):
                         raise
-                    self.halve(len(batch))
+                    self.halve(failed)
                     return at
                 result = check_output(out, batch, xp, self.out_grid, self.full, self.fn)
                 merger.add(core_of(result[: len(ids_)], self.out_grid, self.full),
@@ -263,10 +273,11 @@ def core_of(result: Any, out_grid: PatchGrid, full: Sequence[float]) -> Any:
     """The core of whole patches (a model that returns the margin too)."""
     crop: list[Any] = [slice(None)] * result.ndim
     cut = False
+    at = 1 + (result.ndim == out_grid.ndim + 2)  # after the batch axis, and an added axis
     for a, p, f in zip(out_grid.axes, out_grid.size, full):
-        if result.shape[a + 1] != p:
+        if result.shape[a + at] != p:
             m = (int(f) - p) // 2
-            crop[a + 1] = slice(m, m + p)
+            crop[a + at] = slice(m, m + p)
             cut = True
     return result[tuple(crop)] if cut else result
 
@@ -295,19 +306,23 @@ def check_output(
         )
     shape = tuple(result.shape)
     core = list(out_grid.size)
-    ok = len(shape) == batch.ndim and shape[0] == batch.shape[0]
+    # One axis more than the batch: a class (or channel) axis the model added in front.
+    at = 2 if len(shape) == batch.ndim + 1 else 1
+    ok = len(shape) in (batch.ndim, batch.ndim + 1) and shape[0] == batch.shape[0]
     if ok:
         for a, p, f in zip(out_grid.axes, core, full):
-            whole = float(f).is_integer() and shape[a + 1] == int(f)
-            ok = ok and (shape[a + 1] == p or whole)
+            whole = float(f).is_integer() and shape[a + at] == int(f)
+            ok = ok and (shape[a + at] == p or whole)
     if not ok:
         spatial = {a: p for a, p in zip(out_grid.axes, core)}
         expected = (batch.shape[0], *[spatial.get(a, "*") for a in range(batch.ndim - 1)])
         whole = ""
         if any(int(f) != p for p, f in zip(core, full)):
             whole = f", or the whole patch {tuple(int(f) for f in full)} on the tiled axes"
+        added = (batch.shape[0], "C", *expected[1:])
         raise PatchgridError(
             f"fn ({name}) returned shape {shape} for a batch of shape {tuple(batch.shape)}; "
-            f"expected {expected} (* is free){whole}"
+            f"expected {expected} (* is free), or {added} with a class or channel axis C in "
+            f"front{whole}".replace("'", "")
         )
     return result

@@ -368,16 +368,18 @@ def apply(args: argparse.Namespace) -> int:
     )
     with pg.open(args.image) as img:
         kw["axes"] = tiled_axes(img.ndim, img.format, args)
-        probe = _apply.probe(fn, img, args.size, args.stride, **kw)
+        # The first batch's output sizes the output; the run does not call the model on it again.
+        spec, model = _apply.first_batch(fn, img, args.size, args.stride, **kw)
         axes = grid_axes(img.shape, args.size, None, kw["axes"])
         patch = [p if a not in axes else 0 for a, p in enumerate(img.shape)]
         for a, p in zip(axes, _checks.per_axis(args.size, len(axes), "size")):
             patch[a] = p
-        out_shape, spacing, affine = output_layout(img, axes, probe.shape, args)
+        dtype = np.dtype(spec.dtype)
+        out_shape, spacing, affine, last = output_layout(img, axes, spec, args)
         # A batch in, the model's output and its weighted float64 copy; NIfTI and TIFF
         # outputs are built whole in memory.
         in_memory = io.split_path(args.output)[1] in ("nifti", "tiff")
-        out_bytes = math.prod(out_shape) * probe.dtype.itemsize
+        out_bytes = math.prod(out_shape) * dtype.itemsize
         check_memory(
             args.batch_size * math.prod(patch) * (img.dtype.itemsize + 16)
             + (out_bytes if in_memory else 0),
@@ -389,33 +391,42 @@ def apply(args: argparse.Namespace) -> int:
         )
         t0 = time.perf_counter()
         with io.create_output(
-            args.output, tuple(out_shape), probe.dtype, spacing, affine, args.overwrite
+            args.output, tuple(out_shape), dtype, spacing, affine, args.overwrite
         ) as out:
-            pg.apply(fn, img, args.size, args.stride, out=out, progress=None, **kw)
+            # An axis the model added goes last in a NIfTI file (x, y, z, then the rest).
+            target = np.moveaxis(out, -1, 0) if last else out
+            pg.apply(model, img, args.size, args.stride, out=target, progress=None, **kw)
     print(
         f"apply: {args.model} over {args.image} {img.shape} -> {args.output} {tuple(out_shape)} "
-        f"{probe.dtype} ({time.perf_counter() - t0:.2f} s)"
+        f"{dtype} ({time.perf_counter() - t0:.2f} s)"
     )
     return 0
 
 
 def output_layout(
-    img: Any, axes: Sequence[int], probe_shape: Sequence[int], args: argparse.Namespace
-) -> tuple[list[int], list[float], Any]:
-    """Shape, spacing and affine of apply's output: the tiled axes ``--scale`` times the
-    image's, the others as the model gives them (less the class axis, for argmax)."""
+    img: Any, axes: Sequence[int], spec: Any, args: argparse.Namespace
+) -> tuple[list[int], list[float], Any, bool]:
+    """Shape, spacing and affine of apply's output file, and whether an axis the model added
+    in front goes last in it (a NIfTI file keeps x, y, z first). The shape is the merge's
+    (``spec``): the tiled axes ``--scale`` times the image's, the others as the model gives
+    them, an axis the model added in front, less the class axis for argmax."""
     scale = args.scale if isinstance(args.scale, tuple) else (args.scale,) * len(axes)
-    free = [a for a in range(img.ndim) if a not in axes]
-    keep = [a for a in range(img.ndim) if not (args.reduce == "argmax" and a == free[-1])]
-    out_shape, spacing = list(probe_shape), []
-    for pos, a in enumerate(keep):
+    source = list(range(img.ndim))  # the image axis each axis of the merge's output holds
+    if len(spec.shape) + (spec.class_axis is not None) == img.ndim + 1:
+        source = [-1, *source]  # -1: the axis the model added
+    if spec.class_axis is not None:
+        source.pop(spec.class_axis)
+    spacing = []
+    for a in source:
         if a in axes:
-            f = Fraction(scale[axes.index(a)])
-            out_shape[pos] = int(img.shape[a] * f)
-            spacing.append(img.spacing[a] / float(f))
+            spacing.append(img.spacing[a] / float(Fraction(scale[axes.index(a)])))
         else:
-            spacing.append(img.spacing[a])
-    return out_shape, spacing, scaled_affine(img.affine, axes, scale)
+            spacing.append(1.0 if a == -1 else img.spacing[a])
+    shape = list(spec.shape)
+    last = bool(source) and source[0] == -1 and img.format == "nifti"
+    if last:
+        shape, spacing = [*shape[1:], shape[0]], [*spacing[1:], spacing[0]]
+    return shape, spacing, scaled_affine(img.affine, axes, scale), last
 
 
 def scaled_affine(affine: Any, axes: Sequence[int], scale: Sequence[Any]) -> Any:
@@ -431,14 +442,15 @@ def scaled_affine(affine: Any, axes: Sequence[int], scale: Sequence[Any]) -> Any
 
 
 def preview(args: argparse.Namespace) -> int:
-    io.need("matplotlib")
+    plot.need_matplotlib()
     if not args.output.lower().endswith(".png"):
         raise PatchgridError(f"-o must be a .png file, got {args.output!r}")
     with pg.open(args.image) as img:
         grid = make_grid(img.shape, args, img.format)
-        # The picture's coverage overlay is a float64 volume over the padded tiled axes.
+        # Three planes of the padded image, as float64 and as the coverage drawn beside them.
+        padded = sorted(grid.padded_shape[a] for a in grid.axes[-3:])
         check_memory(
-            2 * 8 * math.prod(grid.padded_shape[a] for a in grid.axes),
+            3 * 24 * math.prod(padded[-2:]),
             f"preview of a grid over {grid.shape}",
             "preview a smaller image (a crop of it)",
         )

@@ -91,14 +91,17 @@ class Upload:
         buf: np.ndarray = pinned.numpy()  # holds the pinned tensor
         return buf
 
+    def prune(self) -> None:
+        """Let go of the host batches whose copies are done (their buffers can be reused)."""
+        while self._pending and self._pending[0][1].query():
+            self._pending.popleft()
+
     def send(self, batch: np.ndarray) -> tuple[Any, Any]:
         """Queue ``batch``'s copy to the device: ``(tensor, event)`` (no event on the CPU)."""
         t = self.torch
         host = t.from_numpy(batch)
         if not self.cuda:
             return host.to(self.device), None
-        while self._pending and self._pending[0][1].query():
-            self._pending.popleft()
         with t.cuda.stream(self.stream):
             moved = host.to(self.device, non_blocking=True)
             event = t.cuda.Event()

@@ -25,7 +25,7 @@ from ._checks import PatchgridError
 from ._finish import REDUCES, Finisher, OutputSpec, check_fill, shaped, warn_uncovered
 from ._plan import MergePlan, checked_window, merge_plan
 from .backends import NUMPY, ArrayT, SupportsArray, backend_of, check_exact_sum
-from .grid import PatchGrid, as_grid
+from .grid import PatchGrid, as_grid, with_leading_axis
 
 __all__ = [
     "RUN_BYTES",
@@ -164,6 +164,9 @@ class Merger(Generic[MergedT]):
         grid = self.grid
         if self._result is not None:
             raise PatchgridError("result() was already called; make a new Merger to merge again")
+        if self._acc is None and len(patch_shape) == grid.ndim + 1:
+            # A model added a class (or channel) axis in front: the image had none.
+            self.grid = grid = with_leading_axis(grid)
         if len(patch_shape) != grid.ndim or any(
             patch_shape[a] != p for a, p in zip(grid.axes, grid.size)
         ):
@@ -276,6 +279,10 @@ class Merger(Generic[MergedT]):
         grid = self.grid
         k = len(grid.axes)
         n_lead = arr.ndim - grid.ndim
+        counts_first = n_lead == k and tuple(arr.shape[:k]) == grid.counts
+        if n_lead == 2 and arr.shape[0] == len(grid) and not counts_first:
+            n_lead = 1  # (N, C, *patch): a class or channel axis added in front of the image's
+            self.grid = grid = with_leading_axis(grid)
         if n_lead == 1 and arr.shape[0] == len(grid):
             arr = arr.reshape(*grid.counts, *arr.shape[1:])
         elif n_lead != k or tuple(arr.shape[:k]) != grid.counts:

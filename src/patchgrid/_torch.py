@@ -316,7 +316,10 @@ class TorchOps:
         return x.index_select(axis, self.torch.as_tensor(index, device=x.device))
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x.detach().cpu())
+        x = x.detach().cpu()
+        if x.dtype == self.torch.bfloat16:  # NumPy has none: float32 holds every value
+            x = x.float()
+        return np.asarray(x)
 
     def value_range(self, x: Any) -> tuple[Any, Any]:
         t = self.torch

@@ -528,6 +528,15 @@ def sub_grid(grid: PatchGrid, starts: Sequence[Sequence[int] | np.ndarray], shap
                    [int(p) for p in pads])  # fmt: skip
 
 
+def with_leading_axis(grid: PatchGrid) -> PatchGrid:
+    """The same patches over the image with one axis more in front, of length 1 and not tiled:
+    where a model puts the class or channel axis it adds to an image that has none."""
+    starts = [tuple(int(v) for v in grid.axis_starts(j)) for j in range(len(grid.axes))]
+    return restore((1, *grid.shape), grid.size, grid.stride, tuple(a + 1 for a in grid.axes),
+                   grid.edge, grid.pad_mode, grid.pad_value, starts,
+                   [grid.padded_shape[a] - grid.shape[a] for a in grid.axes])  # fmt: skip
+
+
 def as_grid(
     shape: tuple[int, ...],
     size: int | Sequence[int] | PatchGrid,
