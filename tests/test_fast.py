@@ -1,5 +1,11 @@
 """The optional compiled overlap-add (numba) against the plain-loop reference and NumPy's path."""
 
+import json
+import math
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +29,7 @@ SETTINGS = settings(
 def compiled(monkeypatch):
     """Send every eligible merge, however small, through the kernel; count the calls."""
     monkeypatch.setattr(_compiled, "MIN_BYTES", 0)
+    monkeypatch.setattr(_compiled, "LOAD_BYTES", 0)
     monkeypatch.setattr(_compiled, "MIN_ROW", 1)
     calls = _spy(monkeypatch, "overlap_add")
     planes = _spy(monkeypatch, "merge_planes")
@@ -148,11 +155,12 @@ def test_no_kernel_without_numba(compiled, monkeypatch):
     np.testing.assert_allclose(merged, image, rtol=1e-6)
 
 
-def test_large_merges_take_the_kernel_by_default():
+def test_large_merges_take_the_loaded_kernels():
     image = np.random.default_rng(4).random((128, 128, 128)).astype(np.float32)
     grid = pg.PatchGrid(image.shape, 32, 16)
     patches = pg.extract(image, grid, copy=True)
-    assert patches.nbytes >= _compiled.MIN_BYTES
+    assert _compiled.MIN_BYTES <= patches.nbytes < _compiled.LOAD_BYTES
+    assert _compiled.warm()
     assert _compiled.serves(np.empty(image.shape, np.float32), patches, 3, (0, 1, 2))
     np.testing.assert_allclose(pg.merge(patches, grid, window="hann"), image, rtol=1e-5)
 
@@ -165,6 +173,7 @@ def test_large_merges_take_the_kernel_by_default():
 def batched(monkeypatch):
     """Send every eligible batch, however small, through the batch kernels; count the calls."""
     monkeypatch.setattr(_compiled, "MIN_BYTES", 0)
+    monkeypatch.setattr(_compiled, "LOAD_BYTES", 0)
     monkeypatch.setattr(_compiled, "MIN_ROW", 1)
     monkeypatch.setattr(_compiled, "MIN_PATCH", 0)
     monkeypatch.setattr(_compiled, "MIN_DIVIDE", 0)
@@ -302,9 +311,10 @@ def test_the_batch_kernels_need_a_large_job():
     image = np.zeros((1, 64, 64, 64), np.float32)
     batch = np.zeros((4, 1, 32, 32, 32), np.float32)
     assert batch.nbytes // 4 >= _compiled.MIN_PATCH
+    assert _compiled.warm()
     # 27 such patches are 3.4 MiB: NumPy's job; 1,000 of them, the kernel's.
     assert not _compiled.serves_batch(image, batch, (1, 2, 3), 27)
-    assert _compiled.serves_batch(image, batch, (1, 2, 3), 1000) == _compiled.available()
+    assert _compiled.serves_batch(image, batch, (1, 2, 3), 1000)
 
 
 @settings(SETTINGS, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -379,3 +389,109 @@ def test_out_of_core_work_never_loads_the_kernels(batched, monkeypatch, tmp_path
     assert bool(batched["add_batch"]) == loaded
     assert bool(batched["gather"]) == loaded
     np.testing.assert_allclose(out, 2 * image, rtol=1e-6)
+
+
+# Loading the kernels costs a process more than a one-shot job of a few hundred MiB saves
+# (benchmarks/bench_oneshot.py): each case below runs in a fresh process and reports whether
+# numba was imported. Counted, not timed.
+
+CHILD_PRELUDE = """
+import json, sys
+import numpy as np
+import patchgrid as pg
+from patchgrid import _compiled
+def report(**kw):
+    kw["numba"] = "numba" in sys.modules
+    print(json.dumps(kw))
+"""
+
+
+def _child(code, tmp_path=None, **env):
+    environ = {k: v for k, v in os.environ.items() if k != "PATCHGRID_NUMBA"}
+    environ.update(env)
+    done = subprocess.run([sys.executable, "-c", CHILD_PRELUDE + code], capture_output=True,
+                          text=True, env=environ, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# 128^3 float32, 32^3 patches, stride 16: 343 patches of 128 KiB, 43 MiB: a job every kernel
+# takes once loaded (MIN_BYTES, MIN_PATCH), which loaded them before LOAD_BYTES.
+SMALL_JOBS = """
+v = np.random.default_rng(0).random((128, 128, 128), dtype=np.float32)
+grid = pg.PatchGrid(v.shape, 32, 16)
+view = pg.extract(v, grid)
+assert _compiled.MIN_BYTES <= view.nbytes < _compiled.LOAD_BYTES
+jobs = {
+    "merge": lambda: pg.merge(view, grid),
+    "merge gaussian": lambda: pg.merge(np.ascontiguousarray(view), grid, window="gaussian"),
+    "extract copy": lambda: pg.extract(v, grid, copy=True).reshape(view.shape),
+    "apply": lambda: pg.apply(lambda b: b, v, 32, 16, progress=False),
+}
+"""
+
+
+@pytest.mark.parametrize("job", ["merge", "merge gaussian", "extract copy", "apply"])
+def test_a_one_shot_job_under_load_bytes_never_loads_numba(job):
+    got = _child(SMALL_JOBS + f"""
+out = jobs[{job!r}]()
+want = view if {job!r} == "extract copy" else v
+report(equal=bool(np.allclose(out, want, rtol=1e-6, atol=0)), loaded=_compiled.loaded())
+""")  # fmt: skip
+    assert got == {"equal": True, "loaded": False, "numba": False}
+
+
+def test_jobs_load_numba_once_the_work_done_without_reaches_load_bytes():
+    got = _child(
+        SMALL_JOBS
+        + """
+runs = []
+for _ in range(-(-_compiled.LOAD_BYTES // view.nbytes) + 2):
+    jobs["merge"]()
+    runs.append(_compiled.loaded())
+report(runs=runs, job=view.nbytes, load=_compiled.LOAD_BYTES)
+"""
+    )
+    without = math.ceil(got["load"] / got["job"])  # merges whose sum reaches LOAD_BYTES
+    assert got["runs"] == [False] * without + [True] * 2
+    assert got["numba"]
+
+
+LARGE_JOB = """
+# 224^3 float32 (43 MiB), 64^3 patches, stride 16: 1,331 patches, 1.3 GiB of views.
+v = np.random.default_rng(1).random((224, 224, 224), dtype=np.float32)
+view = pg.extract(v, 64, 16)
+assert view.nbytes >= _compiled.LOAD_BYTES
+out = pg.merge(view, v.shape, stride=16)
+report(equal=bool(np.allclose(out, v, rtol=1e-6, atol=0)), loaded=_compiled.loaded())
+"""
+
+
+def test_a_job_over_load_bytes_loads_numba():
+    assert _child(LARGE_JOB) == {"equal": True, "loaded": True, "numba": True}
+
+
+def test_patchgrid_numba_0_never_loads_numba():
+    got = _child(LARGE_JOB, PATCHGRID_NUMBA="0")
+    assert got == {"equal": True, "loaded": False, "numba": False}
+
+
+def test_patchgrid_numba_1_loads_numba_for_the_first_job_it_serves():
+    got = _child(SMALL_JOBS + """
+jobs["merge"]()
+report(loaded=_compiled.loaded())
+""", PATCHGRID_NUMBA="1")  # fmt: skip
+    assert got == {"loaded": True, "numba": True}
+
+
+def test_the_command_line_never_loads_numba(tmp_path):
+    got = _child("""
+from patchgrid.cli import main
+v = np.random.default_rng(2).random((128, 128, 128), dtype=np.float32)
+np.save("v.npy", v)
+codes = [main(["extract", "v.npy", "--size", "32", "--stride", "16", "-o", "p.zarr"],
+              quiet=True),
+         main(["merge", "p.zarr", "-o", "r.npy"], quiet=True)]
+report(codes=codes, equal=bool(np.allclose(np.load("r.npy"), v, rtol=1e-6, atol=0)))
+""", tmp_path)  # fmt: skip
+    assert got == {"codes": [0, 0], "equal": True, "numba": False}

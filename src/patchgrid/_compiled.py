@@ -5,7 +5,13 @@ the memory bandwidth. The kernel here walks the output plane by plane along the 
 axis, one plane per thread: each plane sits in cache while every patch that reaches it is added,
 then is normalised in place and left alone. Patches are read once, the output written once.
 
-Set ``PATCHGRID_NUMBA=0`` to turn the kernels off (the NumPy path gives the same numbers).
+Loading them costs a process about 0.3 s and 110 MiB (numba's imports, each kernel's types from
+numba's on-disk cache, its threads; compiling them, the first time ever, some seconds), which a
+one-shot job of a few hundred MiB never wins back: a process loads them only once the work they
+would take, this job included, reaches :data:`LOAD_BYTES` (:func:`ready`).
+``benchmarks/bench_oneshot.py`` measures both sides. Set ``PATCHGRID_NUMBA=0`` to turn the
+kernels off (the NumPy path gives the same numbers), ``PATCHGRID_NUMBA=1`` to load them for the
+first job they serve.
 
 Imports: NumPy and the L0 modules ``_memory``, ``backends`` and, when the kernels are first
 asked for, ``_numba`` (which imports numba).
@@ -25,10 +31,17 @@ import numpy as np
 from . import _memory
 from .backends import backend_of
 
-# The least patch data (bytes) worth a call into the compiled kernel. Loading it costs a
-# process about 0.5 s and 65 MiB once (compiling it, the first time ever, a few seconds; numba
-# caches the result on disk), so small merges stay with NumPy and never load numba.
+# The least patch data (bytes) worth a call into the loaded kernels.
 MIN_BYTES = 1 << 25
+# The least work (bytes of patches merged) worth loading the kernels for: loading costs a
+# process about 0.3 s (numba's imports 0.14 s; each kernel's types from numba's cache and its
+# threads, 0.15 s) and 110 MiB; a merge saves 0.25-0.4 ms a MiB of patches on 2 cores, so
+# loading pays from 0.7-1.1 GiB (benchmarks/bench_oneshot.py). The jobs of a process count
+# together: once those it did without the kernels reach this much, the next one loads them,
+# so a process that merges often pays for the load once and a one-shot job never pays it.
+LOAD_BYTES = 1 << 30
+# extract's copies save about a quarter as much a byte (0.07 ms a MiB): they count a quarter.
+COPY_SHARE = 4
 # The least bytes per patch for the batch kernels (apply, Merger.add): smaller patches go by
 # NumPy's strided stretches of a grid row, which are quick for them.
 MIN_PATCH = 1 << 16
@@ -62,8 +75,30 @@ def kernels() -> Any:
 
 
 def available() -> bool:
-    """Whether the compiled kernels can run here."""
+    """Whether the compiled kernels can run here (loads them)."""
     return kernels() is not None
+
+
+# Bytes of work the kernels would have taken, done without them in this process so far.
+done_without = [0]
+
+
+def ready(job: int, call: int) -> bool:
+    """Whether the kernels serve a call of ``call`` bytes of a job of ``job`` bytes, where all
+    else about it suits them: loaded already, or worth loading now (the job alone, or the work
+    done without them so far, reaches :data:`LOAD_BYTES`). A call they do not serve is counted
+    as done without them. Loads the kernels where it says yes.
+
+    A job under ``LOAD_BYTES`` in a fresh process never loads them, whatever its calls; jobs
+    after it load them once those before have done ``LOAD_BYTES`` without (a merge's first
+    call decides for the whole grid, with ``call`` 0: its rows, if refused, count)."""
+    if loaded():
+        return True
+    eager = os.environ.get("PATCHGRID_NUMBA") == "1"
+    if not eager and max(job, done_without[0]) < LOAD_BYTES:
+        done_without[0] += call
+        return False
+    return available()
 
 
 # Outputs this large that a kernel will write are given their pages up front.
@@ -108,14 +143,15 @@ def host(x: Any) -> np.ndarray | None:
 
 def takes(image: np.ndarray | None, axes: tuple[int, ...], patch_bytes: int, n: int) -> bool:
     """Whether the batch kernels take ``n`` patches of ``patch_bytes`` cut from ``image`` (a
-    :func:`host` view) along ``axes``: the tiled axes last, large patches, a large job."""
+    :func:`host` view) along ``axes``: the tiled axes last, large patches, a large job, the
+    kernels :func:`ready` (a copy counts a ``COPY_SHARE``-th of its bytes)."""
     k = len(axes)
     return (
         image is not None
         and axes == tuple(range(image.ndim - k, image.ndim))
         and patch_bytes >= MIN_PATCH
         and patch_bytes * n >= MIN_BYTES
-        and available()
+        and ready(patch_bytes * n // COPY_SHARE, patch_bytes * n // COPY_SHARE)
     )
 
 
@@ -131,7 +167,8 @@ def _pair(acc: np.dtype, patches: np.dtype) -> bool:
 
 
 def serves(acc: Any, patches: Any, grid_ndim: int, axes: tuple[int, ...]) -> bool:
-    """Whether :func:`overlap_add` takes this job (plain float arrays of one dtype, big rows)."""
+    """Whether :func:`overlap_add` takes this job (plain float arrays of one dtype, big rows,
+    the kernels :func:`ready`)."""
     if not isinstance(acc, np.ndarray) or not isinstance(patches, np.ndarray):
         return False
     k = len(axes)
@@ -142,7 +179,7 @@ def serves(acc: Any, patches: Any, grid_ndim: int, axes: tuple[int, ...]) -> boo
         and patches.shape[-1] >= MIN_ROW
         and patches.nbytes >= MIN_BYTES
         and acc.flags.writeable
-        and available()
+        and ready(patches.nbytes, patches.nbytes)
     )
 
 
@@ -230,7 +267,8 @@ def merge_planes(
 
 def serves_planes(out: Any, patches: Any, grid_ndim: int, axes: tuple[int, ...]) -> bool:
     """Whether :func:`merge_planes` takes this job: float32 or float64 patches and output, the
-    tiled axes last, rows and a job large enough for the kernels."""
+    tiled axes last, rows and a job large enough for the kernels, and the kernels
+    :func:`ready` for it."""
     if not isinstance(out, np.ndarray) or not isinstance(patches, np.ndarray):
         return False
     k = len(axes)
@@ -242,7 +280,8 @@ def serves_planes(out: Any, patches: Any, grid_ndim: int, axes: tuple[int, ...])
         and patches.shape[-1] >= MIN_ROW
         and patches.nbytes >= MIN_BYTES
         and out.flags.writeable
-        and available()
+        # Counted by serves() on the rows path if this refuses, not twice.
+        and ready(patches.nbytes, 0)
     )
 
 
@@ -267,9 +306,9 @@ def reshaped(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
 
 def serves_batch(acc: Any, batch: Any, axes: tuple[int, ...], n_patches: int) -> bool:
     """Whether :func:`add_batch` takes this batch: float arrays of one dtype, the tiled axes
-    last, patches of ``MIN_PATCH`` bytes and rows of ``MIN_ROW`` voxels or more, and
-    ``MIN_BYTES`` of patches in the whole merge of ``n_patches`` (the kernels load only for
-    large jobs)."""
+    last, patches of ``MIN_PATCH`` bytes and rows of ``MIN_ROW`` voxels or more,
+    ``MIN_BYTES`` of patches in the whole merge of ``n_patches``, the kernels :func:`ready`
+    for it."""
     if not isinstance(acc, np.ndarray) or not isinstance(batch, np.ndarray) or not len(batch):
         return False
     each = batch.nbytes // len(batch)
@@ -284,7 +323,7 @@ def serves_batch(acc: Any, batch: Any, axes: tuple[int, ...], n_patches: int) ->
         and each >= MIN_PATCH
         and each * n_patches >= MIN_BYTES
         and acc.flags.writeable
-        and available()
+        and ready(each * n_patches, batch.nbytes)
     )
 
 
