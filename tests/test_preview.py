@@ -4,6 +4,7 @@ margins, a legend), its atomic write, and the install hint without matplotlib.""
 
 from __future__ import annotations
 
+import builtins
 import importlib.util
 import itertools
 import os
@@ -316,3 +317,16 @@ def test_the_docs_picture_builds(tmp_path):
     written = pictures.command_line(tmp_path)
     assert (tmp_path / "preview.png").read_bytes().startswith(PNG_MAGIC)
     assert tmp_path / "preview.png" in written
+
+
+def test_a_broken_matplotlib_is_told_apart_from_a_missing_one(monkeypatch):
+    def broken(name, *args, **kwargs):
+        if name == "matplotlib":
+            raise ModuleNotFoundError("No module named 'kiwisolver'", name="kiwisolver")
+        return real(name, *args, **kwargs)
+
+    real = builtins.__import__
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    monkeypatch.setattr("builtins.__import__", broken)
+    with pytest.raises(pg.PatchgridError, match=r"installed but cannot be imported.*kiwisolver"):
+        plot.need_matplotlib()

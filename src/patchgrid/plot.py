@@ -44,11 +44,13 @@ def need_matplotlib() -> Any:
     """Import matplotlib, or say which extra brings it."""
     try:
         import matplotlib
-    except ImportError:
-        raise PatchgridError(
-            f"the preview needs matplotlib, which is not installed: {INSTALL} "
-            f"(or pip install matplotlib)"
-        ) from None
+    except ImportError as exc:
+        if exc.name is not None and exc.name.split(".")[0] != "matplotlib":  # a library of its own
+            raise PatchgridError(
+                f"the preview: matplotlib is installed but cannot be imported ({exc}); "
+                f"reinstall it: {INSTALL}"
+            ) from None
+        raise PatchgridError(f"the preview needs matplotlib: {INSTALL}") from None
     return matplotlib
 
 
