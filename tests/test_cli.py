@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -315,7 +317,7 @@ def test_extract_folder_names_files_by_position(capsys, tmp_path, npy, fmt, suff
         for j in range(2)
         for k in range(2)
     }
-    assert set(os.listdir(tmp_path / "out")) == expected
+    assert set(os.listdir(tmp_path / "out")) == expected | {"manifest.json"}
 
 
 @pytest.mark.parametrize(("fmt", "suffix"), FOLDER_FORMATS, ids=[f[0] for f in FOLDER_FORMATS])
@@ -1129,7 +1131,7 @@ def test_overwritten_store_holds_the_new_patches(capsys, tmp_path, nifti):
 def _progress_args(kind, tmp_path, nifti, models, store):
     return {
         "extract": ["extract", nifti, "--size", 4, "-o", tmp_path / "p2.zarr"],
-        "merge": ["merge", store, "-o", tmp_path / "out.npy"],
+        "merge": ["merge", store, "-o", tmp_path / "out.zarr"],
         "apply": [
             "apply",
             nifti,
@@ -1803,3 +1805,466 @@ def test_demo_of_a_2d_shape_keeps_a_spacing_per_axis(capsys, tmp_path):
     cli(capsys, "demo", "--shape", "10,12", "--dir", tmp_path / "demo")
     with pg.open(tmp_path / "demo" / "volume.nii.gz") as img:
         assert img.spacing == (1.0, 2.0)
+
+
+# --------------------------------------------- errors in the user's model (issue 16, item 4)
+
+FAULTY = """import numpy as np
+
+WEIGHTS = np.ones((3, 5))
+
+
+def project(x):
+    return x @ WEIGHTS
+
+
+def segment(batch):
+    return project(batch)
+"""
+
+
+@pytest.fixture
+def faulty(tmp_path):
+    path = tmp_path / "faulty.py"
+    path.write_text(FAULTY)
+    return path
+
+
+def _apply_args(tmp_path, model, size=4):
+    pg.save(tmp_path / "scan.npy", _volume(shape=(8, 8, 8)))
+    return [
+        "apply",
+        tmp_path / "scan.npy",
+        "--model",
+        model,
+        "--size",
+        size,
+        "-o",
+        tmp_path / "o.npy",
+    ]
+
+
+def test_error_in_the_model_shows_its_frames(capsys, tmp_path, faulty):
+    code, _, err = cli(capsys, *_apply_args(tmp_path, f"{faulty}:segment"))
+    assert code == 1
+    assert f'File "{faulty}", line 11, in segment\n    return project(batch)' in err
+    assert f'File "{faulty}", line 7, in project\n    return x @ WEIGHTS' in err
+    assert err.rstrip().splitlines()[-1].startswith("ValueError: matmul: Input operand 1")
+
+
+def test_error_in_the_model_leaves_out_patchgrids_frames(capsys, tmp_path, faulty):
+    _, _, err = cli(capsys, *_apply_args(tmp_path, f"{faulty}:segment"))
+    assert os.path.dirname(pg.__file__) not in err
+    assert err.count('File "') == 2
+
+
+def test_syntax_error_in_the_model_file_shows_its_line(capsys, tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("def segment(batch):\n    return batch +\n")
+    code, _, err = cli(capsys, *_apply_args(tmp_path, f"{path}:segment"))
+    assert code == 1
+    assert f'File "{path}", line 2' in err
+    assert "SyntaxError" in err
+    assert os.path.dirname(pg.__file__) not in err
+
+
+def test_import_error_in_the_model_file_shows_its_line(capsys, tmp_path):
+    path = tmp_path / "needs.py"
+    path.write_text("import no_such_module_here\n\n\ndef segment(batch):\n    return batch\n")
+    _, _, err = cli(capsys, *_apply_args(tmp_path, f"{path}:segment"))
+    assert f'File "{path}", line 1, in <module>' in err
+    assert "ModuleNotFoundError: No module named 'no_such_module_here'" in err
+
+
+def test_an_error_of_patchgrid_stays_one_line(capsys):
+    code, _, err = cli(capsys, "info", "--shape", "8,8,8", "--size", 4, "--axes", "0,0")
+    assert code == 1
+    assert err == "patchgrid info: error: --axes must not repeat an axis, got 0,0\n"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_flag_shows_the_whole_traceback(capsys, where):
+    args = ["info", "--shape", "8,8,8", "--size", 4, "--axes", "0,0"]
+    args = ["--debug", *args] if where == "before" else [*args, "--debug"]
+    code, _, err = cli(capsys, *args)
+    assert code == 1
+    assert err.startswith("Traceback (most recent call last):")
+    assert os.path.join("patchgrid", "_checks.py") in err
+    assert "PatchgridError: axes must not repeat an axis, got (0, 0)" in err
+
+
+def test_debug_environment_variable_shows_the_whole_traceback(
+    capsys, tmp_path, faulty, monkeypatch
+):
+    monkeypatch.setenv("PATCHGRID_DEBUG", "1")
+    code, _, err = cli(capsys, *_apply_args(tmp_path, f"{faulty}:segment"))
+    assert code == 1
+    assert os.path.join("patchgrid", "cli.py") in err
+    assert f'File "{faulty}", line 7, in project' in err
+
+
+def test_debug_off_by_default(capsys, monkeypatch):
+    monkeypatch.delenv("PATCHGRID_DEBUG", raising=False)
+    _, _, err = cli(capsys, "info", "--shape", "8,8,8", "--size", 4, "--axes", "0,0")
+    assert "Traceback" not in err
+
+
+def test_error_in_the_model_through_the_console_script(tmp_path, faulty):
+    code, _, err = cli_process(*_apply_args(tmp_path, f"{faulty}:segment"), cwd=tmp_path)
+    assert code == 1
+    assert f'File "{faulty}", line 7, in project' in err
+    assert "ValueError: matmul" in err
+
+
+# ------------------------------------------------------- defaults and --help (issue 16, item 6)
+
+
+def _parsers():
+    parser = pcli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return [("patchgrid", parser), *sub.choices.items()]
+
+
+def _options():
+    """(action, its entry in --help) for every option of every command a user may leave out."""
+    options = []
+    for name, parser in _parsers():
+        text = parser.format_help()
+        entries = re.split(r"\n  (?=-)", text[text.index("options:") :])[1:]
+        shown = {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}
+        for action in parser._actions:
+            if (
+                action.option_strings
+                and not action.required
+                and action.dest
+                not in (
+                    "help",
+                    "version",
+                )
+            ):
+                entry = shown[action.option_strings[0]]
+                options.append(pytest.param(action, entry, id=f"{name}{action.option_strings[-1]}"))
+    return options
+
+
+@pytest.mark.parametrize(("action", "entry"), _options())
+def test_every_option_shows_its_default(action, entry):
+    assert "(default: " in entry
+    if action.default not in (None, False, "==SUPPRESS=="):
+        assert f"(default: {_commands.as_text(action.default)}" in entry
+
+
+def _api_default(fn, name):
+    import inspect
+
+    return inspect.signature(fn).parameters[name].default
+
+
+# (command, dest, the Python API's functions with the same parameter)
+SAME_DEFAULTS = [
+    *[(c, "edge", [pg.PatchGrid, pg.extract, pg.merge, pg.apply]) for c in GRID_COMMANDS],
+    *[(c, "pad_mode", [pg.PatchGrid, pg.extract, pg.apply]) for c in GRID_COMMANDS[:-1]],
+    *[(c, "pad_value", [pg.PatchGrid, pg.extract, pg.apply]) for c in GRID_COMMANDS[:-1]],
+    *[(c, "stride", [pg.PatchGrid, pg.extract, pg.merge, pg.apply]) for c in GRID_COMMANDS[:-1]],
+    *[(c, "window", [pg.merge, pg.apply, pg.Merger]) for c in ("merge", "apply", "demo")],
+    *[(c, "reduce", [pg.merge, pg.apply, pg.Merger]) for c in ("merge", "apply")],
+    ("merge", "fill", [pg.merge, pg.apply, pg.Merger]),
+    ("merge", "dtype", [pg.merge, pg.apply, pg.Merger]),
+    ("apply", "dtype", [pg.merge, pg.apply, pg.Merger]),
+    ("apply", "batch_size", [pg.apply]),
+    ("apply", "margin", [pg.apply]),
+    ("apply", "scale", [pg.apply]),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "dest", "functions"), SAME_DEFAULTS, ids=[f"{c}-{d}" for c, d, _ in SAME_DEFAULTS]
+)
+def test_command_defaults_agree_with_the_python_api(command, dest, functions):
+    parser = dict(_parsers())[command]
+    cli_default = parser.get_default(dest)
+    for fn in functions:
+        api = _api_default(fn, dest)
+        # The command line spells the library's window=None as its name, uniform.
+        assert cli_default == ("uniform" if dest == "window" and api is None else api), fn
+
+
+def test_version_prints_the_version_without_a_command(capsys):
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0
+    assert out == f"patchgrid {pg.__version__}\n"
+
+
+def test_version_of_the_console_script(tmp_path):
+    code, out, _ = cli_process("--version", cwd=tmp_path)
+    assert (code, out) == (0, f"patchgrid {pg.__version__}\n")
+
+
+# ------------------------------------------------------ messages name flags (issue 16, item 7)
+
+PYTHON_FORM = re.compile(r"\b[a-z_]+=")  # edge='pad', overwrite=True, axes=(0, 1, 2), dtype=
+
+
+def _made(t, name, dtype="float32", shape=(8, 8, 8)):
+    pg.save(t / name, _volume(dtype, shape=shape))
+    return t / name
+
+
+def _hdf5_with_data(t):
+    pg.save(t / "o.h5:data", _volume(shape=(8, 8, 8)))
+    return f"{t / 'o.h5'}:data"
+
+
+def _model(t):
+    (t / "models.py").write_text(MODELS)
+    return f"{t / 'models.py'}:double"
+
+
+# (the command line, what the message must say); every message comes from the library.
+FLAG_MESSAGES = [
+    pytest.param(
+        lambda t: ["extract", t / "source.npy", "--size", 4, "-o", t / "p.zarr"],
+        ["exists; pass --overwrite to replace it"],
+        id="output-exists",
+    ),
+    pytest.param(
+        lambda t: ["merge", t / "p.zarr", "-o", _hdf5_with_data(t)],
+        ["o.h5:data exists; pass --overwrite"],
+        id="hdf5-dataset-exists",
+    ),
+    pytest.param(
+        lambda t: ["info", "--shape", "6,6,6", "--size", 8, "--edge", "drop"],
+        ["--size 8 on axis 0", "--edge drop keeps", "Use --edge pad, shift or even", "--axes"],
+        id="drop-patch-too-large",
+    ),
+    pytest.param(
+        lambda t: ["info", "--shape", "20,20,20,3", "--size", 8],
+        ["a single --size without --axes", "--axes 0,1,2", "--size per axis"],
+        id="4d-int-size",
+    ),
+    pytest.param(
+        lambda t: ["info", "--shape", "20,20,20,3", "--size", 8, "--edge", "drop"],
+        ["axis 3", "if axis 3 holds channels or time", "with --axes"],
+        id="4d-drop",
+    ),
+    pytest.param(
+        lambda t: ["info", "--shape", "3,3", "--size", 4],
+        ["--size 4 is larger", "give --size per axis (here 4,4)"],
+        id="2d-too-small",
+    ),
+    pytest.param(
+        lambda t: ["info", "--shape", "8,8,8", "--size", "4,4", "--stride", "2,2,2"],
+        ["--stride has 3 entries but 2 axes are tiled"],
+        id="stride-entries",
+    ),
+    pytest.param(
+        lambda t: ["info", "--shape", "8,8,8", "--size", 4, "--edge", "shift,pad"],
+        ["--edge has 2 entries", "one of drop, pad, shift, even"],
+        id="edge-entries",
+    ),
+    pytest.param(
+        lambda t: ["info", "--shape", "8,8,8", "--size", 4, "--edge", "side"],
+        ["--edge must be one of drop, pad, shift, even, got 'side'"],
+        id="edge-unknown",
+    ),
+    pytest.param(
+        lambda t: ["info", "--shape", "8,8,8", "--size", 3, "--edge", "pad", "--pad-mode", "x"],
+        ["--pad-mode must be one of the numpy.pad modes constant, edge"],
+        id="pad-mode-unknown",
+    ),
+    pytest.param(
+        lambda t: ["info", "--shape", "8,8,8", "--size", 4, "--axes", "1,1"],
+        ["--axes must not repeat an axis, got 1,1"],
+        id="axes-repeat",
+    ),
+    pytest.param(
+        lambda t: ["info", "--shape", "8,8,8", "--size", 4, "--stride", "0"],
+        ["--stride must be positive integers, got 0,0,0"],
+        id="stride-zero",
+    ),
+    pytest.param(
+        lambda t: [
+            "extract",
+            _made(t, "u8.npy", "uint8"),
+            "--size",
+            3,
+            "--edge",
+            "pad",
+            "--pad-value",
+            300,
+            "-o",
+            t / "q.zarr",
+        ],
+        ["--pad-value 300 cannot be stored", "give a --pad-value that fits"],
+        id="pad-value-too-large",
+    ),
+    pytest.param(
+        lambda t: [
+            "merge",
+            t / "p.zarr",
+            "-o",
+            t / "o.npy",
+            "--reduce",
+            "max",
+            "--window",
+            "hann",
+        ],
+        [
+            "--window applies to --reduce mean, sum and argmax only",
+            "got --window hann with --reduce max",
+        ],
+        id="window-with-max",
+    ),
+    pytest.param(
+        lambda t: ["merge", t / "p.zarr", "-o", t / "o.npy", "--reduce", "argmax"],
+        ["--reduce argmax needs a class axis"],
+        id="argmax-without-classes",
+    ),
+    pytest.param(
+        lambda t: [
+            "merge",
+            t / "p.zarr",
+            "-o",
+            t / "o.npy",
+            "--reduce",
+            "max",
+            "--dtype",
+            "uint8",
+            "--fill",
+            300,
+        ],
+        ["--fill 300 cannot be stored", "give a --fill that fits or a --dtype that holds it"],
+        id="fill-too-large",
+    ),
+    pytest.param(
+        lambda t: ["merge", t / "p.zarr", "-o", t / "o.npy", "--dtype", "int8"],
+        ["(--reduce mean) runs from", "which --dtype int8 cannot hold", "give a --dtype that"],
+        id="dtype-too-narrow",
+    ),
+    pytest.param(
+        lambda t: [*_apply_args(t, _model(t)), "--margin", 2],
+        ["--margin 2 leaves no core in a patch of size 4"],
+        id="margin-too-large",
+    ),
+    pytest.param(
+        lambda t: [*_apply_args(t, _model(t)), "--scale", "1/3"],
+        ["--scale 1/3 turns"],
+        id="scale-not-whole",
+    ),
+    pytest.param(
+        lambda t: [*_apply_args(t, _model(t)), "--window", "flat"],
+        ["--window must be one of uniform, gaussian, hann, triangular, monai-gaussian"],
+        id="window-unknown",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_args", "words"), FLAG_MESSAGES)
+def test_library_messages_name_the_flags(capsys, tmp_path, stored, make_args, words):
+    code, _, err = cli(capsys, *make_args(tmp_path))
+    assert code == 1
+    for word in words:
+        assert word in err
+    assert PYTHON_FORM.search(err) is None, err
+
+
+def test_warnings_name_the_flags_in_one_line(capsys, tmp_path):
+    args = [*_apply_args(tmp_path, _model(tmp_path), size=3), "--stride", 5, "--edge", "drop"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", pg.PatchgridWarning)
+        code, _, err = cli(capsys, *args)
+    assert code == 0
+    assert err.startswith("patchgrid apply: warning: ")
+    assert "lie in no patch (--edge drop, stride 5,5,5, size 3,3,3) and hold --fill 0" in err
+    assert "--edge shift covers every voxel" in err
+    assert PYTHON_FORM.search(err) is None, err
+    assert err.count("\n") == 1
+
+
+def test_batch_size_message_names_the_flag():
+    with pytest.raises(pg.PatchgridError) as raised:
+        pg.apply(lambda b: b, np.zeros((4, 4)), 2, batch_size=0)
+    assert pcli.shell_words(str(raised.value)).startswith("--batch-size must be")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("edge=('shift', 'pad') here", "--edge shift,pad here"),
+        ("give a dtype= (or an out=) that holds", "give a --dtype that holds"),
+        ("overwrite=True (--overwrite) replaces only", "--overwrite replaces only"),
+        ("hold fill=nan;", "hold --fill nan;"),
+        ("the merged result (reduce='sum') runs", "the merged result (--reduce sum) runs"),
+    ],
+)
+def test_shell_words_forms(text, words):
+    assert pcli.shell_words(text) == words
+
+
+# ------------------------------------------------------------ small things (issue 16, item 10)
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize(
+    "args",
+    [["demo", "--shape", "12,12,12"], ["info", "--shape", "8,8,8", "--size", "4"]],
+    ids=["demo", "info"],
+)
+def test_a_closed_pipe_ends_quietly(tmp_path, args, buffered):
+    """``patchgrid demo | head``: the reader is gone before the command writes (a buffered
+    stdout fails on its last flush, an unbuffered one on its first line)."""
+    read, write = os.pipe()
+    os.close(read)
+    env = {**os.environ, "PYTHONUNBUFFERED": "" if buffered else "1"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "patchgrid", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert done.stderr == ""
+    assert done.returncode == 141  # 128 + SIGPIPE, as a Unix tool killed by it
+
+
+def _no_work(monkeypatch):
+    """Reading an input fails the test: a refusal must come before any work."""
+
+    def work(*args, **kwargs):
+        raise AssertionError("the command started work")
+
+    monkeypatch.setattr(pg, "open", work)
+    monkeypatch.setattr(_store, "open_store", work)
+
+
+@pytest.mark.parametrize(
+    ("make_args", "name"),
+    [
+        (lambda t: ["merge", t / "p.zarr"], "link.zarr"),
+        (lambda t: ["merge", t / "p.zarr"], "link.npy"),
+        (lambda t: ["merge", t / "p.zarr"], "link.h5"),
+        (lambda t: ["extract", t / "source.npy", "--size", 4], "link.zarr"),
+        (lambda t: ["apply", t / "source.npy", "--size", 4, "--model", _model(t)], "link.zarr"),
+        (lambda t: ["apply", t / "source.npy", "--size", 4, "--model", _model(t)], "link.nii.gz"),
+        (lambda t: ["preview", t / "source.npy", "--size", 4], "link.png"),
+    ],
+    ids=["merge-zarr", "merge-npy", "merge-h5", "extract", "apply-zarr", "apply-nii", "preview"],
+)
+def test_output_through_a_symlink_is_refused_before_any_work(
+    capsys, tmp_path, stored, monkeypatch, make_args, name
+):
+    target = tmp_path / ("real" + name[4:])
+    target.write_bytes(b"kept")
+    (tmp_path / name).symlink_to(target)
+    args = [*make_args(tmp_path), "-o", tmp_path / name, "--overwrite"]
+    _no_work(monkeypatch)
+    code, _, err = cli(capsys, *args)
+    assert code == 1
+    assert f"{name}' is a symbolic link; patchgrid writes no output through a link" in err
+    assert target.read_bytes() == b"kept"
+    assert os.readlink(tmp_path / name) == str(target)

@@ -2,10 +2,13 @@
 
 ``patchgrid COMMAND``: one subparser per command (info, extract, merge, apply, preview, demo),
 each running its function in ``_commands``; the patch store is ``_store``'s. :func:`main`
-refuses an output it must not write before any work, prints an error in one line, and after
-an interrupt says what was left (as a rule, nothing: outputs move into place only when
-complete, ``_writes``). :func:`console` is the script's entry: SIGTERM raised as an
-interrupt, the allocator tuned for a process of its own.
+refuses an output it must not write before any work, and reports what went wrong on stderr:
+a library error in one line, its Python names rewritten as flags (:data:`TO_FLAGS`, applied by
+:func:`shell_words`; warnings too); an error in the user's own code (``--model``) with the
+frames of the user's files; with ``--debug`` (or ``PATCHGRID_DEBUG=1``) every frame. After an
+interrupt it says what was left (as a rule, nothing: outputs move into place only when
+complete, ``_writes``); a closed stdout (``| head``) ends it quietly. :func:`console` is the
+script's entry: SIGTERM raised as an interrupt, the allocator tuned for a process of its own.
 
 Imports: the public API as ``pg``, ``_commands``, ``io``, ``_writes``, ``_checks``.
 """
@@ -17,9 +20,13 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import sys
-from collections.abc import Sequence
+import sysconfig
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -27,7 +34,7 @@ import patchgrid as pg
 
 from . import _commands as commands
 from . import _writes, io
-from ._checks import PatchgridError
+from ._checks import PatchgridError, PatchgridWarning
 
 
 def _ints(text: str) -> tuple[int, ...] | int:
@@ -96,13 +103,14 @@ def _grid_args(p: argparse.ArgumentParser, *, size_required: bool = True) -> Non
         type=_ints,
         default=None,
         help="tiled axes, e.g. 0,1,2 (default: a NIfTI file's spatial axes, the first three "
-        "or the first len(size); for other images every axis, or the last len(size))",
+        "or as many as --size has entries; for other images every axis, or the last ones, as "
+        "many as --size has entries)",
     )
     p.add_argument(
-        "--pad-mode", default="constant", help="a numpy.pad mode for edge=pad (default: constant)"
+        "--pad-mode", default="constant", help="a numpy.pad mode for --edge pad (default: constant)"
     )
     p.add_argument(
-        "--pad-value", type=float, default=0, help="value of pad-mode constant (default: 0)"
+        "--pad-value", type=float, default=0, help="value of --pad-mode constant (default: 0)"
     )
 
 
@@ -124,9 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cut N-dimensional images into patches and put them back together.",
         epilog="Run 'patchgrid COMMAND --help' for each command's options and an example.",
     )
+    parser.add_argument("--version", action="version", version=f"patchgrid {pg.__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_info_args, _extract_args, _merge_args, _apply_args, _preview_args, _demo_args):
         add(sub)
+    for command in sub.choices.values():  # --debug after the command too; SUPPRESS keeps one
+        command.add_argument(  # given before it
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+        )
     return parser
 
 
@@ -135,6 +149,14 @@ def _command(sub: Any, name: str, help: str, epilog: str) -> argparse.ArgumentPa
         name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog
     )
     return parser
+
+
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output that patchgrid wrote (default: off)",
+    )
 
 
 def _info_args(sub: Any) -> None:
@@ -152,7 +174,7 @@ def _info_args(sub: Any) -> None:
         "--shape",
         type=_positive_ints,
         default=None,
-        help="describe a grid over this shape instead of a file",
+        help="describe a grid over this shape instead of a file (default: none, give IMAGE)",
     )
     p.add_argument("--dtype", default="float32", help="dtype for --shape (default: float32)")
     _grid_args(p)
@@ -174,7 +196,7 @@ def _extract_args(sub: Any) -> None:
         "--format",
         choices=sorted(commands.SUFFIX),
         default=None,
-        help="one file per patch in a folder",
+        help="one file per patch in a folder (default: none, one .zarr store)",
     )
     p.add_argument(
         "--batch",
@@ -182,7 +204,7 @@ def _extract_args(sub: Any) -> None:
         default=16,
         help="patches read and written at a time (default: 16)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _overwrite_arg(p)
     _grid_args(p)
     p.set_defaults(run=commands.extract)
 
@@ -211,7 +233,7 @@ def _merge_args(sub: Any) -> None:
     p.add_argument(
         "--batch", type=_positive_int, default=16, help="patches read at a time (default: 16)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _overwrite_arg(p)
     p.set_defaults(run=commands.merge)
 
 
@@ -242,7 +264,7 @@ def _apply_args(sub: Any) -> None:
         help="output voxels per input voxel: 2, 0.25 (default: 1)",
     )
     p.add_argument("--dtype", default=None, help="output dtype (default: the model's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _overwrite_arg(p)
     _grid_args(p)
     p.set_defaults(run=commands.apply)
 
@@ -256,7 +278,7 @@ def _preview_args(sub: Any) -> None:
     )
     p.add_argument("image", help="image file")
     p.add_argument("-o", "--output", required=True, help="a .png file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _overwrite_arg(p)
     _grid_args(p)
     p.set_defaults(run=commands.preview)
 
@@ -293,6 +315,9 @@ def _demo_args(sub: Any) -> None:
     )
     # The demo runs the command line itself, for its files.
     p.set_defaults(run=functools.partial(commands.demo, main=main))
+
+
+DEBUG_HELP = "on an error, print the whole traceback (default: off; PATCHGRID_DEBUG=1 turns it on)"
 
 
 class Terminated(KeyboardInterrupt):
@@ -354,34 +379,179 @@ def check_output(args: argparse.Namespace) -> None:
         io.check_output(out, overwrite=args.overwrite, inputs=inputs)
 
 
+# The library's messages name Python's parameters; the command line's name its flags. Each rule
+# is (pattern, replacement), applied in order by shell_words.
+_PARAMS = "overwrite|edge|axes|size|stride|pad_mode|pad_value|window|reduce|dtype|fill|margin|scale"
+_VALUE = r"'[^']*'(?:(?:,| or| and) '[^']*')*|\([^()]*\)|[^\s,;()]+"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _typed(value: str) -> str:
+    """A value as Python shows it, as it is typed: 'pad' -> pad, (1, 2) -> 1,2, 300.0 -> 300."""
+    if value.startswith("("):
+        return ",".join(_typed(v.strip()) for v in value[1:-1].split(",") if v.strip())
+    value = re.sub(r"'([^']*)'", r"\1", value)
+    return value[:-2] if re.fullmatch(r"-?\d+\.0", value) else value
+
+
+def _assignment(m: re.Match[str]) -> str:
+    """``edge='pad'`` -> ``--edge pad``, ``overwrite=True`` -> ``--overwrite``, ``dtype=`` ->
+    ``--dtype``."""
+    value = m.group(2)
+    return _flag(m.group(1)) + ("" if value in (None, "True") else f" {_typed(value)}")
+
+
+def _axes_hint(m: re.Match[str]) -> str:
+    """A patch larger than a short axis: that axis may be one not to tile."""
+    if "--axes" in m.string:
+        return m.group(0)
+    return (
+        f"{m.group(0)}; if axis {m.group(1)} holds channels or time, leave it out of the tiled "
+        f"axes with --axes"
+    )
+
+
+def _listed(m: re.Match[str]) -> str:
+    """``size (8, 8, 8)`` -> ``size 8,8,8``; choices ``('drop', 'pad')`` -> ``drop, pad``."""
+    words = m.group(2)
+    return m.group(1) + (
+        re.sub(r"'([^']*)'", r"\1", words[1:-1]) if "'" in words else _typed(words)
+    )
+
+
+TO_FLAGS: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
+    (r"\b\w+=True \((--[\w-]+)\)", r"\1"),  # overwrite=True (--overwrite) -> --overwrite
+    (r"Fraction\((-?\d+), (\d+)\)", r"\1/\2"),  # Fraction(1, 3) -> 1/3
+    (r" \(or an out=\)", ""),  # the command line has no out=
+    (r"\ban int size\b", "a single --size"),
+    (r"\b(size as a tuple \(here )(\([\d, ]+\))", _listed),
+    (r"\bsize as a tuple\b", "--size per axis"),
+    (r"\ba fill that\b", "a --fill that"),
+    (rf"\b({_PARAMS})=({_VALUE})?", _assignment),  # edge='pad' -> --edge pad
+    (rf"^({_PARAMS})\b", lambda m: _flag(m.group(1))),  # a message about a parameter
+    (r"\b(pad_mode|pad_value|batch_size)\b", lambda m: _flag(m.group(1))),
+    (r"\b((?:size|stride|axes|margin) )(\(\d+(?:, \d+)*,?\))", _listed),
+    (r"\b(got )(\(\d+(?:, \d+)*,?\))", _listed),  # got (0, 0) -> got 0,0
+    (r"()(\('[^']*'(?:, '[^']*')+\))", _listed),  # ('drop', 'pad') -> drop, pad
+    (r"on axis (\d+) is larger than the image there.*", _axes_hint),
+]
+
+
+def shell_words(text: str) -> str:
+    """A library message as the command line says it: Python's parameters as flags
+    (``edge='pad'`` -> ``--edge pad``, ``axes=(0, 1, 2)`` -> ``--axes 0,1,2``,
+    ``batch_size`` -> ``--batch-size``), tuples of sizes as comma lists."""
+    for pattern, replacement in TO_FLAGS:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+# Files of patchgrid itself, of installed packages and of Python's own library.
+_NOT_USERS = tuple(
+    os.path.join(os.path.abspath(p), "")
+    for p in {
+        os.path.dirname(__file__),
+        *(sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")),
+    }
+)
+
+
+def _users_file(path: str | None) -> bool:
+    if not path or path.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+        return False
+    return not os.path.abspath(path).startswith(_NOT_USERS)
+
+
+def user_frames(exc: BaseException) -> list[traceback.FrameSummary]:
+    """The frames of the user's own files (a ``--model``) that ``exc`` went through."""
+    return [f for f in traceback.extract_tb(exc.__traceback__) if _users_file(f.filename)]
+
+
+def report(command: str, exc: BaseException, debug: bool) -> None:
+    """Say what went wrong on stderr: an error in the user's code with its frames (patchgrid's
+    left out), any other in one line with the flags' names; with ``debug``, every frame."""
+    if debug:
+        traceback.print_exception(exc)
+    frames = user_frames(exc)
+    syntax = isinstance(exc, SyntaxError) and _users_file(exc.filename)
+    if frames or syntax:
+        if not debug:
+            print(
+                f"{command}: error in your code (--debug shows patchgrid's frames too):\n"
+                "Traceback (most recent call last):\n"
+                + "".join(traceback.format_list(frames))
+                + "".join(traceback.format_exception_only(exc)).rstrip(),
+                file=sys.stderr,
+            )
+        return
+    text = shell_words(str(exc))
+    known = (PatchgridError, ValueError, TypeError, OSError, ImportError, EOFError)
+    kind = "" if isinstance(exc, known) else f"{type(exc).__name__}: "
+    print(f"{command}: error: {kind}{text}", file=sys.stderr)
+
+
+def _warn(command: str) -> Callable[..., None]:
+    """Warnings as the command line says them: ``patchgrid merge: warning: ...``, in flags."""
+    python = warnings.showwarning
+
+    def show(message: Any, category: Any, *args: Any, **kw: Any) -> None:
+        if not issubclass(category, PatchgridWarning):
+            return python(message, category, *args, **kw)
+        print(f"{command}: warning: {shell_words(str(message))}", file=sys.stderr)
+
+    return show
+
+
+def _pipe_closed() -> int:
+    """stdout's reader went away (``patchgrid demo | head``): stop quietly, as Unix tools do
+    (they die of SIGPIPE), sending what is left to /dev/null rather than failing again on
+    the way out."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + 13  # SIGPIPE
+
+
+def _debug(args: Any) -> bool:
+    env = os.environ.get("PATCHGRID_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    return bool(getattr(args, "debug", False)) or env
+
+
 def main(argv: Sequence[str] | None = None, *, quiet: bool = False) -> int:
-    """Run the command line; returns the exit status. Errors print one line, no traceback;
-    an interrupt (Ctrl-C, or SIGTERM under :func:`console`) leaves nothing and returns 130
-    (143)."""
-    mark, command = len(_writes.written), "patchgrid"
+    """Run the command line; returns the exit status. Errors print one line with the flags'
+    names, an error in the user's code its own frames, ``--debug`` (or ``PATCHGRID_DEBUG=1``)
+    every frame; an interrupt (Ctrl-C, or SIGTERM under :func:`console`) leaves nothing and
+    returns 130 (143); a closed stdout (``| head``) ends quietly with 141."""
+    mark, command, args = len(_writes.written), "patchgrid", None
     try:
         args = build_parser().parse_args(argv)
         command = f"patchgrid {args.command}"
         # The command line reports file errors itself, in one line: quiet the readers' logs.
         logging.getLogger("tifffile").setLevel(logging.CRITICAL)
         check_output(args)
-        if quiet:
-            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-                return int(args.run(args))
-        return int(args.run(args))
+        with warnings.catch_warnings():
+            if not _debug(args):
+                warnings.showwarning = _warn(command)
+            if quiet:
+                with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+                    return int(args.run(args))
+            code = int(args.run(args))
+        sys.stdout.flush()  # here, not on the way out, so that a closed pipe is caught
+        return code
     except KeyboardInterrupt as exc:
         if quiet:
             raise
+        if _debug(args):
+            traceback.print_exception(exc)
         return _interrupted(command, exc, mark)
-    except (PatchgridError, ValueError, TypeError, OSError, ImportError, EOFError) as exc:
+    except Exception as exc:
         if quiet:
             raise
-        print(f"{command}: error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # an error in a user's model, say: one line still, with its type
-        if quiet:
-            raise
-        print(f"{command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if isinstance(exc, BrokenPipeError) and not user_frames(exc):
+            return _pipe_closed()
+        report(command, exc, _debug(args))
         return 1
 
 
