@@ -107,6 +107,20 @@ def test_axes_are_labelled_with_the_direction_they_point(name):
     for ax in _panels(fig, "slice"):
         for label in (ax.get_xlabel(), ax.get_ylabel()):
             assert label.endswith(codes[_axis_of(label)])
+        # As scanners draw: the lower-numbered axis across, the other up.
+        assert _axis_of(ax.get_xlabel()) < _axis_of(ax.get_ylabel())
+        assert ax.get_ylim()[0] < ax.get_ylim()[1]
+        cut = int(ax.get_label().split()[1])
+        name = {"L": "sagittal", "R": "sagittal", "P": "coronal", "A": "coronal"}
+        assert ax.get_title().startswith(name.get(codes[cut], "axial") + ":")
+
+
+@pytest.mark.parametrize("name", list(SCANS))
+def test_the_slices_are_grey_and_untinted(name):
+    fig, _, _ = _draw(name)
+    for ax in _panels(fig, "slice"):
+        (image,) = ax.images  # nothing drawn over the slice but lines and hatching
+        assert image.get_cmap().name.startswith("gray")
 
 
 def _boxes(fig):
@@ -240,10 +254,18 @@ def test_a_dense_grid_of_small_patches_draws_boxes_apart_and_says_so():
     assert re.search(r"patch edges \(1 in \d+ along axes 0, 1\)", legend)
 
 
-def test_uncovered_voxels_are_in_the_legend():
+@pytest.mark.parametrize(
+    ("edge", "entries"),
+    [
+        ("shift", ["patch edges", "one patch (8 x 8)"]),
+        ("drop", ["patch edges", "one patch (8 x 8)", "no patch"]),
+        ("pad", ["patch edges", "one patch (8 x 8)", "padding"]),
+    ],
+)
+def test_the_legend_names_what_is_drawn(edge, entries):
     image = np.zeros((20, 27))
-    fig = plot.preview(image, pg.PatchGrid(image.shape, size=8, stride=6, edge="drop"))
-    assert "no patch" in [t.get_text() for t in fig.legends[0].get_texts()]
+    fig = plot.preview(image, pg.PatchGrid(image.shape, size=8, stride=6, edge=edge))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == entries
 
 
 def test_nan_voxels_and_a_constant_image_draw(tmp_path):
