@@ -147,6 +147,42 @@ def test_nothing_overlaps_and_everything_is_inside(name, edge):
         assert box.y1 <= height, label
 
 
+def _check_layout(fig):
+    blocks = _boxes(fig)
+    for (a, box_a), (b, box_b) in itertools.combinations(blocks.items(), 2):
+        assert not box_a.overlaps(box_b), (a, b)
+    width, height = fig.get_size_inches() * fig.dpi
+    margins = [
+        min(b.x0 for b in blocks.values()),
+        min(b.y0 for b in blocks.values()),
+        width - max(b.x1 for b in blocks.values()),
+        height - max(b.y1 for b in blocks.values()),
+    ]
+    assert min(margins) >= 0  # everything inside
+    assert max(margins) / fig.dpi < 0.2  # and no wide margin (inches)
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "size", "stride"),
+    [
+        ((10, 20, 30), (1.0, 1.0, 2.0), 4, 2),  # the demo's: tall, narrow slices
+        ((8, 200, 200), (3.0, 0.5, 0.5), (4, 32, 32), (2, 24, 24)),  # thick, wide slices
+        ((600, 600), (1.0, 1.0), 40, 4),  # a picture, densely tiled
+        ((100,), (1.0,), 16, 12),  # a line
+    ],
+    ids=["tall", "flat", "plane", "line"],
+)
+def test_any_shape_is_laid_out_without_overlap_in_tight_margins(
+    tmp_path, shape, spacing, size, stride
+):
+    path = tmp_path / ("v.nii.gz" if len(shape) == 3 else "v.npy")
+    pg.save(path, np.random.default_rng(0).random(shape).astype(np.float32), spacing=spacing)
+    with pg.open(path) as img:
+        fig = plot.preview(img, pg.PatchGrid(img.shape, size=size, stride=stride))
+    fig.canvas.draw()
+    _check_layout(fig)
+
+
 @pytest.mark.parametrize("name", list(SCANS))
 def test_margins_are_tight(name):
     fig, _, _ = _draw(name)

@@ -10,6 +10,7 @@ Imports: matplotlib (inside functions), and the layers below (``_checks``, ``gri
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import textwrap
@@ -313,7 +314,7 @@ class Shades:
             bar.set_ticks(np.arange(len(self.counts)), labels=[str(c) for c in self.counts])
         bar.ax.tick_params(labelsize=7, length=2)
         none = "; red: none" if self.none else ""
-        bar.set_label(f"patches over each voxel (lower panels{none})", fontsize=8)
+        bar.set_label(f"patches over each voxel (small panels{none})", fontsize=8)
         return cax
 
 
@@ -454,24 +455,26 @@ class Cell(NamedTuple):
 
 
 def _arrange(grid: PatchGrid, views: list[View], lengths: dict[int, float]) -> Any:
-    """The views in columns (each a stack, in order) and the panels' (width, height) in
-    inches: one scale for all, so lengths compare, the largest that fits ``WIDTH`` x
-    ``HEIGHT`` with room for labels; a flat slice goes above another rather than beside."""
+    """The views in columns (each a stack, in order), whether each coverage panel goes beside
+    its slice rather than below, and the slices' (width, height) in inches: one scale for all,
+    so lengths compare, the largest that fits ``WIDTH`` x ``HEIGHT`` with room for labels."""
     sizes = []
     for view in views:
         across = grid.padded_shape[view.h] * lengths[view.h]
         down = across / 12 if view.v is None else grid.padded_shape[view.v] * lengths[view.v]
         sizes.append((across, down))
     options = [[[0], [1], [2]], [[0, 1], [2]], [[0], [1, 2]], [[0, 1, 2]]]
-    best: Any = ([[0]], 0.0)
-    for columns in options if len(views) == 3 else [[[0]]]:
-        wide = sum(max(sizes[i][0] for i in c) for c in columns)
-        tall = max(sum(sizes[i][1] * (1 + COVER) for i in c) for c in columns)
-        rows = max(len(c) for c in columns)
-        scale = min((WIDTH - 0.6 * len(columns)) / wide, (HEIGHT - 0.9 * rows) / tall)
-        if scale > 1.05 * best[1]:
-            best = (columns, scale)
-    return best[0], [(w * best[1], h * best[1]) for w, h in sizes], best[1]
+    best: Any = ([[0]], False, 0.0)
+    layouts = options if len(views) == 3 else [[[0]]]
+    for side, columns in itertools.product((False, True), layouts):
+        grow = (1 + COVER, 1) if side else (1, 1 + COVER)
+        wide = sum(max(sizes[i][0] * grow[0] for i in c) for c in columns)
+        tall = max(sum(sizes[i][1] * grow[1] for i in c) for c in columns)
+        room = (0.6 + 0.3 * side) * len(columns), 0.9 * max(len(c) for c in columns)
+        scale = min((WIDTH - room[0]) / wide, (HEIGHT - room[1]) / tall)
+        if scale > 1.05 * best[2]:
+            best = (columns, side, scale)
+    return best[0], best[1], [(w * best[2], h * best[2]) for w, h in sizes], best[2]
 
 
 def _extra(ax: Any, renderer: Any) -> tuple[float, float, float, float]:
@@ -490,20 +493,38 @@ def _inches(artist: Any, renderer: Any) -> tuple[float, float]:
     return box.width / DPI, box.height / DPI
 
 
-def _stack(columns: list[list[Cell]], renderer: Any) -> tuple[list[Any], list[Any]]:
-    """Where each cell goes, (cell, centre, top of its slice, top of its coverage) in inches
-    from the body's top left, and each column's (left, right, bottom)."""
+def _stack(columns: list[list[Cell]], side: bool, renderer: Any) -> tuple[list[Any], list[Any]]:
+    """Where each cell goes, (cell, slice's (left, top), coverage's (left, top)) in inches from
+    the body's top left, the coverage below its slice or beside it (``side``), and each
+    column's (left, right, bottom)."""
     spots, ends, x = [], [], EDGE
+    for c in (c for column in columns for c in column):  # a title wider than its panel: 2 lines
+        title = c.top.title.get_text()
+        if _inches(c.top.title, renderer)[0] > c.width + 0.2 and "\n" not in title:
+            cut = (": ", ":\n") if ": " in title else (" (", "\n(")
+            c.top.title.set_text(title.replace(*cut, 1))
     for column in columns:
-        extras = [(_extra(c.top, renderer), _extra(c.bottom, renderer)) for c in column]
-        left = max(max(t[0] + c.width / 2, b[0] + COVER * c.width / 2)
-                   for c, (t, b) in zip(column, extras))  # fmt: skip
-        right = max(max(t[1] + c.width / 2, b[1] + COVER * c.width / 2)
-                    for c, (t, b) in zip(column, extras))  # fmt: skip
+        cells = [(c, _extra(c.top, renderer), _extra(c.bottom, renderer)) for c in column]
+        if side:
+            left = max(t[0] for _, t, _ in cells)
+            right = max(
+                c.width + t[1] + GAP / 2 + b[0] + COVER * c.width + b[1] for c, t, b in cells
+            )
+        else:
+            left = max(max(t[0] + c.width / 2, b[0] + COVER * c.width / 2) for c, t, b in cells)
+            right = max(max(t[1] + c.width / 2, b[1] + COVER * c.width / 2) for c, t, b in cells)
         y = 0.0
-        for c, (t, b) in zip(column, extras):
+        for c, t, b in cells:
+            if side:
+                beside = x + left + c.width + t[1] + GAP / 2 + b[0]
+                spots.append((c, (x + left, y + t[2]), (beside, y + t[2])))
+                y += t[2] + max(c.height + t[3], COVER * c.height + b[3]) + GAP
+                continue
             below = y + t[2] + c.height + t[3] + GAP / 2 + b[2]
-            spots.append((c, x + left, y + t[2], below))
+            centre = x + left
+            spots.append(
+                (c, (centre - c.width / 2, y + t[2]), (centre - COVER * c.width / 2, below))
+            )
             y = below + COVER * c.height + b[3] + GAP
         ends.append((x, x + left + right, y - GAP))
         x += left + right + GAP
@@ -520,7 +541,7 @@ def _foot(ends: list[Any], width: float, legend: tuple[float, float], bar: Any) 
         w = lw + GAP + bar_w if side else max(lw, bar_w)
         h = max(lh, bar_h) if side else lh + GAP / 2 + bar_h
         for x0 in (EDGE, width - EDGE - w):
-            if x0 < EDGE - 1e-9:
+            if x0 < EDGE - 1e-9 or x0 + w > width - EDGE + 1e-9:
                 continue
             top = max(e[2] for e in ends if e[0] < x0 + w and x0 < e[1]) + GAP / 2
             bar_x, bar_y = (x0 + lw + GAP, top) if side else (x0, top + lh + GAP / 2)
@@ -530,7 +551,9 @@ def _foot(ends: list[Any], width: float, legend: tuple[float, float], bar: Any) 
     return best
 
 
-def _place(fig: Any, columns: list[list[Cell]], header: Any, legend: Any, cax: Any) -> None:
+def _place(
+    fig: Any, columns: list[list[Cell]], side: bool, header: Any, legend: Any, cax: Any
+) -> None:
     """Lay the picture out edge to edge: each column as wide as its widest panel or title,
     the header above, the legends in the lowest free place; nothing overlaps, and no margin
     is wider than ``EDGE``."""
@@ -542,7 +565,7 @@ def _place(fig: Any, columns: list[list[Cell]], header: Any, legend: Any, cax: A
         c.bottom.set_position((0.3, 0.1, COVER * c.width / big, COVER * c.height / big))
     cax.set_position((0.5, 0.05, 2.4 / big, 0.12 / big))
     renderer = fig.canvas.get_renderer()
-    spots, ends = _stack(columns, renderer)
+    spots, ends = _stack(columns, side, renderer)
     sizes, bar = _inches(legend, renderer), _extra(cax, renderer)
     width = max(ends[-1][1] + EDGE, sizes[0] + 2 * EDGE, bar[0] + 2.4 + bar[1] + 2 * EDGE)
     header.set_text(_wrap(header.get_text(), width - 2 * EDGE, header, renderer))
@@ -555,11 +578,9 @@ def _place(fig: Any, columns: list[list[Cell]], header: Any, legend: Any, cax: A
         return left / width, 1 - (body + top + h) / height, w / width, h / height
 
     header.set_position((EDGE / width, 1 - EDGE / height))
-    for c, centre, above, below in spots:
-        c.top.set_position(box(centre - c.width / 2, above, c.width, c.height))
-        c.bottom.set_position(
-            box(centre - COVER * c.width / 2, below, COVER * c.width, COVER * c.height)
-        )
+    for c, (x, y), (cx, cy) in spots:
+        c.top.set_position(box(x, y, c.width, c.height))
+        c.bottom.set_position(box(cx, cy, COVER * c.width, COVER * c.height))
     legend.set_bbox_to_anchor(box(legend_x, top, *sizes), transform=fig.transFigure)
     cax.set_position(box(bar_x, bar_y, 2.4, 0.12))
 
@@ -610,7 +631,7 @@ def preview(
     grey = _window(planes)
     fig = Figure(dpi=DPI)
     FigureCanvasAgg(fig)
-    order, sizes, scale = _arrange(grid, views, lengths)
+    order, side, sizes, scale = _arrange(grid, views, lengths)
     outlines = {a: _drawn(grid, a, scale * lengths[a] * DPI) for a in grid.axes[-3:]}
     look = (grey, affine, {a: starts for a, (starts, _) in outlines.items()})
     cells, shown = [], None
@@ -625,7 +646,7 @@ def preview(
     columns = [[cells[i] for i in column] for column in order]
     every = {a: k for a, (_, k) in outlines.items()}
     legend = _legend(fig, grid, views, holes, every)
-    _place(fig, columns, header, legend, shades.colorbar(fig, shown))
+    _place(fig, columns, side, header, legend, shades.colorbar(fig, shown))
     if path is not None:
         with atomic_path(path, overwrite=overwrite, kind="file") as tmp:
             fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
