@@ -1,10 +1,14 @@
 """patchgrid: cut N-dimensional images into patches, know where each sits, put them back.
 
 L5, the public face: the names of ``__all__``, re-exported from the private modules that hold
-them (``pg.merge`` is :func:`patchgrid._merge.merge`), and :mod:`patchgrid.settings`. The
-torch datasets load on first use. The layers below are described in ``docs/design.md``.
+them (``pg.merge`` is :func:`patchgrid._merge.merge`; ``apply``, ``extract`` and ``merge``
+through :func:`patchgrid._checks.keyword_hints`), and :mod:`patchgrid.settings`. The torch
+datasets load on first use. The layers below are described in ``docs/design.md``.
 """
 
+import typing as _typing
+
+from . import _checks
 from . import settings as settings  # the module, for its settings: pg.settings.TILE_BYTES
 from ._apply import apply
 from ._checks import PatchgridError, PatchgridWarning
@@ -35,6 +39,14 @@ __all__ = [
     "window",
 ]
 __version__ = "0.1.0"
+
+if not _typing.TYPE_CHECKING:
+    # MONAI's keywords (roi_size=, sw_batch_size=, ...) get a line naming patchgrid's. Only the
+    # public names are wrapped, so the library's own calls skip it; type checkers and the API
+    # pages see the functions themselves.
+    apply = _checks.keyword_hints(apply, module=__name__)
+    extract = _checks.keyword_hints(extract, module=__name__)
+    merge = _checks.keyword_hints(merge, module=__name__)
 
 
 def __getattr__(name: str) -> object:

@@ -1,16 +1,21 @@
 """The one place where arguments are checked and normalised (L0; the standard library only).
 
 Every public function calls these before doing any work, so that a bad value raises the same
-error, naming the same parameter, whichever entry point it came through.
+error, naming the same parameter, whichever entry point it came through. :func:`keyword_hints`
+points a keyword other libraries use (MONAI's ``roi_size=``) to patchgrid's name for it.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
-from collections.abc import Sequence
-from typing import Any
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class PatchgridError(ValueError):
@@ -142,3 +147,84 @@ def choice(value: Any, allowed: Sequence[str], name: str) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise PatchgridError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
     return value
+
+
+# Keywords of MONAI's sliding_window_inference, TorchIO's GridSampler and nnU-Net for what
+# patchgrid names otherwise: (patchgrid's parameter, the hint), the first the function has;
+# the last one otherwise.
+RENAMED: dict[str, tuple[tuple[str, str], ...]] = {
+    "patch_size": (("size", "patchgrid calls it size"),),
+    "roi_size": (("size", "patchgrid calls it size"),),
+    "sw_batch_size": (
+        ("batch_size", "patchgrid calls it batch_size"),
+        ("", "patchgrid calls it batch_size, in pg.apply"),
+    ),
+    "sw_device": (("device", "patchgrid calls it device"), ("", "pg.apply takes device=")),
+    "predictor": (("fn", "patchgrid calls it fn, the first argument"),),
+    "inputs": (("image", "patchgrid calls it image"),),
+    "mode": (
+        (
+            "window",
+            "patchgrid calls it window (MONAI's mode='constant' is window='uniform', "
+            "its 'gaussian' is 'monai-gaussian')",
+        ),
+        ("pad_mode", "patchgrid calls numpy.pad's mode pad_mode"),
+    ),
+    "padding_mode": (("pad_mode", "patchgrid calls it pad_mode"),),
+    "cval": (("pad_value", "patchgrid calls it pad_value"),),
+    "overlap": (
+        (
+            "stride",
+            "patchgrid takes stride = int(size * (1 - overlap)) (and pg.apply takes overlap=)",
+        ),
+    ),
+    "patch_overlap": (("stride", "patchgrid takes stride = size - patch_overlap"),),
+    "tile_step_size": (
+        (
+            "stride",
+            "patchgrid takes stride = int(size * tile_step_size), and edge='even' "
+            "for nnU-Net's evenly spread steps",
+        ),
+    ),
+}
+
+
+def keyword_hints(func: F, module: str | None = None) -> F:
+    """``func``, whose callers are told patchgrid's name for a keyword of :data:`RENAMED`.
+
+    ``pg.apply(f, x, roi_size=64)`` raises "pg.apply() got an unexpected keyword argument
+    'roi_size'; patchgrid calls it size" instead of Python's bare TypeError. Only the
+    TypeError of the call itself is looked at (one raised inside ``func`` passes unchanged),
+    so a correct call costs one more frame and nothing else. ``module`` is where the result
+    is found by its name (pickle looks there), ``func``'s own by default.
+    """
+    code = func.__code__
+    params = frozenset(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
+    where = "pg." + func.__qualname__.removesuffix(".__init__")
+
+    @functools.wraps(func)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except TypeError as exc:
+            hint = _renamed(exc, params)
+            if hint is None:
+                raise
+            raise TypeError(f"{where}() got an unexpected keyword argument {hint}") from None
+
+    call.__module__ = module or func.__module__
+    return cast(F, call)
+
+
+def _renamed(exc: TypeError, params: frozenset[str]) -> str | None:
+    """``'roi_size'; patchgrid calls it size`` for the call's own TypeError about a keyword of
+    :data:`RENAMED`; None for any other."""
+    tb = exc.__traceback__
+    if tb is None or tb.tb_next is not None:  # raised inside the function, not by the call
+        return None
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+    if found is None or found.group(1) not in RENAMED:
+        return None
+    choices = RENAMED[found.group(1)]
+    hint = next((h for name, h in choices if name in params), choices[-1][1])
+    return f"{found.group(1)!r}; {hint}"

@@ -195,6 +195,7 @@ class PatchGrid:
     _counts: tuple[int, ...]
     _key: tuple[Any, ...]
 
+    @_checks.keyword_hints  # MONAI's patch_size= and roi_size=: one line names size
     def __init__(
         self,
         shape: int | Sequence[int],
