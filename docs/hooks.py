@@ -13,12 +13,17 @@
   them), and with a note when they do not; ``on_files`` copies the PNG into the site.
 - ``on_page_content`` turns the ``:func:`name``` roles of the numpydoc docstrings into links
   to the API reference.
+- ``on_config`` stops the build where neither ruff nor black is installed: mkdocstrings
+  formats the signatures with one of them, and without both only logs it and writes each
+  signature on one line, cut at the page's edge.
+- ``on_page_markdown`` runs the home page's Python blocks; one that fails stops the build.
 """
 
 from __future__ import annotations
 
 import ast
 import html
+import importlib.util
 import os
 import pathlib
 import re
@@ -307,6 +312,13 @@ def _run(path: pathlib.Path) -> str:
 
 
 def on_config(config: Any) -> Any:
+    if all(importlib.util.find_spec(name) is None for name in ("ruff", "black")):
+        from mkdocs.exceptions import PluginError
+
+        raise PluginError(
+            "mkdocstrings formats the API's signatures with ruff or black, and neither is "
+            "installed: pip install -e '.[docs]'"
+        )
     for item in config["nav"] or []:
         if isinstance(item, dict) and "Gallery" in item:
             item["Gallery"] = ["gallery/index.md"] + [
@@ -357,7 +369,16 @@ def on_files(files: Files, config: Any) -> Files:
     return files
 
 
+def run_blocks(markdown: str, name: str) -> None:
+    """Run the page's Python blocks in order, in one namespace (their asserts are its claims)."""
+    namespace: dict[str, Any] = {"__name__": "__docs__"}
+    for i, code in enumerate(re.findall(r"^```python\n(.*?)^```", markdown, re.S | re.M)):
+        exec(compile(code, f"{name}, python block {i + 1}", "exec"), namespace)
+
+
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
+    if page.file.src_uri == "index.md":
+        run_blocks(markdown, page.file.src_uri)
     if "<!-- peers -->" not in markdown:
         return markdown
     parts = []
