@@ -47,18 +47,9 @@ class TorchOps:
 
         self.torch = torch
         self.numpy = host
-        t = torch
-        self._np_of = {
-            t.bool: np.bool_, t.uint8: np.uint8, t.int8: np.int8, t.int16: np.int16,
-            t.int32: np.int32, t.int64: np.int64, t.float16: np.float16,
-            t.float32: np.float32, t.float64: np.float64, t.complex64: np.complex64,
-            t.complex128: np.complex128,
-        }  # fmt: skip
-        for name in ("uint16", "uint32", "uint64"):  # torch 2.3 and newer
-            if hasattr(t, name):
-                self._np_of[getattr(t, name)] = getattr(np, name)
+        self._np_of = numpy_dtypes(torch)
         self._torch_of = {np.dtype(v): k for k, v in self._np_of.items()}
-        self._real_of = {t.complex64: t.float32, t.complex128: t.float64}
+        self._real_of = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
     def asarray(self, x: Any) -> Any:
         return x
@@ -338,6 +329,20 @@ class TorchOps:
         if x.is_complex():
             x = self.torch.view_as_real(x.resolve_conj())
         return int(self.torch.isinf(x).sum().item())
+
+
+def numpy_dtypes(t: Any) -> dict[Any, Any]:
+    """The NumPy dtype of each torch dtype that has one."""
+    table = {
+        t.bool: np.bool_, t.uint8: np.uint8, t.int8: np.int8, t.int16: np.int16,
+        t.int32: np.int32, t.int64: np.int64, t.float16: np.float16,
+        t.float32: np.float32, t.float64: np.float64, t.complex64: np.complex64,
+        t.complex128: np.complex128,
+    }  # fmt: skip
+    for name in ("uint16", "uint32", "uint64"):  # torch 2.3 and newer
+        if hasattr(t, name):
+            table[getattr(t, name)] = getattr(np, name)
+    return table
 
 
 def argmax_by_planes(t: Any, x: Any, axis: int, floating: bool) -> Any:
