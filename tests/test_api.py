@@ -2,6 +2,8 @@
 
 import inspect
 import pickle
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -161,3 +163,43 @@ def test_public_functions_keep_their_signature_and_pickle(name):
     assert pickle.loads(pickle.dumps(fn)) is fn
     assert inspect.signature(fn) == inspect.signature(fn.__wrapped__)
     assert "stride" in inspect.signature(fn).parameters
+
+
+NO_TORCH = """
+import sys
+
+
+class NoTorch:  # an environment without torch
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NoTorch())
+import numpy as np
+import patchgrid as pg
+
+pg.extract(np.zeros((8, 8)), 4)  # the rest of patchgrid works without torch
+try:
+    {how}
+except ModuleNotFoundError as error:
+    print(error)
+"""
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "pg.RandomPatchDataset",
+        "pg.PatchDataset",
+        "from patchgrid import RandomPatchDataset",
+        "from patchgrid.datasets import RandomPatchDataset",
+    ],
+)
+def test_datasets_without_torch_name_the_extra(how):
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH.replace("{how}", how)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "RandomPatchDataset need torch" in done.stdout
+    assert "pip install 'patchgrid[torch]'" in done.stdout

@@ -25,9 +25,11 @@ try:
     import torch
     from torch.utils.data import Dataset, IterableDataset, get_worker_info
 except ImportError as error:
-    raise ImportError(
+    # A ModuleNotFoundError stays one, for code that catches it; a broken torch an ImportError.
+    raise type(error)(
         f"PatchDataset and RandomPatchDataset need torch, which could not be imported ({error}): "
-        f"pip install 'patchgrid[torch]' (or pip install torch)"
+        f"pip install 'patchgrid[torch]' (or pip install torch)",
+        name=error.name,
     ) from None
 
 from . import _checks
