@@ -2268,3 +2268,20 @@ def test_output_through_a_symlink_is_refused_before_any_work(
     assert f"{name}' is a symbolic link; patchgrid writes no output through a link" in err
     assert target.read_bytes() == b"kept"
     assert os.readlink(tmp_path / name) == str(target)
+
+
+def test_apply_fill_is_the_value_of_voxels_no_patch_covers(tmp_path):
+    image = np.arange(20 * 22, dtype=np.float32).reshape(20, 22)
+    np.save(tmp_path / "in.npy", image)
+    (tmp_path / "ident.py").write_text("def run(b):\n    return b\n")
+    args = ["apply", str(tmp_path / "in.npy"), "--model", f"{tmp_path / 'ident.py'}:run",
+            "--size", "8", "--stride", "12", "--edge", "drop", "--fill", "-1",
+            "-o", str(tmp_path / "out.npy")]  # fmt: skip
+    assert pcli.main(args, quiet=True) == 0
+    out = np.load(tmp_path / "out.npy")
+    covered = np.zeros(image.shape, bool)
+    for y in (0, 12):  # the patches a drop edge keeps: starts 0 and 12 on both axes
+        for x in (0, 12):
+            covered[y : y + 8, x : x + 8] = True
+    np.testing.assert_array_equal(out[covered], image[covered])
+    assert (out[~covered] == -1).all()

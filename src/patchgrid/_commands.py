@@ -185,24 +185,6 @@ def coverage_summary(grid: Any) -> str:
     return f"{where}; {low} to {high} patches per voxel, {mean:.2f} on average"
 
 
-def patch_name(pos: Sequence[int], counts: Sequence[int]) -> str:
-    width = [max(3, len(str(c - 1))) for c in counts]
-    return "patch_" + "_".join(f"{p:0{w}d}" for p, w in zip(pos, width))
-
-
-def shifted_affine(affine: Any, grid: Any, start: Sequence[int]) -> Any:
-    """The affine of a patch whose corner is at ``start``: the image's, moved to the corner."""
-    if affine is None:
-        return None
-    corner = np.zeros(3)
-    for j, a in enumerate(grid.axes):
-        if a < 3:
-            corner[a] = start[j]
-    moved = np.array(affine, dtype=np.float64)
-    moved[:3, 3] = affine[:3, 3] + affine[:3, :3] @ corner
-    return moved
-
-
 def extract(args: argparse.Namespace) -> int:
     fmt = args.format
     out = args.output
@@ -237,20 +219,9 @@ def extract(args: argparse.Namespace) -> int:
             Progress(None, len(grid), "extract") as bar,
         ):
             if to_dir:
-                os.makedirs(tmp)
                 ext = SUFFIX[fmt or "npy"]
-                for i in range(len(grid)):
-                    pos = grid.position(i)
-                    start = [int(grid.axis_starts(j)[p]) for j, p in enumerate(pos)]
-                    path = os.path.join(tmp, patch_name(pos, grid.counts) + ext)
-                    pg.save(
-                        path,
-                        reader.read(i),
-                        spacing=img.spacing,
-                        affine=shifted_affine(img.affine, grid, start),
-                    )
-                    bar.update(1)
-                written = f"{len(grid)} {ext} files in {out}"
+                _store.write_folder(tmp, img, grid, reader, ext, bar)
+                written = f"{len(grid)} {ext} files and {_store.MANIFEST} in {out}"
             else:
                 _store.write_store(tmp, img, grid, reader, args.batch, bar)
                 n, k = len(grid), len(grid.axes)
@@ -283,8 +254,13 @@ def merge(args: argparse.Namespace) -> int:
     spacing = source.get("spacing") or [1.0] * grid.ndim
     if reduce_ == "argmax" and spec.class_axis is not None:
         spacing = [s for a, s in enumerate(spacing) if a != spec.class_axis]
+    like = _store.source_like(args.patches, source, grid.ndim)  # a NIfTI header, say
     # NIfTI and TIFF outputs are built in memory; the others are filled on disk tile by tile.
-    in_memory = io.split_path(args.output)[1] in ("nifti", "tiff")
+    fmt = io.output_path(args.output)[1]
+    in_memory = fmt in ("nifti", "tiff")
+    lost = io.npy_loses(spacing, source.get("affine")) if fmt == "npy" else None
+    if lost is not None:
+        print(f"patchgrid merge: warning: {args.output}: {lost}", file=sys.stderr)
     out_bytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
     patch = math.prod(grid.patch_shape)
     check_memory(
@@ -304,6 +280,7 @@ def merge(args: argparse.Namespace) -> int:
             spacing,
             source.get("affine"),
             args.overwrite,
+            like=like,
         ) as out,
         Progress(None, n, "merge") as bar,
     ):
@@ -365,6 +342,7 @@ def apply(args: argparse.Namespace) -> int:
         margin=args.margin,
         scale=args.scale,
         dtype=args.dtype,
+        fill=int(args.fill) if float(args.fill).is_integer() else args.fill,
     )
     with pg.open(args.image) as img:
         kw["axes"] = tiled_axes(img.ndim, img.format, args)

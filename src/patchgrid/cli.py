@@ -264,6 +264,9 @@ def _apply_args(sub: Any) -> None:
         help="output voxels per input voxel: 2, 0.25 (default: 1)",
     )
     p.add_argument("--dtype", default=None, help="output dtype (default: the model's)")
+    p.add_argument(
+        "--fill", type=float, default=0, help="value of voxels no patch covers (default: 0)"
+    )
     _overwrite_arg(p)
     _grid_args(p)
     p.set_defaults(run=commands.apply)
