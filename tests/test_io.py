@@ -640,3 +640,275 @@ def test_tiles_find_malloc_trim_where_glibc_runs():
     memory = importlib.import_module("patchgrid._memory")
     glibc = sys.platform.startswith("linux") and "glibc" in " ".join(platform_libc())
     assert (getattr(memory.libc(), "malloc_trim", None) is not None) == glibc
+
+
+# ------------------------------------------------------- arrays inside a zarr group (#16, 8)
+
+
+def _group(tmp_path):
+    path = _path(tmp_path, "zarr")
+    group = zarr.open_group(path, mode="w")
+    group.create_array("patches", data=_volume())
+    group.create_array("starts", data=np.arange(6).reshape(2, 3))
+    group.create_group("inner").create_array("deep", data=_volume(seed=3))
+    return path
+
+
+@pytest.mark.parametrize("form", ["{}/patches", "{}:patches", "{}/patches/"])
+def test_an_array_of_a_zarr_group_opens_by_its_name(tmp_path, form):
+    assert np.array_equal(_read(form.format(_group(tmp_path))), _volume())
+
+
+def test_an_array_in_a_zarr_subgroup_opens_by_its_path(tmp_path):
+    assert np.array_equal(_read(f"{_group(tmp_path)}/inner/deep"), _volume(seed=3))
+
+
+def test_the_form_the_zarr_group_message_suggests_works(tmp_path):
+    path = _group(tmp_path)
+    with pytest.raises(ValueError, match="name one of its arrays as") as caught:
+        pg.open(path)
+    form = str(caught.value).split(" as ")[1].split(" ")[0]
+    assert form == f"{path}/ARRAY"
+    assert np.array_equal(_read(form.replace("ARRAY", "patches")), _volume())
+
+
+def test_a_missing_array_of_a_zarr_group_is_named(tmp_path):
+    path = _group(tmp_path)
+    with pytest.raises(ValueError, match=r"with no array 'nope'.*'inner/deep', 'patches'"):
+        pg.open(f"{path}/nope")
+
+
+def test_a_name_after_a_zarr_array_is_refused(tmp_path):
+    path = _saved(tmp_path, "zarr", _volume())
+    with pytest.raises(ValueError, match="is a zarr array, not a group"):
+        pg.open(f"{path}/x")
+
+
+@pytest.mark.parametrize("form", ["{}/arr", "{}:arr"])
+def test_save_into_an_array_of_a_zarr_group_is_refused_and_writes_nothing(tmp_path, form):
+    with pytest.raises(ValueError, match="not an array inside a group"):
+        pg.save(form.format(_path(tmp_path, "zarr")), _volume())
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_file_inside_a_folder_named_zarr_keeps_its_own_format(tmp_path):
+    os.mkdir(tmp_path / "data.zarr")
+    path = str(tmp_path / "data.zarr" / "scan.nii.gz")
+    pg.save(path, _volume())
+    assert pg.open(path).format == "nifti"
+
+
+# --------------------------------------------------------- install hints (#16, item 5)
+
+
+def _extras():
+    """The optional libraries each extra of pyproject.toml brings, read from the file."""
+    tomllib = pytest.importorskip("tomllib")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    return {
+        extra: {req.split("[")[0].split(">")[0].split("=")[0].strip() for req in reqs}
+        for extra, reqs in extras.items()
+    }
+
+
+@pytest.mark.parametrize("module", sorted(pio.EXTRAS))
+def test_each_hint_names_the_extra_that_brings_the_library(module):
+    assert module in _extras()[pio.EXTRAS[module]]
+
+
+# (format, library, what the message says first)
+READERS = [
+    ("nii.gz", "nibabel", "reading .nii/.nii.gz"),
+    ("tif", "tifffile", "reading .tif/.tiff"),
+    ("zarr", "zarr", "reading .zarr"),
+    ("h5", "h5py", "reading .h5/.hdf5"),
+]
+
+
+@pytest.mark.parametrize(("ext", "module", "what"), READERS, ids=[r[1] for r in READERS])
+def test_open_without_its_library_says_which_extra_brings_it(
+    tmp_path, monkeypatch, ext, module, what
+):
+    path = _saved(tmp_path, ext, _volume())
+    monkeypatch.setitem(__import__("sys").modules, module, None)
+    with pytest.raises(
+        ValueError, match=rf"^{what} needs {module}: pip install 'patchgrid\[io\]'$"
+    ):
+        pg.open(path)
+
+
+@pytest.mark.parametrize(("ext", "module", "what"), READERS, ids=[r[1] for r in READERS])
+def test_save_without_its_library_says_which_extra_brings_it(
+    tmp_path, monkeypatch, ext, module, what
+):
+    monkeypatch.setitem(__import__("sys").modules, module, None)
+    said = what.replace("reading", "writing")
+    with pytest.raises(
+        ValueError, match=rf"^{said} needs {module}: pip install 'patchgrid\[io\]'$"
+    ):
+        pg.save(_path(tmp_path, ext), _volume())
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_compressed_tiff_without_zarr_says_which_extra_brings_it(tmp_path, monkeypatch):
+    path = _path(tmp_path, "tif")
+    tifffile.imwrite(path, _volume(), compression="zlib")
+    monkeypatch.setitem(__import__("sys").modules, "zarr", None)
+    with pytest.raises(ValueError, match=r"reading a compressed .tif needs zarr: .*\[io\]"):
+        pg.open(path)
+
+
+@pytest.mark.parametrize(
+    ("module", "extra"), [("matplotlib", "plot"), ("torch", "torch"), ("numba", "fast")]
+)
+def test_need_names_the_extra_of_every_optional_library(monkeypatch, module, extra):
+    monkeypatch.setitem(__import__("sys").modules, module, None)
+    with pytest.raises(ValueError, match=rf"^{module} is not installed: .*\[{extra}\]'$"):
+        pio.need(module)
+
+
+def test_a_library_that_fails_to_import_is_not_called_missing(monkeypatch):
+    def broken(name):
+        raise ModuleNotFoundError("No module named 'numcodecs'", name="numcodecs")
+
+    monkeypatch.setattr(pio.importlib, "import_module", broken)
+    with pytest.raises(ValueError, match=r"zarr is installed but cannot be imported .*numcodecs"):
+        pio.need("zarr", "writing .zarr")
+
+
+@pytest.mark.parametrize(
+    ("args", "module", "said"),
+    [
+        (["-o", "b.zarr"], "zarr", "writing .zarr needs zarr"),
+        (["-o", "p/", "--format", "nii"], "nibabel", "writing .nii/.nii.gz needs nibabel"),
+        (["-o", "p/", "--format", "tif"], "tifffile", "writing .tif/.tiff needs tifffile"),
+    ],
+    ids=["zarr", "nii", "tif"],
+)
+def test_extract_without_a_library_says_which_extra_brings_it(
+    capsys, tmp_path, monkeypatch, args, module, said
+):
+    from patchgrid.cli import main
+
+    np.save(tmp_path / "v.npy", _volume())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, module, None)
+    code = main(["extract", "v.npy", "--size", "4", *args])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == f"patchgrid extract: error: {said}: pip install 'patchgrid[io]'\n"
+    assert os.listdir(tmp_path) == ["v.npy"]
+
+
+# -------------------------------------------------- NIfTI headers and .npy files (#16, 3)
+
+
+def _fields(header):
+    return {key: np.asarray(header[key]) for key in header}
+
+
+def _differ(a, b):
+    fa, fb = _fields(a), _fields(b)
+    return {k for k in fa if not np.array_equal(fa[k], fb[k], equal_nan=fa[k].dtype.kind == "f")}
+
+
+NIFTI_SAMPLES = ["anatomical.nii", "example4d.nii.gz", "example_nifti2.nii.gz", "functional.nii"]
+
+
+@pytest.mark.parametrize("name", NIFTI_SAMPLES)
+def test_save_like_a_nifti_keeps_its_whole_header(tmp_path, name):
+    with pg.open(_sample(name)) as img:
+        pg.save(tmp_path / "out.nii.gz", np.asarray(img), like=img)
+    source, saved = nib.load(_sample(name)), nib.load(tmp_path / "out.nii.gz")
+    # functional.nii's values are scaled int16: they are kept as floats, unscaled.
+    changed = {"datatype", "bitpix"} if name == "functional.nii" else set()
+    assert _differ(source.header, saved.header) == changed
+    assert type(saved) is type(source)
+    assert np.array_equal(saved.get_fdata(), source.get_fdata())
+
+
+def test_a_scaled_nifti_reads_as_its_scaled_values():
+    # functional.nii: int16 on disk, with a slope and an intercept.
+    with pg.open(_sample("functional.nii")) as img:
+        assert img.dtype.kind == "f"
+        assert np.array_equal(np.asarray(img), nib.load(_sample("functional.nii")).get_fdata())
+
+
+def test_save_like_a_nifti_with_a_new_affine_moves_both_forms(tmp_path):
+    source = nib.load(_sample("anatomical.nii"))
+    move = np.diag([0.5, 0.5, 0.5, 1.0])  # voxels half as large, as a finer output has
+    with pg.open(_sample("anatomical.nii")) as img:
+        data = np.zeros((66, 82, 50), np.int16)
+        pg.save(tmp_path / "out.nii", data, like=img, affine=img.affine @ move, spacing=(1, 1, 1))
+    saved = nib.load(tmp_path / "out.nii").header
+    assert np.allclose(saved.get_qform(), source.header.get_qform() @ move)
+    assert np.allclose(saved.get_sform(), source.header.get_sform() @ move)
+    assert (int(saved["qform_code"]), int(saved["sform_code"])) == (2, 2)
+    assert saved["descrip"] == source.header["descrip"]
+
+
+def test_save_like_a_nifti_into_labels_clears_the_display_range(tmp_path):
+    with pg.open(_sample("example4d.nii.gz")) as img:
+        pg.save(tmp_path / "out.nii.gz", np.zeros(img.shape, np.uint8), like=img)
+    saved = nib.load(tmp_path / "out.nii.gz").header
+    assert (float(saved["cal_min"]), float(saved["cal_max"])) == (0.0, 0.0)
+    assert saved.get_data_dtype() == np.uint8
+    assert int(saved["xyzt_units"]) == 10
+
+
+def test_create_output_like_a_nifti_keeps_its_header(tmp_path):
+    with (
+        pg.open(_sample("example4d.nii.gz")) as img,
+        pio.create_output(
+            tmp_path / "out.nii.gz", img.shape, img.dtype, img.spacing, img.affine, like=img
+        ) as out,
+    ):
+        out[...] = np.asarray(img)
+    source, saved = nib.load(_sample("example4d.nii.gz")), nib.load(tmp_path / "out.nii.gz")
+    assert _differ(source.header, saved.header) == set()
+
+
+@pytest.mark.parametrize("name", NIFTI_SAMPLES)
+def test_a_header_kept_as_json_comes_back_whole(name):
+    with pg.open(_sample(name)) as img:
+        kept = pio.Metadata.from_dict(pio.describe(img), img.ndim)
+        header = img.meta["header"]
+        assert _differ(header, kept.meta["header"]) <= {"vox_offset"}
+        assert len(kept.meta["header"].extensions) == len(header.extensions)
+        assert kept.dtype == img.dtype
+
+
+@pytest.mark.parametrize(
+    ("meta", "lost"),
+    [
+        ({"spacing": (1.0, 2.0, 3.0)}, r"the spacing \(1.0, 2.0, 3.0\) is not saved"),
+        # The spacing of an affine is the length of its columns.
+        ({"affine": AFFINE}, r"the spacing \(1.5, 2.0, 3.0\) and the affine are not saved"),
+        ({"spacing": SPACING, "affine": AFFINE}, r"the spacing .* and the affine are not saved"),
+    ],
+    ids=["spacing", "affine", "both"],
+)
+def test_save_npy_warns_what_it_cannot_keep(tmp_path, meta, lost):
+    with pytest.warns(
+        pg.PatchgridWarning, match=f"image.npy: a .npy file holds no spacing.*{lost}"
+    ):
+        pg.save(_path(tmp_path, "npy"), _volume(), **meta)
+
+
+def test_save_npy_like_a_nifti_warns_what_it_cannot_keep(tmp_path):
+    with (
+        pg.open(_sample("anatomical.nii")) as img,
+        pytest.warns(pg.PatchgridWarning, match="affine"),
+    ):
+        pg.save(_path(tmp_path, "npy"), np.asarray(img), like=img)
+
+
+@pytest.mark.parametrize("meta", [{}, {"spacing": (1.0, 1.0, 1.0)}, {"affine": np.eye(4)}])
+def test_save_npy_with_nothing_to_lose_says_nothing(tmp_path, meta):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pg.save(_path(tmp_path, "npy"), _volume(), **meta)

@@ -29,6 +29,7 @@ LAYERS = {
     "_progress": 0,
     "_numba": 0,
     "_writes": 0,
+    "_formats": 0,
     # L1: reading regions, strided loops, the compiled kernels, files
     "_regions": 1,
     "_strided": 1,

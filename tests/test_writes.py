@@ -28,7 +28,7 @@ pytest.importorskip("h5py")
 
 import patchgrid as pg  # noqa: E402
 import patchgrid.io as pio  # noqa: E402
-from patchgrid import _writes  # noqa: E402
+from patchgrid import _store, _writes  # noqa: E402
 from patchgrid.cli import main  # noqa: E402
 
 SHAPE = (16, 16, 16)
@@ -107,6 +107,41 @@ def test_extract_over_a_folder_of_other_files_is_refused(capsys, folder):
     assert _snapshot(out) == before
 
 
+FOREIGN_FOLDERS = [
+    ({"patch_000_000_000.npy": b"x"}, "has no manifest.json", "patch-files-only"),
+    ({"manifest.json": b'{"name": "mine"}'}, "has no manifest.json", "other-manifest"),
+    ({"manifest.json": b"[1, 2]"}, "has no manifest.json", "manifest-a-list"),
+    ({"manifest.json": b'{"patchgrid": {}}', "a.txt": b"x"}, "'a.txt'", "with-other-files"),
+]
+
+
+@pytest.mark.parametrize(
+    ("files", "said"), [f[:2] for f in FOREIGN_FOLDERS], ids=[f[2] for f in FOREIGN_FOLDERS]
+)
+def test_a_patch_folder_is_ours_only_with_patchgrids_manifest(tmp_path, files, said):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    with pytest.raises(FileExistsError, match=said):
+        pio.check_target(out, overwrite=True, kind="patches")
+
+
+def test_a_patch_folder_with_patchgrids_manifest_is_ours(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"patchgrid": {"version": 1}}')
+    (out / "patch_000_001.nii.gz").write_bytes(b"x")
+    pio.check_target(out, overwrite=True, kind="patches")
+
+
+@pytest.mark.parametrize("inside", ["p.zarr/zarr.json", "p.zarr/patches"])
+def test_an_output_inside_an_input_folder_is_refused(capsys, folder, inside):
+    cli(capsys, "extract", "vol.npy", "--size", 8, "-o", "p.zarr")
+    with pytest.raises(pg.PatchgridError, match=r"lies inside the input 'p\.zarr'"):
+        pio.check_target(inside, overwrite=True, inputs=["p.zarr"])
+
+
 def test_merge_over_a_folder_named_like_a_file_is_refused(capsys, folder):
     cli(capsys, "extract", "vol.npy", "--size", 8, "-o", "p.zarr")
     (folder / "outdir.npy").mkdir()
@@ -147,7 +182,8 @@ def test_overwrite_replaces_a_patch_folder_extract_made(capsys, folder):
         capsys, "extract", "vol.npy", "--size", 4, "-o", "out/", "--format", "npy", "--overwrite"
     )
     assert code == 0, err
-    assert len(os.listdir(folder / "out")) == 64
+    assert sorted(os.listdir(folder / "out"))[:2] == ["manifest.json", "patch_000_000_000.npy"]
+    assert len(os.listdir(folder / "out")) == 1 + 64
 
 
 def test_overwrite_fills_an_empty_folder(capsys, folder):
@@ -156,7 +192,7 @@ def test_overwrite_fills_an_empty_folder(capsys, folder):
         capsys, "extract", "vol.npy", "--size", 8, "-o", "out/", "--format", "npy", "--overwrite"
     )
     assert code == 0, err
-    assert len(os.listdir(folder / "out")) == 8
+    assert len(os.listdir(folder / "out")) == 1 + 8
 
 
 def _not_of_the_format(path):
@@ -326,13 +362,14 @@ def test_an_empty_folder_that_appears_meanwhile_is_kept(tmp_path, monkeypatch, m
 
 
 def test_a_second_extract_to_the_same_store_fails(capsys, folder, monkeypatch):
-    real = _writes.move_new
+    real = _store.write_store
 
-    def first_run_finishes_meanwhile(tmp, target):
+    def first_run_finishes_meanwhile(tmp, *args):
+        real(tmp, *args)
+        target = os.path.join(os.path.dirname(os.path.dirname(tmp)), os.path.basename(tmp))
         zarr.create_array(target, data=_volume(seed=9))
-        real(tmp, target)
 
-    monkeypatch.setattr(_writes, "move_new", first_run_finishes_meanwhile)
+    monkeypatch.setattr(_store, "write_store", first_run_finishes_meanwhile)
     code, _, err = cli(capsys, "extract", "vol.npy", "--size", 8, "-o", "p.zarr")
     assert (code, err.count("\n")) == (1, 1)
     assert "appeared while patchgrid was writing it" in err

@@ -68,7 +68,8 @@ FORMATS = {
 
 
 def split_path(path: str | os.PathLike[str]) -> tuple[str, str, str | None]:
-    """``(file, format, dataset)`` for a path such as ``scan.nii.gz`` or ``data.h5:/raw``."""
+    """``(file, format, dataset)`` for a path such as ``scan.nii.gz``, ``data.h5:/raw`` or
+    ``store.zarr/patches`` (also ``store.zarr:patches``)."""
     text = os.fspath(path)
     dataset = None
     lower = text.lower()
@@ -83,14 +84,21 @@ def split_path(path: str | os.PathLike[str]) -> tuple[str, str, str | None]:
     for ext in sorted(FORMATS, key=len, reverse=True):
         if stripped.endswith(ext):
             return text.rstrip("/\\") if ext == ".zarr" else text, FORMATS[ext], dataset
+    # An array inside a zarr group: group.zarr/NAME or group.zarr:NAME.
+    at = max(lower.rfind(f".zarr{sep}") for sep in ":/\\")
+    if dataset is None and at >= 0 and text[at + 6 :].strip("/\\"):
+        return text[: at + 5], "zarr", text[at + 6 :].strip("/\\").replace("\\", "/")
     known = ", ".join(sorted(FORMATS))
     raise PatchgridError(
-        f"cannot tell the format of {os.fspath(path)!r}: known extensions are {known}"
+        f"cannot tell the format of {os.fspath(path)!r}: known extensions are {known} "
+        f"(an array inside a zarr group: group.zarr/ARRAY; an HDF5 dataset: file.h5:DATASET)"
     )
 
 
-# What a patch folder written by 'patchgrid extract' holds.
-_PATCH_FILE = re.compile(r"patch(_[0-9]+)+\.(npy|nii|nii\.gz|tif)|\.patchgrid|manifest\.json")
+# What a patch folder written by 'patchgrid extract' holds: patch files and its manifest, the
+# mark of a folder patchgrid wrote.
+_PATCH_FILE = re.compile(r"patch(_[0-9]+)+\.(npy|nii|nii\.gz|tif)|manifest\.json")
+MANIFEST = "manifest.json"
 _LABELS = {"npy": ".npy", "nifti": "NIfTI", "tiff": "TIFF", "hdf5": "HDF5", "zarr": "zarr"}
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -147,8 +155,9 @@ def _kind_of(path: str) -> str:
 
 
 def _input_relation(path: str, dataset: str | None, source: Any) -> str | None:
-    """``"is"`` or ``"holds"`` where the output ``path`` is the input ``source`` or a folder
-    that holds it, else None."""
+    """``"is"``, ``"holds"`` or ``"lies inside"`` where the output ``path`` is the input
+    ``source``, a folder that holds it, or a file inside it (a patch folder, a zarr store);
+    else None."""
     text = os.fspath(source)
     try:
         file, _, inner = split_path(text)
@@ -168,6 +177,10 @@ def _input_relation(path: str, dataset: str | None, source: Any) -> str | None:
         folder = os.path.join(os.path.realpath(path), "")
         if os.path.realpath(file).startswith(folder):
             return "holds"
+    if os.path.isdir(file) and not os.path.islink(file):  # a folder of patches, a zarr store
+        folder = os.path.join(os.path.realpath(file), "")
+        if os.path.realpath(path).startswith(folder):
+            return "lies inside"
     return None
 
 
@@ -176,10 +189,16 @@ def _not_ours(path: str, kind: str) -> str | None:
     if kind == "patches":
         if not os.path.isdir(path):
             return "is not a folder of patches"
-        strange = sorted(n for n in os.listdir(path) if not _PATCH_FILE.fullmatch(n))
-        if strange or any(not os.path.isfile(os.path.join(path, n)) for n in os.listdir(path)):
+        names = os.listdir(path)
+        strange = sorted(n for n in names if not _PATCH_FILE.fullmatch(n))
+        if strange or any(not os.path.isfile(os.path.join(path, n)) for n in names):
             first = strange[0] if strange else "a folder"
             return f"holds files patchgrid did not write (such as {first!r})"
+        if names and not _is_manifest(os.path.join(path, MANIFEST)):
+            return (
+                f"has no {MANIFEST} from 'patchgrid extract', the mark of a patch folder "
+                f"patchgrid wrote"
+            )
         return None
     if kind == "zarr":
         if not os.path.isdir(path):
@@ -193,6 +212,16 @@ def _not_ours(path: str, kind: str) -> str | None:
     if kind in _LABELS and not _looks_like(path, kind):
         return f"is not a {label} file"
     return None
+
+
+def _is_manifest(path: str) -> bool:
+    """Whether ``path`` is the manifest of a patch folder from 'patchgrid extract'."""
+    try:
+        with builtins.open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("patchgrid"), dict)
 
 
 def _is_our_zarr(path: str) -> bool:

@@ -16,20 +16,19 @@ output may replace, the atomic move).
 
 from __future__ import annotations
 
-import builtins
 import functools
 import importlib
-import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
 
-from . import _writes
-from ._checks import PatchgridError
+from . import _formats, _writes
+from ._checks import PatchgridError, PatchgridWarning
 from ._memory import tune_allocator
 from ._writes import FORMATS as FORMATS  # the formats, by extension
 from ._writes import check_target as check_target  # what an output may replace
@@ -37,18 +36,37 @@ from ._writes import split_path as split_path  # (file, format, dataset) of a pa
 
 __all__ = ["Image", "open", "save", "tune_allocator"]
 
-EXTRA = {"nifti": "nibabel", "tiff": "tifffile", "zarr": "zarr", "hdf5": "h5py"}
+# The extra of pyproject.toml that brings each optional library.
+EXTRAS = {
+    "nibabel": "io",
+    "tifffile": "io",
+    "zarr": "io",
+    "h5py": "io",
+    "matplotlib": "plot",
+    "torch": "torch",
+    "dask": "dask",
+    "numba": "fast",
+}
 
 
-def need(module: str) -> Any:
-    """Import an optional library, or say which extra brings it."""
+def need(module: str, what: str | None = None) -> Any:
+    """Import an optional library, or say what needs it and which extra brings it.
+
+    ``what`` is the work that needs it, as the message starts ("writing .zarr").
+    """
     try:
         return importlib.import_module(module)
-    except ImportError:
-        raise PatchgridError(
-            f"this file format needs {module}, which is not installed: pip install "
-            f"'patchgrid[io]' (or pip install {module})"
-        ) from None
+    except ImportError as exc:
+        top = module.split(".")[0]
+        extra = EXTRAS.get(top)
+        hint = f"pip install 'patchgrid[{extra}]'" if extra else f"pip install {top}"
+        said = f"{what} needs {top}" if what else f"{top} is not installed"
+        if exc.name is not None and exc.name.split(".")[0] != top:  # a library of its own
+            raise PatchgridError(
+                f"{what + ': ' if what else ''}{top} is installed but cannot be imported "
+                f"({exc}); reinstall it: {hint}"
+            ) from None
+        raise PatchgridError(f"{said}: {hint}") from None
 
 
 class Image:
@@ -184,90 +202,30 @@ def _open_npy(file: str, dataset: str | None) -> Image:
     try:
         data = np.load(file, mmap_mode="r", allow_pickle=False)
     except Exception as exc:
-        raise PatchgridError(f"cannot read {file!r} as npy: {_npy_problem(file, exc)}") from None
+        raise PatchgridError(
+            f"cannot read {file!r} as npy: {_formats.npy_problem(file, exc)}"
+        ) from None
     return Image(data, file, "npy", (1.0,) * data.ndim, None, {})
 
 
-def _npy_problem(file: str, exc: Exception) -> str:
-    """What is wrong with a ``.npy`` file that NumPy refused, in one line: NumPy's own words
-    name a tokenizer or a mmap, not the file's header or length."""
-    import ast
-    import math
-
-    magic = b"\x93NUMPY"
-    with builtins.open(file, "rb") as f:
-        prefix = f.read(12)
-        if not prefix.startswith(magic):
-            return f"it does not start with the .npy signature {magic!r} (got {prefix[:8]!r})"
-        major = prefix[6] if len(prefix) > 6 else -1
-        if major not in (1, 2, 3) or len(prefix) < 10:
-            return f"unknown .npy format version {major} (NumPy writes 1, 2 and 3)"
-        width = 2 if major == 1 else 4
-        length = int.from_bytes(prefix[8 : 8 + width], "little")
-        f.seek(8 + width)
-        text = f.read(length)
-        data_bytes = os.fstat(f.fileno()).st_size - (8 + width + length)
-    if len(text) < length:
-        return f"its header should be {length} bytes long but the file ends after {len(text)}"
-    if length > 10_000:
-        return f"its header is {length:,} bytes long, more than the 10,000 NumPy accepts"
-    shown = text.decode("latin1").strip()
-    try:
-        header = ast.literal_eval(shown)
-        ok = isinstance(header, dict) and {"descr", "fortran_order", "shape"} <= set(header)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        ok = False
-    if not ok:
-        cut = shown if len(shown) <= 80 else shown[:77] + "..."
-        return (
-            f"its header is not a .npy header, a dict like {{'descr': '<f4', "
-            f"'fortran_order': False, 'shape': (2, 3)}}: got {cut!r}"
-        )
-    try:
-        dtype = np.dtype(header["descr"])
-        need = math.prod(header["shape"]) * dtype.itemsize
-    except Exception:
-        return f"its header describes no array NumPy knows: {' '.join(str(exc).split())}"
-    if data_bytes < need:
-        return (
-            f"its header says shape {tuple(header['shape'])} {dtype}, {need:,} bytes of data, "
-            f"but the file holds {max(data_bytes, 0):,} (truncated?)"
-        )
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _open_nifti(file: str, dataset: str | None) -> Image:
-    nib = need("nibabel")
-    img = nib.load(file)
-    proxy = img.dataobj
-    dtype = (
-        img.get_data_dtype() if not _scaled(img) else np.asarray(proxy[(0,) * len(img.shape)]).dtype
-    )
-    zooms = img.header.get_zooms()
-    spacing = [float(z) for z in zooms] + [1.0] * (len(img.shape) - len(zooms))
-    return Image(proxy, file, "nifti", spacing, img.affine, {"dtype": dtype, "header": img.header})
-
-
-def _scaled(img: Any) -> bool:
-    slope, inter = img.header.get_slope_inter()
-    return not (slope in (None, 1.0) or np.isnan(slope)) or not (
-        inter in (None, 0.0) or np.isnan(inter)
-    )
+    proxy, spacing, affine, meta = _formats.read(need("nibabel", "reading .nii/.nii.gz"), file)
+    return Image(proxy, file, "nifti", spacing, affine, meta)
 
 
 def _open_tiff(file: str, dataset: str | None) -> Image:
-    tifffile = need("tifffile")
+    tifffile = need("tifffile", "reading .tif/.tiff")
     with tifffile.TiffFile(file) as tif:
         series = tif.series[0]
         shape, dtype = tuple(series.shape), series.dtype
         meta = (tif.shaped_metadata or [{}])[0] if tif.is_shaped else {}
-        spacing = _tiff_spacing(tif, series, meta, len(shape))
+        spacing = _formats.tiff_spacing(tif, series, meta, len(shape))
     try:
         data: Any = tifffile.memmap(file, mode="r")
         closer = None
     except (ValueError, OSError):
+        zarr = need("zarr", "reading a compressed .tif")
         store = tifffile.imread(file, aszarr=True)
-        zarr = need("zarr")
         data = zarr.open_array(store, mode="r")
         closer = store.close
     if tuple(data.shape) != shape:
@@ -276,26 +234,8 @@ def _open_tiff(file: str, dataset: str | None) -> Image:
     return Image(data, file, "tiff", spacing, affine, {"dtype": dtype}, closer)
 
 
-def _tiff_spacing(tif: Any, series: Any, meta: dict[str, Any], ndim: int) -> tuple[float, ...]:
-    """Spacing from our own metadata, else ImageJ's z spacing and the x/y resolution tags."""
-    if "spacing" in meta and len(meta["spacing"]) == ndim:
-        return tuple(float(s) for s in meta["spacing"])
-    spacing = [1.0] * ndim
-    page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
-    tags = page.tags
-    for name, axis in (("XResolution", ndim - 1), ("YResolution", ndim - 2)):
-        if name in tags and axis >= 0:
-            num, den = tags[name].value
-            if num:
-                spacing[axis] = den / num
-    ij = tif.imagej_metadata or {}
-    if "spacing" in ij and ndim >= 3:
-        spacing[ndim - 3] = float(ij["spacing"])
-    return tuple(spacing)
-
-
 def _open_zarr(file: str, dataset: str | None) -> Image:
-    zarr = need("zarr")
+    zarr = need("zarr", "reading .zarr")
     metadata = ("zarr.json", ".zarray", ".zgroup")
     if os.path.isdir(file) and not any(os.path.exists(os.path.join(file, m)) for m in metadata):
         raise PatchgridError(
@@ -306,24 +246,28 @@ def _open_zarr(file: str, dataset: str | None) -> Image:
         node = zarr.open(file, mode="r")
     except FileNotFoundError as exc:  # zarr's words name its store, not the path
         raise PatchgridError(f"cannot read {file!r} as zarr: {exc}") from None
+    attrs = dict(node.attrs)
+    if dataset is not None and hasattr(node, "shape"):
+        raise PatchgridError(f"{file!r} is a zarr array, not a group: open it as {file!r}")
     if not hasattr(node, "shape"):
-        names = sorted(node.array_keys())
+        names = sorted(n for n, a in node.members(max_depth=None) if hasattr(a, "shape"))
         if dataset is None and len(names) == 1:
             dataset = names[0]
-        if dataset is None or dataset not in names:
-            raise PatchgridError(f"{file!r} is a zarr group; name one of its arrays: {names}")
-        attrs = dict(node.attrs)
-        node = node[dataset]
+        if dataset is None or dataset.strip("/") not in names:
+            raise PatchgridError(
+                f"{file!r} is a zarr group"
+                + ("" if dataset is None else f" with no array {dataset!r}")
+                + f"; name one of its arrays as {file}/ARRAY (arrays: {names})"
+            )
+        node = node[dataset.strip("/")]
         attrs.update(node.attrs)
-    else:
-        attrs = dict(node.attrs)
     return Image(
         node, file, "zarr", _spacing_attr(attrs, node.ndim), _affine_attr(attrs), {"attrs": attrs}
     )
 
 
 def _open_hdf5(file: str, dataset: str | None) -> Image:
-    h5py = need("h5py")
+    h5py = need("h5py", "reading .h5/.hdf5")
     handle = h5py.File(file, "r")
     names: list[str] = []
     handle.visititems(
@@ -388,7 +332,7 @@ def check_output(
     """Refuse, before any work, an output that :func:`save` or :func:`create_output` would
     refuse. A dataset added to an existing HDF5 file leaves its other datasets: the file is
     replaced (it must be an HDF5 file), the dataset only with ``overwrite``."""
-    file, fmt, dataset = split_path(path)
+    file, fmt, dataset = output_path(path)
     if fmt == "hdf5" and os.path.lexists(file):
         check_target(file, overwrite=True, kind=fmt, inputs=inputs, dataset=dataset or "data")
         check_dataset(file, dataset, overwrite)
@@ -396,11 +340,45 @@ def check_output(
         check_target(file, overwrite=overwrite, kind=fmt, inputs=inputs)
 
 
+def output_path(path: str | os.PathLike[str]) -> tuple[str, str, str | None]:
+    """``(file, format, dataset)`` of an output: an array inside a zarr group is refused
+    (patchgrid writes a whole ``.zarr``, which would silently drop the name)."""
+    file, fmt, dataset = split_path(path)
+    if fmt == "zarr" and dataset is not None:
+        raise PatchgridError(
+            f"cannot write {os.fspath(path)!r}: patchgrid writes a whole zarr store, not an "
+            f"array inside a group; give a path that ends in .zarr"
+        )
+    return file, fmt, dataset
+
+
+def npy_loses(spacing: Sequence[float], affine: Any) -> str | None:
+    """What a ``.npy`` file would lose of this metadata, in words (None: nothing)."""
+    lost = []
+    if any(float(s) != 1.0 for s in spacing):
+        lost.append(f"the spacing {tuple(float(s) for s in spacing)}")
+    if affine is not None and not np.allclose(np.asarray(affine, dtype=np.float64), np.eye(4)):
+        lost.append("the affine")
+    if not lost:
+        return None
+    return (
+        f"a .npy file holds no spacing or affine: {' and '.join(lost)} "
+        f"{'are' if len(lost) > 1 else 'is'} not saved (.nii.gz, .tif, .zarr and .h5 keep them)"
+    )
+
+
+def _warn_npy(path: Any, spacing: Sequence[float], affine: Any, stacklevel: int) -> None:
+    said = npy_loses(spacing, affine)
+    if said is not None:
+        name = os.path.basename(os.fspath(path))
+        warnings.warn(f"{name}: {said}", PatchgridWarning, stacklevel=stacklevel + 1)
+
+
 @contextmanager
 def _output_file(path: str | os.PathLike[str], overwrite: bool, inputs: list[str]) -> Iterator[str]:
     """The temporary path that becomes the file of ``path``; an existing HDF5 file is copied
     there first, so that its other datasets stay."""
-    file, fmt, dataset = split_path(path)
+    file, fmt, dataset = output_path(path)
     keep = fmt == "hdf5" and os.path.lexists(file)
     if keep:
         check_output(path, overwrite=overwrite, inputs=inputs)
@@ -464,9 +442,11 @@ def save(
     The file is written under a temporary name beside ``path`` and moved into place at the
     end: a failed or interrupted write leaves nothing, and never half a file.
     """
-    _, fmt, dataset = split_path(path)
+    _, fmt, dataset = output_path(path)
     ndim = len(array.shape)
     spacing_t, affine_a = _meta_from(like, ndim, spacing, affine)
+    if fmt == "npy":
+        _warn_npy(path, spacing_t, affine_a, stacklevel=2)
     inputs = _sources(array, like)
     # Into an existing HDF5 file: another dataset of the file stays (written into a copy).
     with _output_file(path, overwrite, inputs) as tmp:
@@ -489,7 +469,7 @@ def _sources(*arrays: Any) -> list[str]:
 
 def check_dataset(file: str, dataset: str | None, overwrite: bool) -> None:
     """An existing HDF5 dataset is replaced only with ``overwrite``."""
-    h5py = need("h5py")
+    h5py = need("h5py", "writing .h5/.hdf5")
     name = (dataset or "data").lstrip("/")
     with h5py.File(file, "r") as f:
         exists = name in f
@@ -507,11 +487,14 @@ def create_output(
     spacing: Any,
     affine: Any,
     overwrite: bool = False,
+    like: Any = None,
 ) -> Iterator[Any]:
     """An array to write into that becomes the file ``path`` when the block succeeds: on
     disk where the format allows (npy, zarr, HDF5: bounded memory), in memory for NIfTI and
-    TIFF (saved at the end). Nothing is left of it if the block fails."""
-    _, fmt, dataset = split_path(path)
+    TIFF (saved at the end). Nothing is left of it if the block fails. ``like`` (an
+    :class:`Image` or :class:`Metadata`) gives a NIfTI output the source's header. A
+    ``.npy`` file keeps no spacing or affine: the caller says so (:func:`npy_loses`)."""
+    _, fmt, dataset = output_path(path)
     dtype = np.dtype(dtype)
     with _output_file(path, overwrite, []) as tmp:
         if fmt in _ON_DISK:
@@ -520,7 +503,7 @@ def create_output(
         else:
             out = np.empty(shape, dtype)
             yield out
-            save(tmp, out, spacing=spacing, affine=affine)
+            save(tmp, out, spacing=spacing, affine=affine, like=like)
 
 
 _ON_DISK = ("npy", "zarr", "hdf5")
@@ -545,14 +528,14 @@ def _new_array(
         mapped.flush()
         del mapped
     elif fmt == "zarr":
-        zarr = need("zarr")
+        zarr = need("zarr", "writing .zarr")
         out = zarr.open_array(
             tmp, mode="w", shape=shape, dtype=dtype, chunks=chunks or _chunks_for(shape, dtype)
         )
         yield out
         out.attrs.update(_attrs(spacing, affine))
     else:
-        h5py = need("h5py")
+        h5py = need("h5py", "writing .h5/.hdf5")
         with h5py.File(tmp, "a") as f:
             name = (dataset or "data").lstrip("/")
             if name in f:
@@ -607,27 +590,23 @@ def _write_array(
 
 
 def _write_nifti(
-    tmp: str, array: Any, spacing: Any, affine: Any, like: Any, dataset: Any, chunks: Any
+    tmp: str,
+    array: Any,
+    spacing: Any,
+    affine: Any,
+    like: Any,
+    dataset: Any,
+    chunks: Any,
+    corner: Sequence[int] | None = None,
 ) -> None:
-    nib = need("nibabel")
-    data = np.asarray(array)
-    header = None
-    if like is not None and getattr(like, "format", None) == "nifti":
-        header = like.meta.get("header")
-        header = header.copy() if header is not None else None
-    if affine is None:
-        affine = np.diag([*spacing[:3], *([1.0] * (3 - min(3, len(spacing)))), 1.0])
-    img = nib.Nifti1Image(data, affine, header=header)
-    img.set_data_dtype(data.dtype)
-    img.header.set_zooms(tuple(spacing[: len(data.shape)]))
-    img.header.set_slope_inter(1.0, 0.0)
-    nib.save(img, tmp)
+    nib = need("nibabel", "writing .nii/.nii.gz")
+    _formats.write(nib, tmp, np.asarray(array), spacing, affine, like, corner)
 
 
 def _write_tiff(
     tmp: str, array: Any, spacing: Any, affine: Any, like: Any, dataset: Any, chunks: Any
 ) -> None:
-    tifffile = need("tifffile")
+    tifffile = need("tifffile", "writing .tif/.tiff")
     data = np.asarray(array)
     meta: dict[str, Any] = {"spacing": list(spacing)}
     if affine is not None:
@@ -667,12 +646,58 @@ WRITERS: dict[str, Callable[..., None]] = {
 }
 
 
-def metadata_json(img: Any) -> str:
-    """The metadata of an image as JSON (for attributes of patch stores)."""
+def describe(img: Any) -> dict[str, Any]:
+    """An image's metadata as JSON values (for patch stores and folders): its file's name
+    and format, the dtype of its values, spacing, affine and a NIfTI file's header."""
     affine = getattr(img, "affine", None)
-    return json.dumps(
-        {
-            "spacing": list(getattr(img, "spacing", (1.0,) * len(img.shape))),
-            "affine": None if affine is None else np.asarray(affine).tolist(),
-        }
-    )
+    header = img.meta.get("header") if getattr(img, "format", None) == "nifti" else None
+    return {
+        "path": os.path.basename(getattr(img, "path", "")),
+        "format": getattr(img, "format", None),
+        "dtype": str(np.dtype(img.dtype)),
+        "spacing": list(getattr(img, "spacing", (1.0,) * len(img.shape))),
+        "affine": None if affine is None else np.asarray(affine).tolist(),
+        "nifti_header": None if header is None else _formats.to_text(header),
+    }
+
+
+class Metadata:
+    """An image's metadata without its data, as :func:`save` takes it for ``like``: spacing,
+    affine, the dtype of its values, and a NIfTI file's header (``format`` is then
+    ``"nifti"``). Made from :func:`describe`'s values by :meth:`from_dict`."""
+
+    def __init__(self, spacing: Any, affine: Any, dtype: Any, header: Any = None) -> None:
+        self.spacing = tuple(float(s) for s in spacing)
+        self.affine = None if affine is None else np.asarray(affine, dtype=np.float64)
+        self.dtype = np.dtype(dtype)
+        self.format = None if header is None else "nifti"
+        self.meta = {} if header is None else {"header": header}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], ndim: int) -> Metadata:
+        header = values.get("nifti_header")
+        if header is not None:
+            header = _formats.from_text(need("nibabel", "reading a NIfTI header"), header)
+        spacing = values.get("spacing") or (1.0,) * ndim
+        return cls(spacing, values.get("affine"), values["dtype"], header)
+
+
+def save_patch(path: str, patch: Any, source: Any, corner: Sequence[int]) -> None:
+    """A patch of ``source`` whose first voxel is ``corner`` (one per axis of the source) in
+    a file that knows where it sits: the affine moved to the corner, with the source's
+    spacing (NIfTI, TIFF) and header (NIfTI). A ``.npy`` file keeps neither: a patch
+    folder's manifest does."""
+    _, fmt, _ = output_path(path)
+    if fmt == "npy":
+        save(path, patch)
+        return
+    affine = None if source.affine is None else np.array(source.affine, dtype=np.float64)
+    if affine is not None:
+        offset = np.zeros(3)
+        offset[: min(3, len(corner))] = corner[:3]
+        affine[:3, 3] += affine[:3, :3] @ offset
+    with _output_file(path, False, []) as tmp:
+        if fmt == "nifti":
+            _write_nifti(tmp, patch, source.spacing, affine, source, None, None, corner)
+        else:
+            WRITERS[fmt](tmp, patch, source.spacing, affine, source, None, None)
