@@ -216,7 +216,9 @@ def _merge_args(sub: Any) -> None:
         "put patches from 'extract' back into an image",
         "example:\n  patchgrid merge patches.zarr -o restored.nii.gz --window gaussian",
     )
-    p.add_argument("patches", help="a .zarr store written by 'patchgrid extract'")
+    p.add_argument(
+        "patches", help="a .zarr store or a folder of patch files written by 'patchgrid extract'"
+    )
     p.add_argument(
         "-o",
         "--output",
