@@ -465,7 +465,7 @@ def test_merge_to_npy_says_what_the_file_cannot_keep(capsys, tmp_path, nifti):
     assert code == 0
     assert err == (
         f"patchgrid merge: warning: {tmp_path / 'out.npy'}: a .npy file holds no spacing or "
-        f"affine: the spacing (2.0, 0.5, 0.25) and the affine are not saved (.nii.gz, .tif, "
+        f"affine: the spacing (2, 0.5, 0.25) and the affine are not saved (.nii.gz, .tif, "
         f".zarr and .h5 keep them)\n"
     )
 

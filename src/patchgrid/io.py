@@ -356,7 +356,7 @@ def npy_loses(spacing: Sequence[float], affine: Any) -> str | None:
     """What a ``.npy`` file would lose of this metadata, in words (None: nothing)."""
     lost = []
     if any(float(s) != 1.0 for s in spacing):
-        lost.append(f"the spacing {tuple(float(s) for s in spacing)}")
+        lost.append(f"the spacing ({', '.join(f'{float(s):.6g}' for s in spacing)})")
     if affine is not None and not np.allclose(np.asarray(affine, dtype=np.float64), np.eye(4)):
         lost.append("the affine")
     if not lost:
