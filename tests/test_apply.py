@@ -1079,6 +1079,6 @@ def test_a_class_axis_added_in_front_on_every_path(tmp_path):
 
 
 def test_a_wrong_output_shape_shows_both_forms():
-    with pytest.raises(ValueError, match=r"expected \(4, 8, 8\) \(\* is free\), or "
-                                         r"\(4, C, 8, 8\) with a class or channel axis C"):  # fmt: skip
+    both = r"expected \(4, 8, 8\) \(\* is free\), or \(4, C, 8, 8\) with a class or channel axis C"
+    with pytest.raises(ValueError, match=both):
         pg.apply(lambda b: b[:, :4], np.zeros((20, 20)), 8, 4)

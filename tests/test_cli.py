@@ -1140,7 +1140,7 @@ def _progress_args(kind, tmp_path, nifti, models, store):
             "--size",
             4,
             "-o",
-            tmp_path / "out.npy",
+            tmp_path / "out.zarr",  # keeps the spacing: no warning
         ],
     }[kind]
 

@@ -354,9 +354,13 @@ def apply(args: argparse.Namespace) -> int:
             patch[a] = p
         dtype = np.dtype(spec.dtype)
         out_shape, spacing, affine, last = output_layout(img, axes, spec, args)
+        fmt = io.output_path(args.output)[1]
+        lost = io.npy_loses(spacing, affine) if fmt == "npy" else None
+        if lost is not None:
+            print(f"patchgrid apply: warning: {args.output}: {lost}", file=sys.stderr)
         # A batch in, the model's output and its weighted float64 copy; NIfTI and TIFF
         # outputs are built whole in memory.
-        in_memory = io.split_path(args.output)[1] in ("nifti", "tiff")
+        in_memory = fmt in ("nifti", "tiff")
         out_bytes = math.prod(out_shape) * dtype.itemsize
         check_memory(
             args.batch_size * math.prod(patch) * (img.dtype.itemsize + 16)
@@ -369,7 +373,7 @@ def apply(args: argparse.Namespace) -> int:
         )
         t0 = time.perf_counter()
         with io.create_output(
-            args.output, tuple(out_shape), dtype, spacing, affine, args.overwrite
+            args.output, tuple(out_shape), dtype, spacing, affine, args.overwrite, like=img
         ) as out:
             # An axis the model added goes last in a NIfTI file (x, y, z, then the rest).
             target = np.moveaxis(out, -1, 0) if last else out

@@ -331,9 +331,9 @@ class TorchOps:
         return int(self.torch.isinf(x).sum().item())
 
 
-def numpy_dtypes(t: Any) -> dict[Any, Any]:
+def numpy_dtypes(t: Any) -> dict[Any, type[np.generic]]:
     """The NumPy dtype of each torch dtype that has one."""
-    table = {
+    table: dict[Any, type[np.generic]] = {
         t.bool: np.bool_, t.uint8: np.uint8, t.int8: np.int8, t.int16: np.int16,
         t.int32: np.int32, t.int64: np.int64, t.float16: np.float16,
         t.float32: np.float32, t.float64: np.float64, t.complex64: np.complex64,
