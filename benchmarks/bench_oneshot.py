@@ -16,18 +16,19 @@ with its own peak resident memory (``VmHWM``, read as the process ends):
 on a 256^3 float32 volume (64 MiB; 343 patches, 343 MiB), or with ``--quick`` a 128^3 volume
 with 32^3 patches and stride 16 (343 patches, 43 MiB). Every job runs with numba importable
 and with it hidden (``sys.modules["numba"] = None`` in the child before patchgrid is imported,
-as if it were not installed), alternately, after one untimed run of each (which fills numba's
-cache if it is empty, and the page cache). The table gives the median of ``--repeats`` runs,
-their spread, and the ratio with/without numba; ``numba loaded`` says whether the process
-imported it. Every merge's result is compared with the volume; a mismatch prints
-``CORRECTNESS FAILURE`` and the exit status is 1.
+as if it were not installed), in a shuffled order each round, after one untimed run of each
+(which fills numba's cache if it is empty, and the page cache). The table gives the least and
+the median time of ``--repeats`` runs (the least is the run other processes disturbed least)
+and the ratios with/without numba; ``numba loaded`` says whether the process imported it.
+Every merge's result is compared with the volume; a mismatch prints ``CORRECTNESS FAILURE``
+and the exit status is 1.
 
-A second table measures, inside one process, what loading costs and what the kernels save
-on the same jobs: ``import numba``, the kernels' module, and each kernel's first call (its
-types loaded from numba's cache, its threads started) beside the NumPy path's time and the
-kernel's. The load divided by the saving per byte is the job size where loading pays.
-Without ``--quick``, the first compile (an empty cache, ``NUMBA_CACHE_DIR`` in a temporary
-folder) is timed too.
+A second table measures, in a process for each job (run twice, the first filling numba's
+cache for any types it lacks), what loading costs and what the kernels save on the same jobs:
+``import numba``, the kernels' module, and each kernel's first call (its types loaded from
+numba's cache, its threads started) beside the NumPy path's time and the kernel's. The load
+divided by the saving per byte is the job size where loading pays. Without ``--quick``, the
+first compile (an empty cache, ``NUMBA_CACHE_DIR`` in a temporary folder) is timed too.
 
     python benchmarks/bench_oneshot.py                   # 256^3, 5 repeats: a few minutes
     python benchmarks/bench_oneshot.py --quick           # 128^3, 3 repeats: under a minute
@@ -35,8 +36,8 @@ folder) is timed too.
     python benchmarks/bench_oneshot.py --compare /tmp/old/src    # also another checkout's code
 
 ``--compare SRC`` runs every job also with ``PYTHONPATH=SRC`` (the ``src`` folder of another
-checkout, e.g. ``git archive HEAD~3 src | tar -x -C /tmp/old``), interleaved with this one's,
-so that before and after are measured in one run on one machine.
+checkout, e.g. ``git archive HEAD~3 src | tar -x -C /tmp/old``), shuffled with this one's, so
+that before and after are measured in one run on one machine.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -236,25 +238,32 @@ def setup(folder: str, side: int, size: int, stride: int) -> None:
 def measure(
     jobs: list[Job], sources: list[tuple[str, str | None]], repeats: int, folder: str
 ) -> tuple[dict[tuple[str, str, bool], Runs], bool]:
-    """Every job under every source, with numba and without, alternately; one untimed round
-    first."""
+    """Every job under every source, with numba and without; one untimed round first, then
+    ``repeats`` rounds, each in its own shuffled order.
+
+    A run's time depends on the run before it (a process that follows one of another job
+    finds memory in another state: its first touches of fresh pages cost up to 3x more here),
+    so a fixed order would favour whichever case always comes second.
+    """
     results: dict[tuple[str, str, bool], Runs] = {}
     ok = True
+    cases = [(job, label, src, hide) for job in jobs for label, src in sources
+             for hide in (True, False)]  # fmt: skip
     for r in range(repeats + 1):
         say(f"round {r}/{repeats}" + (" (untimed)" if r == 0 else ""))
-        for job in jobs:
-            for label, src in sources:
-                for hide in (True, False):
-                    wall, peak, numba, rc, tail = run_child(job, hide, src, folder)
-                    if rc != 0:
-                        say(f"{job.name} ({label}, numba {'hidden' if hide else 'on'}): {tail}")
-                        ok = False
-                    if r == 0:
-                        continue
-                    runs = results.setdefault((job.name, label, hide), Runs())
-                    runs.wall.append(wall)
-                    runs.peak.append(peak)
-                    runs.numba.append(numba)
+        order = list(cases)
+        random.Random(r).shuffle(order)
+        for job, label, src, hide in order:
+            wall, peak, numba, rc, tail = run_child(job, hide, src, folder)
+            if rc != 0:
+                say(f"{job.name} ({label}, numba {'hidden' if hide else 'on'}): {tail}")
+                ok = False
+            if r == 0:
+                continue
+            runs = results.setdefault((job.name, label, hide), Runs())
+            runs.wall.append(wall)
+            runs.peak.append(peak)
+            runs.numba.append(numba)
     return results, ok
 
 
@@ -266,16 +275,17 @@ def table(
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---|"]
 
     def cell(runs: Runs) -> str:
-        med = statistics.median(runs.wall)
-        return f"{med:.2f} ({min(runs.wall):.2f}-{max(runs.wall):.2f})"
+        return f"{min(runs.wall):.2f} / {statistics.median(runs.wall):.2f}"
 
     for job in jobs:
         for label, _ in sources:
             without, with_ = results[(job.name, label, True)], results[(job.name, label, False)]
-            ratio = statistics.median(with_.wall) / statistics.median(without.wall)
+            best = min(with_.wall) / min(without.wall)
+            middle = statistics.median(with_.wall) / statistics.median(without.wall)
             loads = sum(with_.numba)
             lines.append(
-                f"| {job.name} | {label} | {cell(without)} | {cell(with_)} | {ratio:.2f} "
+                f"| {job.name} | {label} | {cell(without)} | {cell(with_)} "
+                f"| {best:.2f} / {middle:.2f} "
                 f"| {max(without.peak) / MiB:.0f} | {max(with_.peak) / MiB:.0f} "
                 f"| {'yes' if loads == len(with_.numba) else 'no' if not loads else 'some'} |"
             )
@@ -299,6 +309,8 @@ def load_table(folder: str, sources: list[tuple[str, str | None]], size: int,
             env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
         for job in LOAD_JOBS:
             cmd = [sys.executable, "-c", LOAD_CHILD, vol, str(size), str(stride), job]
+            # Twice: the first run compiles what numba's cache does not hold yet.
+            subprocess.run(cmd, env=env, capture_output=True, text=True)
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode:
                 lines.append(f"| {label} | {job} | failed: {proc.stderr.strip()[-200:]} |")
@@ -365,15 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     n = (side - size) // stride + 1
     title = (
         f"One-shot runs, {side}^3 float32, {size}^3 patches, stride {stride} ({n**3} patches, "
-        f"{n**3 * size**3 * 4 / MiB:.0f} MiB); median of {repeats} fresh processes (min-max)"
+        f"{n**3 * size**3 * 4 / MiB:.0f} MiB); {repeats} fresh processes each"
     )
     machine = (
         f"{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, NumPy {np.__version__}, numba {numba.__version__}"
     )
     lines = [f"### {title}", "", machine, "", *table(jobs, sources, results), "",
-             "ratio: with numba / NumPy only (median wall, interpreter start included); MiB: "
-             "the process's peak resident memory.", "",
+             "Seconds: min / median wall time, interpreter start included; ratio: with numba / "
+             "NumPy only, of the mins / of the medians; MiB: the process's peak resident "
+             "memory (the most of the runs).", "",
              "### Loading the kernels, and what they save (one process)", "", *loads]  # fmt: skip
     for label, seconds in compiled:
         when = f"{seconds:.1f} s" if seconds is not None else "failed"
