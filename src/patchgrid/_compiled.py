@@ -5,10 +5,11 @@ the memory bandwidth. The kernel here walks the output plane by plane along the 
 axis, one plane per thread: each plane sits in cache while every patch that reaches it is added,
 then is normalised in place and left alone. Patches are read once, the output written once.
 
-Loading them costs a process about 0.3 s and 110 MiB (numba's imports, each kernel's types from
-numba's on-disk cache, its threads; compiling them, the first time ever, some seconds), which a
-one-shot job of a few hundred MiB never wins back: a process loads them only once the work they
-would take, this job included, reaches :data:`LOAD_BYTES` (:func:`ready`).
+Loading them costs a process about 0.26 s and 100 MiB (numba's imports, each kernel's types
+from numba's on-disk cache, its threads; compiling them, in the first process of an install,
+about 18 s on 2 cores), which a one-shot job of a few hundred MiB never wins back: a process
+loads them only once a job, or the work done without them so far, reaches :data:`LOAD_BYTES`
+(:func:`ready`); loaded, they serve every job of ``MIN_BYTES`` or more.
 ``benchmarks/bench_oneshot.py`` measures both sides. Set ``PATCHGRID_NUMBA=0`` to turn the
 kernels off (the NumPy path gives the same numbers), ``PATCHGRID_NUMBA=1`` to load them for the
 first job they serve.
@@ -34,13 +35,14 @@ from .backends import backend_of
 # The least patch data (bytes) worth a call into the loaded kernels.
 MIN_BYTES = 1 << 25
 # The least work (bytes of patches merged) worth loading the kernels for: loading costs a
-# process about 0.3 s (numba's imports 0.14 s; each kernel's types from numba's cache and its
-# threads, 0.15 s) and 110 MiB; a merge saves 0.25-0.4 ms a MiB of patches on 2 cores, so
-# loading pays from 0.7-1.1 GiB (benchmarks/bench_oneshot.py). The jobs of a process count
+# process about 0.26 s (numba's imports 0.13 s; each kernel's types from numba's cache and its
+# threads, 0.16 s) and 100 MiB; a merge saves 0.22-0.38 ms a MiB of patches on 2 cores, so
+# loading pays from 0.7-1.2 GiB (benchmarks/bench_oneshot.py). The jobs of a process count
 # together: once those it did without the kernels reach this much, the next one loads them,
 # so a process that merges often pays for the load once and a one-shot job never pays it.
 LOAD_BYTES = 1 << 30
-# extract's copies save about a quarter as much a byte (0.07 ms a MiB): they count a quarter.
+# extract's copies save about a quarter as much a byte (0.08 ms a MiB; loading pays from
+# 3.4 GiB of them): they count a quarter.
 COPY_SHARE = 4
 # The least bytes per patch for the batch kernels (apply, Merger.add): smaller patches go by
 # NumPy's strided stretches of a grid row, which are quick for them.
