@@ -43,6 +43,8 @@ LAYERS = {
     "_batches": 2,
     "_merge": 2,
     "_sample": 2,
+    "_mask": 2,
+    "_tta": 2,
     # L3: out of core and distributed
     "_tiled": 3,
     "_chunks": 3,
