@@ -1082,3 +1082,143 @@ def test_a_wrong_output_shape_shows_both_forms():
     both = r"expected \(4, 8, 8\) \(\* is free\), or \(4, C, 8, 8\) with a class or channel axis C"
     with pytest.raises(ValueError, match=both):
         pg.apply(lambda b: b[:, :4], np.zeros((20, 20)), 8, 4)
+
+
+# --- test-time flips --------------------------------------------------------------------------
+
+
+def _flips_of(sets):
+    """A model averaged over flips of its input, patch batch by patch batch: the reference."""
+
+    def averaged(model):
+        def run(b):
+            outs = [
+                np.flip(model(np.flip(b, [a + 1 for a in s])), [a + 1 for a in s]) for s in sets
+            ]
+            return np.mean(outs, axis=0)
+
+        return run
+
+    return averaged
+
+
+@pytest.mark.parametrize("tta", ["flips", [(0,), (1, 2)]])
+def test_flips_average_the_flipped_outputs_before_blending(tta):
+    image = np.random.default_rng(2).random((14, 15, 16))
+
+    def model(b):  # not equivariant: flips change its output
+        return np.cumsum(b, axis=-1) + np.cumsum(b, axis=1)
+
+    sets = [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)] if tta == "flips" else [
+        (), *tta]  # fmt: skip
+    want = pg.apply(_flips_of(sets)(model), image, 6, 3, window="gaussian", progress=False)
+    got = pg.apply(model, image, 6, 3, window="gaussian", tta=tta, progress=False)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_flips_of_an_equivariant_model_give_the_plain_run_on_every_path():
+    image = np.random.default_rng(3).random((12, 14, 16)).astype(np.float32)
+    plain = pg.apply(lambda b: b * 2 + 1, image, 6, 3, progress=False)
+    np.testing.assert_array_equal(pg.apply(lambda b: b * 2 + 1, image, 6, 3, tta="flips"), plain)
+    torch = pytest.importorskip("torch")
+    got = pg.apply(lambda b: b * 2 + 1, torch.from_numpy(image), 6, 3, tta="flips")
+    np.testing.assert_allclose(got.numpy(), plain, rtol=1e-6)
+    da = pytest.importorskip("dask.array")
+    lazy = pg.apply(lambda b: b * 2 + 1, da.from_array(image, chunks=7), 6, 3, tta="flips")
+    np.testing.assert_allclose(lazy.compute(), plain, rtol=1e-6)
+
+
+def test_flips_keep_the_model_calls_at_batch_size():
+    calls = []
+
+    def model(b):
+        calls.append(len(b))
+        return b
+
+    image = np.zeros((12, 12))
+    pg.apply(model, image, 6, 3, batch_size=3, tta="flips", progress=False)
+    n = len(pg.PatchGrid(image.shape, 6, 3))
+    assert max(calls) <= 3
+    assert sum(calls) == 4 * n  # every patch, four ways (two axes)
+
+
+def test_flips_name_what_is_wrong():
+    with pytest.raises(ValueError, match="tta"):
+        pg.apply(lambda b: b, np.zeros((8, 8)), 4, tta="mirror")
+
+
+# --- skipping empty space: mask= ------------------------------------------------------------
+
+
+def _tenth_foreground(scale=1):
+    """A volume whose foreground (values > 0) is one blob of about 10% of its voxels."""
+    rng = np.random.default_rng(11)
+    image = np.zeros((48 // scale, 64 // scale, 64 // scale), np.float32)
+    blob = (slice(10 // scale, 34 // scale), slice(16 // scale, 44 // scale),
+            slice(20 // scale, 48 // scale))  # fmt: skip
+    image[blob] = rng.random(image[blob].shape, dtype=np.float32) + 0.5
+    return image
+
+
+def test_a_mask_skips_patches_without_foreground_and_keeps_the_foreground_exact():
+    image = _tenth_foreground()
+    assert 0.08 < (image > 0).mean() < 0.12
+    calls = []
+
+    def model(b):
+        calls.append(len(b))
+        return b * 2 + 1
+
+    plain = pg.apply(model, image, 8, 6, window="gaussian", progress=False)
+    unmasked = sum(calls)
+    calls.clear()
+    got = pg.apply(model, image, 8, 6, window="gaussian", mask=image > 0, fill=-7, progress=False)
+    assert sum(calls) * 5 <= unmasked  # at least 5x fewer patches through the model
+    fg = image > 0
+    np.testing.assert_array_equal(got[fg], plain[fg])
+    # A voxel that no patch run covers holds fill; a patch runs iff its core holds foreground.
+    grid = pg.PatchGrid(image.shape, 8, 6)
+    covered = np.zeros(image.shape, bool)
+    for i in range(len(grid)):
+        sl = grid.slices(i)
+        if fg[sl].any():
+            covered[sl] = True
+    assert sum(calls) == sum(fg[grid.slices(i)].any() for i in range(len(grid)))
+    assert (got[~covered] == -7).all()
+
+
+def test_a_coarse_mask_from_a_lazy_image(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    image = _tenth_foreground()
+    src = zarr.create_array(tmp_path / "in.zarr", shape=image.shape, chunks=(8, 64, 64),
+                            dtype="float32")  # fmt: skip
+    src[...] = image
+    mask = pg.coarse_mask(src, 4, threshold=0)
+    assert mask.shape == (12, 16, 16)
+    plain = pg.apply(lambda b: b - 1, image, 8, 4, progress=False)
+    out = zarr.create_array(tmp_path / "out.zarr", shape=image.shape, chunks=(8, 32, 32),
+                            dtype="float32")  # fmt: skip
+    pg.apply(lambda b: b - 1, src, 8, 4, mask=mask, out=out, progress=False)
+    fg = image > 0
+    np.testing.assert_array_equal(out[...][fg], plain[fg])
+
+
+def test_a_mask_of_no_foreground_never_calls_the_model():
+    def never(b):
+        raise AssertionError("called")
+
+    got = pg.apply(never, np.ones((16, 16)), 4, mask=np.zeros((16, 16), bool), fill=3)
+    assert (got == 3).all()
+
+
+def test_a_callable_mask_and_torch():
+    torch = pytest.importorskip("torch")
+    image = torch.from_numpy(_tenth_foreground(2))
+    plain = pg.apply(lambda b: b * 3, image, 8, 4, progress=False)
+    got = pg.apply(lambda b: b * 3, image, 8, 4, mask=lambda p: bool((p > 0).any()),
+                   progress=False)  # fmt: skip
+    fg = image > 0
+    torch.testing.assert_close(got[fg], plain[fg])
+    da = pytest.importorskip("dask.array")
+    with pytest.raises(ValueError, match="mask= is for images in memory or on disk"):
+        pg.apply(lambda b: b, da.zeros((8, 8)), 4, mask=np.ones((8, 8), bool))

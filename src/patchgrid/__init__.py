@@ -13,6 +13,7 @@ from . import settings as settings  # the module, for its settings: pg.settings.
 from ._apply import apply
 from ._checks import PatchgridError, PatchgridWarning
 from ._extract import extract
+from ._mask import coarse_mask
 from ._merge import Merger, coverage, merge
 from ._sample import label_weights, sample
 from .grid import PatchGrid
@@ -28,6 +29,7 @@ __all__ = [
     "PatchgridWarning",
     "RandomPatchDataset",
     "apply",
+    "coarse_mask",
     "coverage",
     "extract",
     "label_weights",

@@ -22,11 +22,13 @@ from ._batches import Batches, check_output, core_of
 from ._checks import PatchgridError
 from ._device import Upload, model_device
 from ._finish import OutputSpec, warn_uncovered
+from ._mask import kept
 from ._memory import shares_memory
 from ._merge import DiskMerger, HostMerger, Merger
 from ._progress import steps
 from ._regions import INDEX_MODES, Reader
 from ._tiled import TileMerger, apply_tiles
+from ._tta import flip_sets, with_flips
 from .backends import ArrayT, backend_of, in_memory, is_dask
 from .grid import PatchGrid, check_unchosen_axes, tiled_axes, with_leading_axis
 
@@ -61,6 +63,8 @@ def apply(
     progress: bool | Progress | None = None,
     batched: bool = False,
     device: Any = None,
+    tta: Any = None,
+    mask: Any = None,
 ) -> np.ndarray: ...
 @overload
 def apply(
@@ -86,6 +90,8 @@ def apply(
     progress: bool | Progress | None = None,
     batched: bool = False,
     device: Any = None,
+    tta: Any = None,
+    mask: Any = None,
 ) -> ArrayT: ...
 @overload
 def apply(
@@ -111,6 +117,8 @@ def apply(
     progress: bool | Progress | None = None,
     batched: bool = False,
     device: Any = None,
+    tta: Any = None,
+    mask: Any = None,
 ) -> np.ndarray: ...
 @overload
 def apply(
@@ -136,6 +144,8 @@ def apply(
     progress: bool | Progress | None = None,
     batched: bool = False,
     device: Any = None,
+    tta: Any = None,
+    mask: Any = None,
 ) -> OutT: ...
 def apply(
     fn: Callable[[Any], Any],
@@ -160,6 +170,8 @@ def apply(
     progress: bool | Progress | None = None,
     batched: bool = False,
     device: Any = None,
+    tta: Any = None,
+    mask: Any = None,
 ) -> Any:
     """Run ``fn`` over every patch of ``image`` and blend its outputs into one image.
 
@@ -227,6 +239,20 @@ def apply(
         outputs are blended; finished rows come back to the result (an array of the image's
         kind, in host memory) or to ``out=``, so a volume larger than host memory streams
         from disk to disk through the GPU. Needs torch (``pip install 'patchgrid[torch]'``).
+    tta : None, "flips" or list of axis sets
+        Test-time flips (nnU-Net's mirroring): ``"flips"`` averages ``fn``'s outputs over
+        every mirroring of the tiled axes (8 for three), a list over the axis sets it names
+        (the unflipped output always counts, once). The flipped copies go through ``fn`` in
+        the same calls as other patches, never more than ``batch_size`` at a time; each output
+        is flipped back and averaged (in float64) before blending. A model whose output flips
+        with its input gives the plain result.
+    mask : array-like or callable, optional
+        Which patches to run: a boolean or weight map (foreground ``> 0``) at the image's shape
+        along the tiled axes, or coarser by an integer factor per axis (a pyramid level;
+        ``coarse_mask`` makes one from a lazy image without reading it whole), or a callable on
+        one input patch. Patches with no foreground in their core are never given to ``fn``;
+        voxels that no patch run covers get ``fill``. Foreground voxels get what they get
+        without the mask: every patch over them runs.
 
     Returns
     -------
@@ -264,15 +290,13 @@ def apply(
         image = np.asarray(image)
     kw = dict(overlap=overlap, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value,
               window=window, reduce=reduce, batch_size=batch_size, pad_batch=pad_batch,
-              margin=margin, scale=scale, dtype=dtype, fill=fill, device=device)  # fmt: skip
+              margin=margin, scale=scale, dtype=dtype, fill=fill, device=device,
+              tta=tta, mask=mask)  # fmt: skip
     if batched:
         return _apply_batched(fn, image, size, stride, kw, out, progress)
     where, host = model_device(image, device)
-    if where is not None and is_dask(image):
-        raise PatchgridError(
-            f"device={device!r} reads a host image in batches for a model on the device; a Dask "
-            f"image runs fn in its tasks: move each batch to the device inside fn instead"
-        )
+    if is_dask(image):
+        _dask_takes(mask, where, device)
     xp = backend_of(host)
     shape = tuple(int(s) for s in image.shape)
     if out is not None:
@@ -283,6 +307,9 @@ def apply(
     order, margins, grid = _layout(shape, size, stride, axes, edge, pad_mode, pad_value,
                                    margin, overlap)  # fmt: skip
     stride = tuple(grid.stride[grid.axes.index(a)] for a in order)  # overlap= made it too
+    sets = flip_sets(tta, len(shape), grid.axes)
+    if len(sets) > 1:  # the model sees flipped copies; apply sees their mean
+        fn = with_flips(fn, sets, grid.axes, batch_size)
     plain = type(scale) is int and scale == 1
     out_grid = grid if plain else grid.scaled(scale)
     if is_dask(image):
@@ -297,45 +324,67 @@ def apply(
         dtype_empty = dtype if dtype is not None else xp.dtype(host)
         return backend_of(image).empty(out_grid.shape, dtype_empty, image)
     upload = None if where is None else Upload(where)
-    batches = Batches(fn, host, Reader(host, grid, margins, xp), grid, out_grid, batch_size,
-                      pad_batch, xp, out is not None and not in_memory(out, plain=True),
-                      upload)  # fmt: skip
+    reader = Reader(host, grid, margins, xp)
+    batches = Batches(fn, host, reader, grid, out_grid, batch_size, pad_batch, xp,
+                      out is not None and not in_memory(out, plain=True), upload)  # fmt: skip
     merge_kw = dict(reduce=reduce, window=window, fill=fill, dtype=dtype)
-    result = _run(batches, out_grid, out, merge_kw, progress)
+    keep = None
+    if mask is not None:
+        keep = kept(mask, grid, margins, reader if callable(mask) else None)
+        if not keep.any():  # no foreground: fn is never called
+            return _all_fill(image, out, out_grid, fill, dtype, xp.dtype(host))
+    result = _run(batches, out_grid, out, merge_kw, progress, keep)
     if out is None and host is not image:  # a CPU tensor read on the host: a tensor back
         result = backend_of(image).from_any(result)
     return result
 
 
+def _dask_takes(mask: Any, where: Any, device: Any) -> None:
+    """Refuse what a Dask image does not take: ``mask=``, ``device=`` for a host image."""
+    if mask is not None:
+        raise PatchgridError(
+            "mask= is for images in memory or on disk; with a Dask image, mask the chunks "
+            "before apply (dask.array.where) or compute the patches to run per chunk"
+        )
+    if where is not None:
+        raise PatchgridError(
+            f"device={device!r} reads a host image in batches for a model on the device; a Dask "
+            f"image runs fn in its tasks: move each batch to the device inside fn instead"
+        )
+
+
 def _run(batches: Batches, out_grid: PatchGrid, out: Any, merge_kw: dict[str, Any],
-         progress: Any) -> Any:  # fmt: skip
+         progress: Any, keep: np.ndarray | None = None) -> Any:  # fmt: skip
     """Every batch through the model into one Merger, or tile by tile across the plane for an
-    ``out`` on disk too wide for one slab."""
+    ``out`` on disk too wide for one slab; only the patches ``keep`` says (a mask), if given."""
     tiles = apply_tiles(out, out_grid, merge_kw["reduce"])
     on_disk = out is not None and not in_memory(out, plain=True)  # a memmap is on disk
-    step, close = steps(progress, sum(t.reads for t in tiles) if tiles else len(out_grid),
-                        "patchgrid.apply")  # fmt: skip
+    every = np.arange(len(out_grid))
+    runs = [t.ids() for t in tiles] if tiles else [(every, every)]
+    if keep is not None:
+        runs = [(ids[keep[ids]], local[keep[ids]]) for ids, local in runs]
+    step, close = steps(progress, sum(len(ids) for ids, _ in runs), "patchgrid.apply")
+    partial = keep is not None  # voxels no patch run covers get fill
     image = batches.image
     try:
         with batches.model_xp.no_grad(), (_memory.bound(image, out) if on_disk else
                                            contextlib.nullcontext()):  # fmt: skip
             if not tiles:
-                everything = np.arange(len(out_grid))
                 host = batches.upload is not None and out is None
                 kind = DiskMerger if on_disk else HostMerger if host else Merger
-                return batches.run(kind(out_grid, out=out, **merge_kw), everything, everything,
-                                   step)  # fmt: skip
+                ids, local = runs[0]
+                return batches.run(kind(out_grid, out=out, **merge_kw), ids, local, step, partial)
             a0 = out_grid.axes[0]
             warn_uncovered(out_grid, merge_kw["fill"], stacklevel=5)
-            for tile in tiles:
-                if tile.empty:  # no patch reaches this tile
+            for tile, (ids, local) in zip(tiles, runs):
+                if tile.empty or not len(ids):  # no patch reaches (or runs in) this tile
                     axis = tile.out_axis[a0]
                     tile.fill(out, axis, out_grid.stride[0], merge_kw["fill"],
                               merge_kw["dtype"] or out.dtype)  # fmt: skip
                     continue
                 assert tile.grid is not None
-                batches.run(TileMerger(tile.grid, out=tile.sink(out), **merge_kw), *tile.ids(),
-                            step)  # fmt: skip
+                batches.run(TileMerger(tile.grid, out=tile.sink(out), **merge_kw), ids, local,
+                            step, partial)  # fmt: skip
                 _memory.release_memory()
             return out
     finally:
@@ -433,8 +482,10 @@ def _apply_batched(fn: Callable[[Any], Any], image: Any, size: Any, stride: Any,
             if whole is not None:
                 into = whole[i] if in_memory(whole) else _Item(whole, i)
             source = _Item(image, i) if lazy else image[i]
+            mask = kw["mask"]  # a mask per image, unless a callable
+            each = kw if mask is None or callable(mask) else {**kw, "mask": mask[i]}
             done: Any = apply(fn, source, size, stride, out=into, progress=_Advance(step),
-                              **kw)  # fmt: skip
+                              **each)  # fmt: skip
             if whole is None and not is_dask(image):  # the first result says shape and dtype
                 xr = backend_of(done)
                 whole = xr.empty((shape[0], *done.shape), xr.dtype(done), done)
@@ -448,6 +499,19 @@ def _apply_batched(fn: Callable[[Any], Any], image: Any, size: Any, stride: Any,
 
         return da.stack(results)
     return whole
+
+
+def _all_fill(image: Any, out: Any, out_grid: PatchGrid, fill: Any, dtype: Any,
+              image_dtype: Any) -> Any:  # fmt: skip
+    """The result where a mask runs no patch: ``fill`` everywhere, in ``out`` or a new array of
+    the image's kind (its shape, and its dtype unless ``dtype`` says)."""
+    if out is not None:
+        out[...] = fill
+        return out
+    xp = backend_of(image)
+    result = xp.empty(out_grid.shape, dtype if dtype is not None else image_dtype, image)
+    xp.assign(result, fill)
+    return result
 
 
 def _no_images(image: Any, out: Any, shape: tuple[int, ...], dtype: Any) -> Any:

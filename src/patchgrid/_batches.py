@@ -203,7 +203,7 @@ class Batches:
         return ids, batch
 
     def run(self, merger: Any, ids: np.ndarray, local: np.ndarray,
-            step: Callable[[int], Any]) -> Any:  # fmt: skip
+            step: Callable[[int], Any], partial: bool = False) -> Any:  # fmt: skip
         """Run every patch of ``ids`` through ``fn`` into ``merger``; its result.
 
         Where ``fn`` runs out of device memory (``Backend.out_of_memory``) on a batch of more
@@ -212,7 +212,7 @@ class Batches:
         at = 0
         while at < len(ids):
             at = self._run_from(merger, ids, local, step, at)
-        return merger.result()
+        return merger.result(allow_missing=partial)  # partial: a mask ran some patches only
 
     def _run_from(self, merger: Any, ids: np.ndarray, local: np.ndarray,
                   step: Callable[[int], Any], at: int) -> int:  # fmt: skip
