@@ -49,6 +49,7 @@ LAYERS = {
     "_tiled": 3,
     "_chunks": 3,
     "dask": 3,
+    "_resume": 3,
     # L4: the public functions that pick a path
     "_apply": 4,
     "_extract": 4,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar, overload
 
 import numpy as np
 
-from . import _checks, _memory
+from . import _checks, _memory, _resume
 from ._batches import Batches, check_output, core_of
 from ._checks import PatchgridError
 from ._device import Upload, model_device
@@ -65,6 +65,8 @@ def apply(
     device: Any = None,
     tta: Any = None,
     mask: Any = None,
+    resume: bool = False,
+    shard: Any = None,
 ) -> np.ndarray: ...
 @overload
 def apply(
@@ -92,6 +94,8 @@ def apply(
     device: Any = None,
     tta: Any = None,
     mask: Any = None,
+    resume: bool = False,
+    shard: Any = None,
 ) -> ArrayT: ...
 @overload
 def apply(
@@ -119,6 +123,8 @@ def apply(
     device: Any = None,
     tta: Any = None,
     mask: Any = None,
+    resume: bool = False,
+    shard: Any = None,
 ) -> np.ndarray: ...
 @overload
 def apply(
@@ -146,6 +152,8 @@ def apply(
     device: Any = None,
     tta: Any = None,
     mask: Any = None,
+    resume: bool = False,
+    shard: Any = None,
 ) -> OutT: ...
 def apply(
     fn: Callable[[Any], Any],
@@ -172,6 +180,8 @@ def apply(
     device: Any = None,
     tta: Any = None,
     mask: Any = None,
+    resume: bool = False,
+    shard: Any = None,
 ) -> Any:
     """Run ``fn`` over every patch of ``image`` and blend its outputs into one image.
 
@@ -253,6 +263,15 @@ def apply(
         one input patch. Patches with no foreground in their core are never given to ``fn``;
         voxels that no patch run covers get ``fill``. Foreground voxels get what they get
         without the mask: every patch over them runs.
+    resume : bool
+        With ``out=`` a zarr array in a folder: record in it, as rows of output chunks are
+        written (after their data), how far the run got; a run with ``resume=True`` starts
+        where the record says and computes only what was not finished, giving the voxels of one
+        uninterrupted run bit for bit. A record made with other settings is refused.
+    shard : (int, int), optional
+        ``(i, n)``: this process writes only the ``i``-th of ``n`` ranges of whole rows of
+        output chunks (along the first tiled axis) of ``out=``; ``n`` processes, at once or one
+        after another, give the one-process result. Patches that reach two ranges run in both.
 
     Returns
     -------
@@ -291,25 +310,22 @@ def apply(
     kw = dict(overlap=overlap, axes=axes, edge=edge, pad_mode=pad_mode, pad_value=pad_value,
               window=window, reduce=reduce, batch_size=batch_size, pad_batch=pad_batch,
               margin=margin, scale=scale, dtype=dtype, fill=fill, device=device,
-              tta=tta, mask=mask)  # fmt: skip
+              tta=tta, mask=mask, resume=resume, shard=shard)  # fmt: skip
     if batched:
         return _apply_batched(fn, image, size, stride, kw, out, progress)
     where, host = model_device(image, device)
     if is_dask(image):
-        _dask_takes(mask, where, device)
+        _dask_takes(mask, where, device, resume, shard)
     xp = backend_of(host)
     shape = tuple(int(s) for s in image.shape)
     if out is not None:
         _check_out(out, image)
-    batch_size = _checks.as_int(batch_size, "batch_size")
-    if batch_size < 1:
-        raise PatchgridError(f"batch_size must be a positive integer, got {batch_size}")
+    batch_size = _positive(batch_size, "batch_size")
     order, margins, grid = _layout(shape, size, stride, axes, edge, pad_mode, pad_value,
                                    margin, overlap)  # fmt: skip
     stride = tuple(grid.stride[grid.axes.index(a)] for a in order)  # overlap= made it too
     sets = flip_sets(tta, len(shape), grid.axes)
-    if len(sets) > 1:  # the model sees flipped copies; apply sees their mean
-        fn = with_flips(fn, sets, grid.axes, batch_size)
+    fn = with_flips(fn, sets, grid.axes, batch_size) if len(sets) > 1 else fn  # their mean
     plain = type(scale) is int and scale == 1
     out_grid = grid if plain else grid.scaled(scale)
     if is_dask(image):
@@ -319,10 +335,7 @@ def apply(
                                 reduce=reduce, batch_size=batch_size, margin=margin, scale=scale,
                                 dtype=dtype, fill=fill, progress=progress), out)  # fmt: skip
     if not len(grid):  # an axis of length 0: fn is never called, the result is empty
-        if out is not None:
-            return Merger(out_grid, reduce=reduce, window=window, fill=fill, out=out).result()
-        dtype_empty = dtype if dtype is not None else xp.dtype(host)
-        return backend_of(image).empty(out_grid.shape, dtype_empty, image)
+        return _empty(image, out, out_grid, dict(reduce=reduce, window=window, fill=fill), dtype)
     upload = None if where is None else Upload(where)
     reader = Reader(host, grid, margins, xp)
     batches = Batches(fn, host, reader, grid, out_grid, batch_size, pad_batch, xp,
@@ -333,14 +346,43 @@ def apply(
         keep = kept(mask, grid, margins, reader if callable(mask) else None)
         if not keep.any():  # no foreground: fn is never called
             return _all_fill(image, out, out_grid, fill, dtype, xp.dtype(host))
+    if resume or shard is not None:
+        return _resume.run_part(batches, out_grid, out, merge_kw, progress, keep,
+                         dict(margin=margins, scale=str(scale), tta=repr(tta),
+                              mask=mask is not None), resume, shard)  # fmt: skip
     result = _run(batches, out_grid, out, merge_kw, progress, keep)
     if out is None and host is not image:  # a CPU tensor read on the host: a tensor back
         result = backend_of(image).from_any(result)
     return result
 
 
-def _dask_takes(mask: Any, where: Any, device: Any) -> None:
-    """Refuse what a Dask image does not take: ``mask=``, ``device=`` for a host image."""
+def _positive(value: Any, name: str) -> int:
+    """``value`` as an int of at least 1, or an error naming ``name``."""
+    number = _checks.as_int(value, name)
+    if number < 1:
+        raise PatchgridError(f"{name} must be a positive integer, got {number}")
+    return number
+
+
+def _empty(image: Any, out: Any, out_grid: PatchGrid, merge_kw: dict[str, Any],
+           dtype: Any) -> Any:  # fmt: skip
+    """The result over a grid without patches: ``out`` as a Merger leaves it, or an empty
+    array of the image's kind (its dtype unless ``dtype`` says)."""
+    if out is not None:
+        return Merger(out_grid, out=out, **merge_kw).result()
+    xp = backend_of(image)
+    return xp.empty(out_grid.shape, dtype if dtype is not None else xp.dtype(image), image)
+
+
+def _dask_takes(mask: Any, where: Any, device: Any, resume: bool = False,
+                shard: Any = None) -> None:  # fmt: skip
+    """Refuse what a Dask image does not take: ``mask=``, ``resume=``, ``shard=``,
+    ``device=`` for a host image."""
+    if resume or shard is not None:
+        raise PatchgridError(
+            "resume= and shard= are for images in memory or on disk; a Dask image's tasks "
+            "write out= chunk by chunk: rerun only the chunks you need (dask's own retries)"
+        )
     if mask is not None:
         raise PatchgridError(
             "mask= is for images in memory or on disk; with a Dask image, mask the chunks "

@@ -197,12 +197,28 @@ class Merger(Generic[MergedT]):
         self._plan = plan
         sink = self._out if self._out is not None else self._new_sink(plan)
         self._acc = strategy(plan, patches, sink)(plan, patches, sink)
+        if not self._acc.direct:
+            self._acc.lo = self._done  # rows before it are finished, or skipped
         self._finisher = Finisher(plan, self.fill, self._seen)
         return self._acc
 
     def _new_sink(self, plan: MergePlan) -> Any:
         """The output array where ``out=`` gives none: None, made beside the patches."""
         return None
+
+    def skip(self, indices: npt.ArrayLike) -> None:
+        """Count patches as added without their data, before any is added: for work split by
+        rows (a resumed run, a shard). Rows that only skipped patches reach before the first
+        patch added are never finished; rows that skipped patches share with added ones are
+        finished with partial sums, which the caller does not keep."""
+        if self._acc is not None or self._seen.any():
+            raise PatchgridError("skip() comes before any patch is added")
+        self._seen.ravel()[np.asarray(indices, dtype=np.intp)] = True
+        rows = np.asarray(self._seen.reshape(self._seen.shape[0], -1).all(axis=1))
+        n = rows.shape[0]
+        r = int(np.argmin(rows)) if not rows.all() else n
+        a0 = self.grid.axes[0]
+        self._done = int(self.grid.axis_starts(0)[r]) if r < n else self.grid.padded_shape[a0]
 
     def output_spec(self, patches: Any) -> OutputSpec:
         """The output this Merger makes of patches like ``patches`` (a batch ``(B, *patch)``):
