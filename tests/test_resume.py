@@ -130,7 +130,7 @@ def test_a_resume_with_other_settings_is_refused(tmp_path):
     out = _out(tmp_path / "r.zarr")
     pg.apply(model, _image(), SIZE, STRIDE, window="gaussian", out=out, resume=True,
              progress=False)  # fmt: skip
-    with pytest.raises(ValueError, match=r"other settings \(window differ\)"):
+    with pytest.raises(ValueError, match=r"cannot resume .*other settings \(window differ\)"):
         pg.apply(model, _image(), SIZE, STRIDE, window="hann", out=out, resume=True)
     with pytest.raises(ValueError, match=r"other settings \(grid differ\)"):
         pg.apply(model, _image(), SIZE, 6, window="gaussian", out=out, resume=True)
@@ -169,3 +169,27 @@ def test_resume_and_shard_name_what_is_wrong(tmp_path):
     out = _out(tmp_path / "s.zarr")
     with pytest.raises(ValueError, match=r"shard must be \(i, n\) with 0 <= i < n, got \(2, 2\)"):
         pg.apply(model, _image(), SIZE, out=out, shard=(2, 2))
+
+
+def test_the_command_line_runs_in_parts_and_resumes(tmp_path, monkeypatch):
+    import patchgrid.cli as pcli
+
+    monkeypatch.chdir(tmp_path)
+    np.save("vol.npy", _image())
+    (tmp_path / "m.py").write_text(
+        "import numpy as np\n\ndef run(b):\n    return np.sin(b * 3) * 2\n"
+    )
+    base = ["apply", "vol.npy", "--model", "m.py:run", "--size", str(SIZE), "--stride",
+            str(STRIDE), "--window", "gaussian"]  # fmt: skip
+    assert pcli.main([*base, "-o", "ref.zarr"], quiet=True) == 0
+    want = zarr.open_array("ref.zarr")[...]
+    for part in ("1/2", "0/2"):
+        assert pcli.main([*base, "-o", "s.zarr", "--shard", part], quiet=True) == 0
+    np.testing.assert_array_equal(zarr.open_array("s.zarr")[...], want)
+    for _ in range(2):  # a finished run resumed does nothing more
+        assert pcli.main([*base, "-o", "r.zarr", "--resume"], quiet=True) == 0
+    np.testing.assert_array_equal(zarr.open_array("r.zarr")[...], want)
+    with pytest.raises(ValueError, match="was not made by a 'patchgrid apply --resume'"):
+        pcli.main([*base, "-o", "ref.zarr", "--resume"], quiet=True)
+    with pytest.raises(ValueError, match=r"--resume and --shard write a \.zarr output"):
+        pcli.main([*base, "-o", "r.npy", "--resume"], quiet=True)

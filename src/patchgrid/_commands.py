@@ -28,7 +28,7 @@ import numpy as np
 
 import patchgrid as pg
 
-from . import _apply, _checks, _store, _tiled, io, plot
+from . import _apply, _checks, _resume, _store, _tiled, io, plot
 from ._checks import PatchgridError
 from ._progress import Progress
 from ._regions import Reader
@@ -343,7 +343,11 @@ def apply(args: argparse.Namespace) -> int:
         scale=args.scale,
         dtype=args.dtype,
         fill=int(args.fill) if float(args.fill).is_integer() else args.fill,
+        tta=args.tta,
     )
+    if args.mask is not None:
+        with pg.open(args.mask) as m:
+            kw["mask"] = np.asarray(m[...])
     with pg.open(args.image) as img:
         kw["axes"] = tiled_axes(img.ndim, img.format, args)
         # The first batch's output sizes the output; the run does not call the model on it again.
@@ -372,12 +376,22 @@ def apply(args: argparse.Namespace) -> int:
             "lower --batch-size" + (" or write a .zarr, .h5 or .npy output" if in_memory else ""),
         )
         t0 = time.perf_counter()
-        with io.create_output(
-            args.output, tuple(out_shape), dtype, spacing, affine, args.overwrite, like=img
-        ) as out:
-            # An axis the model added goes last in a NIfTI file (x, y, z, then the rest).
-            target = np.moveaxis(out, -1, 0) if last else out
-            pg.apply(model, img, args.size, args.stride, out=target, progress=None, **kw)
+        if args.resume or args.shard is not None:  # a .zarr that lasts between the runs
+            if fmt != "zarr":
+                raise PatchgridError(
+                    f"--resume and --shard write a .zarr output (it records the rows it "
+                    f"finished), got -o {args.output}"
+                )
+            out = _resume.part_output(args.output, tuple(out_shape), dtype, spacing, affine)
+            pg.apply(model, img, args.size, args.stride, out=out, progress=None,
+                     resume=args.resume, shard=args.shard, **kw)  # fmt: skip
+        else:
+            with io.create_output(
+                args.output, tuple(out_shape), dtype, spacing, affine, args.overwrite, like=img
+            ) as out:
+                # An axis the model added goes last in a NIfTI file (x, y, z, then the rest).
+                target = np.moveaxis(out, -1, 0) if last else out
+                pg.apply(model, img, args.size, args.stride, out=target, progress=None, **kw)
     print(
         f"apply: {args.model} over {args.image} {img.shape} -> {args.output} {tuple(out_shape)} "
         f"{dtype} ({time.perf_counter() - t0:.2f} s)"

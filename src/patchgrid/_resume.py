@@ -12,7 +12,7 @@ voxels are bit for bit those of one uninterrupted run; the patches of a part tha
 another part's rows are run by both (reported as recomputed at shard borders).
 
 Imports: NumPy, the standard library, the L0 modules ``_checks``, ``_memory``, ``_progress``
-and ``grid``, and the L2 modules ``_batches`` and ``_merge``.
+and ``grid``, ``io`` (L1) and the L2 modules ``_batches`` and ``_merge``; zarr through ``io``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _memory
+from . import _memory, io
 from ._batches import Batches
 from ._checks import PatchgridError
 from ._merge import DiskMerger
@@ -80,8 +81,8 @@ def part(out: Any, axis: int, resume: bool, shard: Any, settings: dict[str, Any]
         if kept.get("settings") != now:
             diff = sorted(k for k in now if kept.get("settings", {}).get(k) != now[k])
             raise PatchgridError(
-                f"resume=True: {folder} was written by a run with other settings ({', '.join(diff)}"
-                f" differ); resume with the same settings, or write a new output"
+                f"cannot resume {folder}: it was written by a run with other settings "
+                f"({', '.join(diff)} differ); resume with the same settings, or write a new output"
             )
         start = max(lo, min(int(kept["rows_done"]), hi))
     return Part(axis, lo, hi, start, chunk, record, settings)
@@ -194,4 +195,43 @@ def run_part(batches: Batches, out_grid: PatchGrid, out: Any, merge_kw: dict[str
                 batches.run(merger, ids, ids, step, True)
     finally:
         close()
+    return out
+
+
+MARK = "patchgrid-run.json"
+
+
+def part_output(path: str, shape: tuple[int, ...], dtype: Any, spacing: Any, affine: Any) -> Any:
+    """The zarr output of a run in parts (``patchgrid apply --resume`` or ``--shard``): made
+    at ``path`` by the first part, with a mark that patchgrid made it, and opened by the others
+    (at once or later). Anything else at ``path`` is refused, never written into."""
+    zarr = io.need("zarr", "--resume and --shard")
+    dtype = np.dtype(dtype)
+    if not os.path.exists(path):
+        try:
+            out = zarr.create_array(path, shape=shape, dtype=dtype,
+                                    chunks=io.chunks_for(shape, dtype))  # fmt: skip
+        except (FileExistsError, getattr(zarr.errors, "ContainsArrayError", FileExistsError)):
+            for _ in range(100):  # another part made it a moment ago: its mark follows
+                if os.path.exists(os.path.join(path, MARK)):
+                    break
+                time.sleep(0.05)
+        else:
+            out.attrs.update(io.meta_attrs(spacing, affine))
+            tmp = os.path.join(path, f"{MARK}.{os.getpid()}.tmp")
+            with open(tmp, "w") as f:
+                json.dump({"shape": list(shape), "dtype": str(dtype)}, f)
+            os.replace(tmp, os.path.join(path, MARK))
+            return out
+    if not os.path.exists(os.path.join(path, MARK)):
+        raise PatchgridError(
+            f"{path} exists and was not made by a 'patchgrid apply --resume' or '--shard' run; "
+            f"give another -o (patchgrid never writes into what it did not make)"
+        )
+    out = zarr.open_array(path, mode="r+")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise PatchgridError(
+            f"{path} holds {tuple(out.shape)} {out.dtype}, this run makes {tuple(shape)} {dtype}: "
+            f"resume with the same settings, or give another -o"
+        )
     return out

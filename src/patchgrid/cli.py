@@ -81,6 +81,17 @@ def _numbers(text: str) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``--shard 1/4``: part 1 of 4 (0-based)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N like 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return i, n
+
+
 def _edges(text: str) -> str | tuple[str, ...]:
     parts = text.split(",")
     return parts[0] if len(parts) == 1 else tuple(parts)
@@ -269,6 +280,31 @@ def _apply_args(sub: Any) -> None:
     p.add_argument(
         "--fill", type=float, default=0, help="value of voxels no patch covers (default: 0)"
     )
+    p.add_argument(
+        "--tta",
+        choices=["flips"],
+        default=None,
+        help="flips: average the model over every mirroring of the tiled axes (default: none)",
+    )
+    p.add_argument(
+        "--mask",
+        default=None,
+        help="an image file: run only the patches whose core holds foreground (> 0) in it, at "
+        "the image's shape or coarser by an integer factor (default: every patch)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="a .zarr output records the rows it finished; run again with --resume to go on "
+        "where a killed run stopped (default: off)",
+    )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        help="I/N: write the I-th of N parts of a .zarr output (0-based); N processes make "
+        "the whole (default: the whole)",
+    )
     _overwrite_arg(p)
     _grid_args(p)
     p.set_defaults(run=commands.apply)
@@ -366,6 +402,10 @@ def check_output(args: argparse.Namespace) -> None:
     if out is None or not hasattr(args, "overwrite"):
         return
     inputs = [getattr(args, "patches", None) or args.image]
+    if getattr(args, "resume", False) or getattr(args, "shard", None) is not None:
+        if os.path.islink(out.rstrip("/")):
+            raise PatchgridError(f"-o {out} is a symbolic link; give the .zarr folder itself")
+        return  # an output of a run in parts is checked as ours when it is opened
     if args.command == "extract":
         store = args.format is None and out.rstrip("/").lower().endswith(".zarr")
         if store or args.format is not None or out.endswith(("/", os.sep)):

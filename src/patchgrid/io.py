@@ -530,10 +530,10 @@ def _new_array(
     elif fmt == "zarr":
         zarr = need("zarr", "writing .zarr")
         out = zarr.open_array(
-            tmp, mode="w", shape=shape, dtype=dtype, chunks=chunks or _chunks_for(shape, dtype)
+            tmp, mode="w", shape=shape, dtype=dtype, chunks=chunks or chunks_for(shape, dtype)
         )
         yield out
-        out.attrs.update(_attrs(spacing, affine))
+        out.attrs.update(meta_attrs(spacing, affine))
     else:
         h5py = need("h5py", "writing .h5/.hdf5")
         with h5py.File(tmp, "a") as f:
@@ -544,10 +544,10 @@ def _new_array(
                 name,
                 shape=shape,
                 dtype=dtype,
-                chunks=chunks or (_chunks_for(shape, dtype) if shape else None),
+                chunks=chunks or (chunks_for(shape, dtype) if shape else None),
             )
             yield ds
-            for key, value in _attrs(spacing, affine).items():
+            for key, value in meta_attrs(spacing, affine).items():
                 ds.attrs[key] = value
 
 
@@ -617,14 +617,15 @@ def _write_tiff(
     tifffile.imwrite(tmp, data, metadata=meta, photometric="minisblack", **kwargs)
 
 
-def _attrs(spacing: Any, affine: Any) -> dict[str, Any]:
+def meta_attrs(spacing: Any, affine: Any) -> dict[str, Any]:
+    """The attributes that keep spacing and affine in a zarr array or HDF5 dataset."""
     attrs: dict[str, Any] = {"spacing": list(spacing)}
     if affine is not None:
         attrs["affine"] = np.asarray(affine).tolist()
     return attrs
 
 
-def _chunks_for(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+def chunks_for(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
     """Chunks of about 1 MiB, cubic-ish in the trailing axes."""
     if not shape:
         return ()
