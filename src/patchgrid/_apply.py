@@ -402,7 +402,8 @@ def _run(batches: Batches, out_grid: PatchGrid, out: Any, merge_kw: dict[str, An
     tiles = apply_tiles(out, out_grid, merge_kw["reduce"])
     on_disk = out is not None and not in_memory(out, plain=True)  # a memmap is on disk
     every = np.arange(len(out_grid))
-    runs = [t.ids() for t in tiles] if tiles else [(every, every)]
+    none = every[:0]
+    runs = [(none, none) if t.empty else t.ids() for t in tiles] if tiles else [(every, every)]
     if keep is not None:
         runs = [(ids[keep[ids]], local[keep[ids]]) for ids, local in runs]
     step, close = steps(progress, sum(len(ids) for ids, _ in runs), "patchgrid.apply")
