@@ -193,3 +193,22 @@ def test_the_command_line_runs_in_parts_and_resumes(tmp_path, monkeypatch):
         pcli.main([*base, "-o", "ref.zarr", "--resume"], quiet=True)
     with pytest.raises(ValueError, match=r"--resume and --shard write a \.zarr output"):
         pcli.main([*base, "-o", "r.npy", "--resume"], quiet=True)
+
+
+def test_parts_of_a_scan_whose_model_adds_a_class_axis(tmp_path, monkeypatch):
+    nib = pytest.importorskip("nibabel")
+    import patchgrid.cli as pcli
+
+    monkeypatch.chdir(tmp_path)
+    nib.save(nib.Nifti1Image(_image(), np.diag([2.2, 1.0, 1.0, 1.0])), "scan.nii.gz")
+    (tmp_path / "m.py").write_text(
+        "import numpy as np\n\ndef run(b):\n    return np.stack([b, 1 - b], axis=1)\n"
+    )
+    base = ["apply", "scan.nii.gz", "--model", "m.py:run", "--size", str(SIZE), "--stride",
+            str(STRIDE)]  # fmt: skip
+    assert pcli.main([*base, "-o", "one.zarr"], quiet=True) == 0
+    for part in ("0/3", "2/3", "1/3"):
+        assert pcli.main([*base, "-o", "parts.zarr", "--shard", part], quiet=True) == 0
+    one, parts = zarr.open_array("one.zarr")[...], zarr.open_array("parts.zarr")[...]
+    assert one.shape == (2, *SHAPE)  # a zarr keeps the added axis in front, as pg.apply does
+    np.testing.assert_array_equal(parts, one)

@@ -358,6 +358,7 @@ def apply(args: argparse.Namespace) -> int:
             patch[a] = p
         dtype = np.dtype(spec.dtype)
         out_shape, spacing, affine, last = output_layout(img, axes, spec, args)
+        part = args.resume or args.shard is not None
         fmt = io.output_path(args.output)[1]
         lost = io.npy_loses(spacing, affine) if fmt == "npy" else None
         if lost is not None:
@@ -376,7 +377,7 @@ def apply(args: argparse.Namespace) -> int:
             "lower --batch-size" + (" or write a .zarr, .h5 or .npy output" if in_memory else ""),
         )
         t0 = time.perf_counter()
-        if args.resume or args.shard is not None:  # a .zarr that lasts between the runs
+        if part:  # a .zarr that lasts between the runs
             if fmt != "zarr":
                 raise PatchgridError(
                     f"--resume and --shard write a .zarr output (it records the rows it "
@@ -403,7 +404,8 @@ def output_layout(
     img: Any, axes: Sequence[int], spec: Any, args: argparse.Namespace
 ) -> tuple[list[int], list[float], Any, bool]:
     """Shape, spacing and affine of apply's output file, and whether an axis the model added
-    in front goes last in it (a NIfTI file keeps x, y, z first). The shape is the merge's
+    in front goes last in it (a NIfTI output keeps x, y, z first; other formats keep it in
+    front, as ``pg.apply`` gives it). The shape is the merge's
     (``spec``): the tiled axes ``--scale`` times the image's, the others as the model gives
     them, an axis the model added in front, less the class axis for argmax."""
     scale = args.scale if isinstance(args.scale, tuple) else (args.scale,) * len(axes)
@@ -419,7 +421,7 @@ def output_layout(
         else:
             spacing.append(1.0 if a == -1 else img.spacing[a])
     shape = list(spec.shape)
-    last = bool(source) and source[0] == -1 and img.format == "nifti"
+    last = bool(source) and source[0] == -1 and io.split_path(args.output)[1] == "nifti"
     if last:
         shape, spacing = [*shape[1:], shape[0]], [*spacing[1:], spacing[0]]
     return shape, spacing, scaled_affine(img.affine, axes, scale), last
