@@ -1220,5 +1220,20 @@ def test_a_callable_mask_and_torch():
     fg = image > 0
     torch.testing.assert_close(got[fg], plain[fg])
     da = pytest.importorskip("dask.array")
-    with pytest.raises(ValueError, match="mask= is for images in memory or on disk"):
-        pg.apply(lambda b: b, da.zeros((8, 8)), 4, mask=np.ones((8, 8), bool))
+    with pytest.raises(ValueError, match="a callable mask= reads every patch"):
+        pg.apply(lambda b: b, da.zeros((8, 8)), 4, mask=lambda p: True)
+
+
+@pytest.mark.parametrize("kw", [{"window": "gaussian"}, {"reduce": "max"},
+                                {"reduce": "sum", "window": "hann"}])  # fmt: skip
+def test_a_mask_on_dask_gives_the_in_memory_result(kw):
+    da = pytest.importorskip("dask.array")
+    image = _tenth_foreground()
+    for mask in (image > 0, pg.coarse_mask(image, 4, 0)):
+        want = pg.apply(lambda b: b * 2 + 1, image, 8, 6, mask=mask, fill=-7, progress=False,
+                        **kw)  # fmt: skip
+        lazy = pg.apply(lambda b: b * 2 + 1, da.from_array(image, chunks=(16, 32, 32)), 8, 6,
+                        mask=mask, fill=-7, **kw)  # fmt: skip
+        got = lazy.compute()
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_array_equal(got == -7, want == -7)  # the same voxels left out

@@ -262,7 +262,7 @@ def apply(
         ``coarse_mask`` makes one from a lazy image without reading it whole), or a callable on
         one input patch. Patches with no foreground in their core are never given to ``fn``;
         voxels that no patch run covers get ``fill``. Foreground voxels get what they get
-        without the mask: every patch over them runs.
+        without the mask: every patch over them runs. A Dask image takes an array mask.
     resume : bool
         With ``out=`` a zarr array in a folder: record in it, as rows of output chunks are
         written (after their data), how far the run got; a run with ``resume=True`` starts
@@ -333,7 +333,8 @@ def apply(
         return _apply_dask(fn, image, grid, out_grid, margins, size, stride, order,
                            dict(edge=edge, pad_mode=pad_mode, pad_value=pad_value, window=window,
                                 reduce=reduce, batch_size=batch_size, margin=margin, scale=scale,
-                                dtype=dtype, fill=fill, progress=progress), out)  # fmt: skip
+                                dtype=dtype, fill=fill, progress=progress), out,
+                           None if mask is None else kept(mask, grid, margins))  # fmt: skip
     if not len(grid):  # an axis of length 0: fn is never called, the result is empty
         return _empty(image, out, out_grid, dict(reduce=reduce, window=window, fill=fill), dtype)
     upload = None if where is None else Upload(where)
@@ -383,10 +384,10 @@ def _dask_takes(mask: Any, where: Any, device: Any, resume: bool = False,
             "resume= and shard= are for images in memory or on disk; a Dask image's tasks "
             "write out= chunk by chunk: rerun only the chunks you need (dask's own retries)"
         )
-    if mask is not None:
+    if callable(mask):
         raise PatchgridError(
-            "mask= is for images in memory or on disk; with a Dask image, mask the chunks "
-            "before apply (dask.array.where) or compute the patches to run per chunk"
+            "a callable mask= reads every patch; with a Dask image give the mask as an array "
+            "(pg.coarse_mask(image, factor, threshold) makes one chunk by chunk)"
         )
     if where is not None:
         raise PatchgridError(
@@ -646,9 +647,10 @@ def _check_out(out: Any, image: Any) -> None:
 def _apply_dask(
     fn: Callable[[Any], Any], image: Any, grid: PatchGrid, out_grid: PatchGrid,
     margins: Sequence[int], size: Any, stride: Any, axes: Sequence[int], kw: dict[str, Any],
-    out: Any,
+    out: Any, keep: np.ndarray | None = None,
 ) -> Any:  # fmt: skip
-    """apply on a Dask array: a lazy Dask array, or the result written into ``out`` (zarr)."""
+    """apply on a Dask array: a lazy Dask array, or the result written into ``out`` (zarr);
+    ``keep`` (from a mask) says which patches run."""
     from .dask import apply_dask
 
     padded = any(m for m in margins) or any(after for _, after in grid.pad_width)
@@ -668,7 +670,8 @@ def _apply_dask(
     dtype = kw["dtype"] if kw["dtype"] is not None else getattr(out, "dtype", sample.dtype)
     return apply_dask(fn, image, grid, out_grid, margins, window=kw["window"],
                       reduce=kw["reduce"], batch_size=kw["batch_size"], dtype=dtype,
-                      fill=kw["fill"], probe=sample, out=out, progress=kw["progress"])  # fmt: skip
+                      fill=kw["fill"], probe=sample, out=out, progress=kw["progress"],
+                      keep=keep)  # fmt: skip
 
 
 def _behind_axis(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:

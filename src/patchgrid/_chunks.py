@@ -72,6 +72,7 @@ class Spec(NamedTuple):
     probe_shape: tuple[int, ...]
     class_axis: int | None
     coverage: tuple[np.ndarray, ...] | None  # per tiled axis, the whole grid's; see coverage
+    keep: np.ndarray | None = None  # per patch, whether it runs (a mask); None: every patch
 
 
 def coverage(out_grid: PatchGrid, window: Window, reduce: str) -> tuple[np.ndarray, ...] | None:
@@ -197,7 +198,11 @@ class Sums:
         self.ext = [r - c[0] for r, c in zip(step.reach, step.cores)]
         self.op = {"max": np.maximum, "min": np.minimum}.get(spec.reduce, np.add)
         self.weighted = spec.reduce in ("mean", "sum", "argmax")
-        self.array_window = self.weighted and spec.window.profiles is None
+        # A volume of summed weights where the window is not separable, or where a mask leaves
+        # patches out (the coverage of the patches that ran; ones for max and min).
+        self.array_window = spec.keep is not None or (
+            self.weighted and spec.window.profiles is None
+        )
         self.wshape = [self.ext[axes.index(a)] if a in axes else 1 for a in range(spec.grid.ndim)]
         self.acc: np.ndarray | None = None
         self.wacc: np.ndarray | None = None
@@ -243,8 +248,8 @@ class Sums:
                 dst[a], src[a] = slice(d0, d1), slice(d0 - s, d1 - s)
             target = acc[tuple(dst)]
             self.op(target, patch[tuple(src)], out=target)
-            if self.wacc is not None and w is not None:
-                self.wacc[tuple(dst)] += w[tuple(src)]
+            if self.wacc is not None:
+                self.wacc[tuple(dst)] += w[tuple(src)] if w is not None else 1
 
     def take(self, incoming: Sequence[Carry]) -> None:
         """Add the partial sums the chunks before this one passed on."""
@@ -294,6 +299,8 @@ def sum_patches(fn: Callable[[Any], Any], data: Any, step: Step, spec: Spec, sum
     positions = np.stack(
         [m.ravel() for m in np.meshgrid(*[np.arange(r.start, r.stop) for r in step.picks],
                                         indexing="ij")], axis=-1)  # fmt: skip
+    if spec.keep is not None:  # a mask: only the patches that hold foreground
+        positions = positions[spec.keep[np.ravel_multi_index(tuple(positions.T), grid.counts)]]
     size = spec.batch_size
     for at in range(0, len(positions), size):
         part = positions[at : at + size]
@@ -356,8 +363,8 @@ def finish(acc: np.ndarray | None, wacc: np.ndarray | None, cores: Sequence[tupl
     )
     acc = acc[core]
     ones = spec.reduce != "mean"
-    if wacc is not None and not ones:
-        empty = normalise(NUMPY, acc, axes, "volume", wacc[core], divide=True)
+    if wacc is not None and (not ones or spec.keep is not None):
+        empty = normalise(NUMPY, acc, axes, "volume", wacc[core], divide=not ones)
     else:
         assert spec.coverage is not None
         sliced = [prof[lo:hi] for prof, (lo, hi) in zip(spec.coverage, cores)]

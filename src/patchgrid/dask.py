@@ -265,11 +265,14 @@ def apply_dask(
     probe: np.ndarray,
     out: Any = None,
     progress: Any = None,
+    keep: np.ndarray | None = None,
 ) -> Any:
     """The result of :func:`apply` on a Dask array (see the module's notes): lazy, or written
     into ``out`` (a zarr array) by the tasks themselves and ``out`` returned.
 
     ``probe`` is the result over one patch: it gives the output's dtype and free axes' sizes.
+    ``keep`` (one bool per patch, from a mask) says which patches run; voxels that no patch
+    run covers get ``fill``.
     """
     import dask
     import dask.array as da
@@ -298,7 +301,7 @@ def apply_dask(
     checked = checked_window(window, out_grid.size)  # once per call, carried to every task
     spec = _chunks.Spec(grid, out_grid, tuple(margin), tuple(image.shape), checked, reduce,
                         batch_size, fill, np.dtype(dtype), tuple(probe_shape), class_axis,
-                        _chunks.coverage(out_grid, checked, reduce))  # fmt: skip
+                        _chunks.coverage(out_grid, checked, reduce), keep)  # fmt: skip
     blocks: dict[tuple[int, ...], Any] = {}
     tasks, patches = [], []
     for block in itertools.product(*[sorted(set(zip(ax.head, ax.tail))) for ax in plan]):
