@@ -212,3 +212,19 @@ def test_parts_of_a_scan_whose_model_adds_a_class_axis(tmp_path, monkeypatch):
     one, parts = zarr.open_array("one.zarr")[...], zarr.open_array("parts.zarr")[...]
     assert one.shape == (2, *SHAPE)  # a zarr keeps the added axis in front, as pg.apply does
     np.testing.assert_array_equal(parts, one)
+
+
+def test_a_dask_image_runs_in_parts_and_resumes(tmp_path):
+    da = pytest.importorskip("dask.array")
+    want = _reference(tmp_path)
+    lazy = da.from_array(_image(), chunks=(16, 20, 24))
+    out = _out(tmp_path / "d.zarr")
+    for i in (1, 0):
+        pg.apply(model, lazy, SIZE, STRIDE, window="gaussian", out=out, shard=(i, 2),
+                 progress=False)  # fmt: skip
+    np.testing.assert_array_equal(out[...], want)
+    again = _out(tmp_path / "r.zarr")
+    got = pg.apply(model, lazy, SIZE, STRIDE, window="gaussian", out=again, resume=True,
+                   progress=False)  # fmt: skip
+    assert got is again
+    np.testing.assert_array_equal(again[...], want)

@@ -272,6 +272,8 @@ def apply(
         ``(i, n)``: this process writes only the ``i``-th of ``n`` ranges of whole rows of
         output chunks (along the first tiled axis) of ``out=``; ``n`` processes, at once or one
         after another, give the one-process result. Patches that reach two ranges run in both.
+        With ``resume`` or ``shard``, a Dask image is read here region by region (each region
+        computed by Dask), not run as a graph.
 
     Returns
     -------
@@ -313,9 +315,11 @@ def apply(
               tta=tta, mask=mask, resume=resume, shard=shard)  # fmt: skip
     if batched:
         return _apply_batched(fn, image, size, stride, kw, out, progress)
+    if is_dask(image) and (resume or shard is not None):
+        image = _Computed(image)  # read region by region here, each computed by Dask
     where, host = model_device(image, device)
     if is_dask(image):
-        _dask_takes(mask, where, device, resume, shard)
+        _dask_takes(mask, where, device)
     xp = backend_of(host)
     shape = tuple(int(s) for s in image.shape)
     if out is not None:
@@ -375,15 +379,21 @@ def _empty(image: Any, out: Any, out_grid: PatchGrid, merge_kw: dict[str, Any],
     return xp.empty(out_grid.shape, dtype if dtype is not None else xp.dtype(image), image)
 
 
-def _dask_takes(mask: Any, where: Any, device: Any, resume: bool = False,
-                shard: Any = None) -> None:  # fmt: skip
-    """Refuse what a Dask image does not take: ``mask=``, ``resume=``, ``shard=``,
-    ``device=`` for a host image."""
-    if resume or shard is not None:
-        raise PatchgridError(
-            "resume= and shard= are for images in memory or on disk; a Dask image's tasks "
-            "write out= chunk by chunk: rerun only the chunks you need (dask's own retries)"
-        )
+class _Computed:
+    """A Dask image read as a lazy one, region by region, each region computed by Dask:
+    ``resume=`` and ``shard=`` run in this process, over the rows their part needs."""
+
+    def __init__(self, image: Any) -> None:
+        self.image, self.shape, self.dtype = image, tuple(image.shape), image.dtype
+        self.chunks = tuple(c[0] for c in image.chunks)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self.image[key])
+
+
+def _dask_takes(mask: Any, where: Any, device: Any) -> None:
+    """Refuse what a Dask image does not take: a callable ``mask=``, ``device=`` for a host
+    image."""
     if callable(mask):
         raise PatchgridError(
             "a callable mask= reads every patch; with a Dask image give the mask as an array "
