@@ -315,11 +315,7 @@ def apply(
               tta=tta, mask=mask, resume=resume, shard=shard)  # fmt: skip
     if batched:
         return _apply_batched(fn, image, size, stride, kw, out, progress)
-    if is_dask(image) and (resume or shard is not None):
-        image = _Computed(image)  # read region by region here, each computed by Dask
-    where, host = model_device(image, device)
-    if is_dask(image):
-        _dask_takes(mask, where, device)
+    image, where, host = _placed(image, device, mask, resume or shard is not None)
     xp = backend_of(host)
     shape = tuple(int(s) for s in image.shape)
     if out is not None:
@@ -377,6 +373,17 @@ def _empty(image: Any, out: Any, out_grid: PatchGrid, merge_kw: dict[str, Any],
         return Merger(out_grid, out=out, **merge_kw).result()
     xp = backend_of(image)
     return xp.empty(out_grid.shape, dtype if dtype is not None else xp.dtype(image), image)
+
+
+def _placed(image: Any, device: Any, mask: Any, part: bool) -> tuple[Any, Any, Any]:
+    """The image as apply reads it (a Dask image run in parts: region by region here), the
+    model's device (None: the image's), and the image as a host array to read batches from."""
+    if is_dask(image) and part:
+        image = _Computed(image)  # read region by region here, each computed by Dask
+    where, host = model_device(image, device)
+    if is_dask(image):
+        _dask_takes(mask, where, device)
+    return image, where, host
 
 
 class _Computed:
