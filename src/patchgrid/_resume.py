@@ -189,7 +189,10 @@ def run_part(batches: Batches, out_grid: PatchGrid, out: Any, merge_kw: dict[str
     step, close = steps(progress, len(ids), "patchgrid.apply")
     try:
         with batches.model_xp.no_grad(), _memory.bound(batches.image, out):
-            merger = DiskMerger(out_grid, out=Rows(out, p), **merge_kw)
+            # Rows wait for whole chunk rows (a chunk written in parts is read back each time),
+            # then go to the part, which writes them and records them.
+            sink = _memory.staged(Rows(out, p), axis)
+            merger = DiskMerger(out_grid, out=sink, **merge_kw)
             merger.skip(np.flatnonzero(~reach))
             if len(ids):  # else every row of this part is written already
                 batches.run(merger, ids, ids, step, True)
